@@ -1,0 +1,200 @@
+"""`linear_logps`: per-token log-probs and entropy straight from hidden states and the head weight.
+
+Math (token t, target y_t, final logits z_t = softcap(h_t Wᵀ + b) / T):
+    logp_t = z_t[y_t] − lse_t,            entropy_t = −Σ_v p_tv log p_tv
+    ∂L/∂z_tv = g_t (1[v = y_t] − p_tv) − e_t p_tv (log p_tv + entropy_t)   (g, e: upstream grads)
+    ∂h_t = Σ_v ∂r_tv W_v,   ∂W_v = Σ_t ∂r_tv h_t,   ∂b_v = Σ_t ∂r_tv     (r: raw logits)
+
+Saved for backward: the inputs (no copies) and per-token `lse` and `entropy`, fp32 — O(N).
+Recomputed in backward: logits, one bounded token chunk at a time. No (N, V) tensor exists at any
+point; the largest buffer is a `(chunk, V)` gradient tile within `chunk_bytes`.
+
+Backends: "triton" (fused kernels, linear_logps_triton.py), "torch" (chunked PyTorch,
+linear_logps_torch.py), "auto" (triton for CUDA tensors, torch otherwise). Both share the backward
+driver below: the backend writes ∂r for a chunk, cuBLAS/BLAS does the two matmuls.
+
+No host synchronisation: nothing reads a tensor value on the host (chunking depends on shapes only;
+the target-range check is a device-side assert on CUDA).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from . import linear_logps_torch as _torch_impl
+from ._checks import check_linear_head, check_target_range
+
+DEFAULT_CHUNK_BYTES = 256 * 2**20
+BACKENDS = ("auto", "triton", "torch")
+
+
+@dataclass(frozen=True)
+class HeadOptions:
+    """Everything about a fused-head call that is not a tensor."""
+
+    temperature: float = 1.0
+    softcap: Optional[float] = None
+    ignore_index: int = -100
+    backend: str = "torch"  # resolved: "triton" or "torch"
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        return "triton" if device.type == "cuda" else "torch"
+    if backend == "triton" and device.type != "cuda":
+        from .linear_logps_triton import interpreting
+
+        if not interpreting():
+            raise ValueError(
+                "backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for the CPU interpreter); "
+                "use backend='torch' or 'auto' for CPU tensors"
+            )
+    return backend
+
+
+def _impl(opts: HeadOptions):
+    if opts.backend == "triton":
+        from . import linear_logps_triton
+
+        return linear_logps_triton
+    return _torch_impl
+
+
+def logps_forward(hidden, weight, bias, targets, opts: HeadOptions):
+    """hidden: (N, H), targets: (N,) -> logps, entropy, lse: (N,) fp32. No autograd."""
+    N = hidden.shape[0]
+    if N == 0:
+        empty = hidden.new_zeros((0,), dtype=torch.float32)
+        return empty, empty.clone(), empty.clone()
+    kw = dict(temperature=opts.temperature, softcap=opts.softcap, ignore_index=opts.ignore_index)
+    if opts.backend == "torch":
+        kw["budget_bytes"] = opts.chunk_bytes
+    return _impl(opts).logps_fwd(hidden, weight, bias, targets, **kw)
+
+
+def logps_backward(hidden, weight, bias, targets, lse, entropy, g_logps, g_entropy, opts: HeadOptions,
+                   needs=(True, True, True)):
+    """Gradients (dh (N, H), dW (V, H), db (V,)) for upstream g_logps / g_entropy: (N,) fp32 or None."""
+    N, H = hidden.shape
+    V = weight.shape[0]
+    want_h, want_w, want_b = needs[0], needs[1], needs[2] and bias is not None
+    dh = torch.zeros_like(hidden) if want_h else None
+    dW = torch.zeros_like(weight) if want_w else None
+    db = torch.zeros_like(bias) if want_b else None
+    if N == 0 or (g_logps is None and g_entropy is None):
+        return dh, dW, db
+    dev = hidden.device
+    g_logps = torch.zeros(N, device=dev) if g_logps is None else g_logps.reshape(N).float().contiguous()
+    if g_entropy is not None:
+        g_entropy = g_entropy.reshape(N).float().contiguous()
+
+    # On CUDA ∂r is kept in the input dtype so both matmuls run on tensor cores (fp32 accumulation
+    # inside each GEMM). On the CPU everything is fp32: there is no fast low-precision path there.
+    on_cuda = hidden.is_cuda
+    work_dtype = hidden.dtype if on_cuda else torch.float32
+    W_work = weight if weight.dtype == work_dtype else weight.to(work_dtype)  # (V, H), CPU only
+    step = _torch_impl.chunk_rows(N, V, opts.chunk_bytes)
+    single = step >= N
+    dz = torch.empty((step, V), device=dev, dtype=work_dtype)
+    # ∂W sums over every token: one GEMM when a single chunk covers N, else an fp32 accumulator.
+    dW32 = torch.zeros((V, H), device=dev, dtype=torch.float32) if (want_w and not single) else None
+    db32 = torch.zeros(V, device=dev, dtype=torch.float32) if want_b else None
+    impl = _impl(opts)
+    for start in range(0, N, step):
+        sl = slice(start, min(N, start + step))
+        h_c = hidden[sl]
+        dz_c = dz[: h_c.shape[0]]
+        impl.logps_bwd_dz(
+            h_c, weight, bias, targets[sl], lse[sl],
+            entropy[sl] if g_entropy is not None else None,
+            g_logps[sl], g_entropy[sl] if g_entropy is not None else None, dz_c,
+            temperature=opts.temperature, softcap=opts.softcap, ignore_index=opts.ignore_index,
+        )
+        h_work = h_c if h_c.dtype == work_dtype else h_c.to(work_dtype)
+        if want_h:
+            dh[sl] = dz_c @ W_work
+        if want_w:
+            if single:
+                dW.copy_(dz_c.T @ h_work)
+            else:
+                dW32 += _torch_impl.mm_f32(dz_c.T, h_work)
+        if want_b:
+            db32 += dz_c.sum(0, dtype=torch.float32)
+    if dW32 is not None:
+        dW.copy_(dW32)
+    if want_b:
+        db.copy_(db32)
+    return dh, dW, db
+
+
+class LinearLogpsFunction(torch.autograd.Function):
+    """Autograd over flattened inputs: hidden (N, H), weight (V, H), bias (V,)|None, targets (N,)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, opts: HeadOptions):
+        logps, entropy, lse = logps_forward(hidden, weight, bias, targets, opts)
+        ctx.save_for_backward(hidden, weight, bias, targets, lse, entropy)
+        ctx.opts = opts
+        ctx.set_materialize_grads(False)
+        return logps, entropy
+
+    @staticmethod
+    def backward(ctx, g_logps, g_entropy):
+        hidden, weight, bias, targets, lse, entropy = ctx.saved_tensors
+        dh, dW, db = logps_backward(hidden, weight, bias, targets, lse, entropy, g_logps, g_entropy,
+                                    ctx.opts, needs=ctx.needs_input_grad[:3])
+        return dh, dW, db, None, None
+
+
+def linear_logps(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    bias: Optional[torch.Tensor] = None,
+    temperature: float = 1.0,
+    softcap: Optional[float] = None,
+    ignore_index: int = -100,
+    return_entropy: bool = False,
+    backend: str = "auto",
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+):
+    """Per-token log-probs (and entropy) of `targets` under the head `softcap(hidden Wᵀ + b) / T`.
+
+    hidden: (…, H) fp32/bf16/fp16, weight: (V, H) same dtype, bias: (V,) or None,
+    targets: (…) int64/int32, the leading shape of `hidden`.
+    Returns logps: (…) float32, and with `return_entropy=True` also entropy: (…) float32;
+    both exactly 0 where `targets == ignore_index`.
+
+    Equivalent to `fusealign.kernels.reference.linear_logps_reference` without materialising the
+    (N, V) logits: logits are formed and reduced in fp32 whatever the input dtype; gradients flow to
+    `hidden`, `weight` and `bias` through both outputs; ∂W accumulates in fp32 and is returned in
+    the weight's dtype. Under `torch.no_grad()` nothing is saved.
+    `chunk_bytes` bounds the (chunk, V) fp32 tile the torch backend and the backward work in.
+    """
+    H, V = check_linear_head(hidden, weight, targets, bias, temperature, softcap)
+    if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int) or chunk_bytes <= 0:
+        raise ValueError(f"chunk_bytes must be a positive int, got {chunk_bytes!r}")
+    opts = HeadOptions(float(temperature), None if softcap is None else float(softcap), int(ignore_index),
+                       resolve_backend(backend, hidden.device), chunk_bytes)
+    check_target_range(targets, V, ignore_index)
+    shape = targets.shape
+    h2 = hidden.reshape(-1, H)  # (N, H)
+    y = targets.reshape(-1).contiguous()  # (N,)
+    needs_grad = torch.is_grad_enabled() and (
+        hidden.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
+    )
+    if needs_grad:
+        logps, entropy = LinearLogpsFunction.apply(h2, weight, bias, y, opts)
+    else:  # no-grad fast path: nothing saved
+        logps, entropy, _ = logps_forward(h2, weight, bias, y, opts)
+    logps = logps.view(shape)
+    if return_entropy:
+        return logps, entropy.view(shape)
+    return logps

@@ -1,0 +1,286 @@
+"""Fused linear log-probs and entropy in Triton: logits tiles never leave registers.
+
+Math (one token row; z are the final logits, V columns):
+    r = h Wᵀ + b                       raw logits, formed in fp32 by `tl.dot`
+    c = softcap · tanh(r / softcap)    (optional, Gemma 2)      then  z = c / T
+    lse = log Σ_v exp(z_v),   logp = z_y − lse,   entropy = −Σ_v p_v log p_v = −Σ_v p_v (z_v − lse)
+
+Forward: grid (token blocks, vocabulary splits). Each program sweeps its vocabulary split in
+BLOCK_V tiles with an online log-sum-exp and writes four per-split partial statistics
+    m  = max_v z_v,   s = Σ_v e^{z_v − m},   a = Σ_v e^{z_v − m} (z_v − m),   zy = z_y or 0
+which combine exactly across splits (and across tensor-parallel vocabulary shards):
+    M = max_i m_i,  S = Σ_i s_i e^{m_i − M},  A = Σ_i e^{m_i − M}(a_i + (m_i − M) s_i)
+    lse = M + log S,   entropy = log S − A / S.
+Keeping `a` relative to the running max avoids the cancellation of `lse − E_p[z]` at large logits.
+A second tiny kernel merges the splits in a fixed sequential order.
+
+Backward (hybrid): given the saved per-token `lse` (and `entropy`), a Triton kernel recomputes a
+logit tile and writes the logit gradient in place,
+    ∂L/∂z_v = g_logp (1[v = y] − p_v) − g_ent p_v (log p_v + entropy)
+    ∂L/∂r_v = ∂L/∂z_v · (1/T) · (1 − tanh²(r_v / softcap))
+for a bounded chunk of tokens; cuBLAS then does ∂h = dr W and ∂W += drᵀ h (see linear_logps.py).
+
+Memory: forward saves nothing but O(N) statistics; the only large buffer is the backward's
+`(chunk, V)` gradient tile, bounded by a byte budget.
+
+Batch invariance: a token's result depends only on its own row — tile shapes and the number of
+vocabulary splits are chosen from (H, V, dtype) alone, never from N, and the merge order is fixed —
+so the same token gives bitwise-identical log-probs alone or in a batch of thousands.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+# On the GPU the native bf16/fp16 `tl.dot` runs with fp32 accumulation; only the interpreter
+# (TRITON_INTERPRET=1, used by CPU tests) takes an fp32 path, selected by the INTERPRET constexpr.
+_NEG_BIG = -1.0e30  # finite "-inf" start of the running max: keeps 0·(m_old − m_new) finite
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    """Tile shapes for one (H, V, dtype) class. Never depends on N (batch invariance)."""
+
+    BLOCK_N: int
+    BLOCK_V: int
+    BLOCK_K: int
+    split_cols: int  # vocabulary columns per split (multiple of BLOCK_V)
+    num_warps: int
+    num_stages: int
+
+
+def tile_config(H: int, V: int, dtype: torch.dtype) -> TileConfig:
+    if interpreting():
+        # Small tiles keep the numpy interpreter fast; several splits exercise the merge.
+        return TileConfig(16, 32, 32, 64, 1, 1)
+    if dtype == torch.float32:
+        return TileConfig(64, 64, 32, 4096, 4, 3)
+    return TileConfig(128, 128, 64, 4096, 8, 3)
+
+
+@triton.jit
+def _raw_logits_tile(
+    h_ptr, w_ptr, b_ptr,
+    offs_n, offs_v, N, V, H,
+    stride_h_n, stride_h_k, stride_w_v, stride_w_k,
+    HAS_BIAS: tl.constexpr, INTERPRET: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """r[n, v] = h[n] · W[v] (+ b[v]) for one (BLOCK_N, BLOCK_V) tile, fp32 accumulator."""
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_n = offs_n < N
+    mask_v = offs_v < V
+    # int64 offsets: V·H passes 2^31 at V = 262,144, H = 8,192.
+    h_rows = h_ptr + offs_n.to(tl.int64)[:, None] * stride_h_n
+    w_cols = w_ptr + offs_v.to(tl.int64)[None, :] * stride_w_v
+    acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+    for k0 in range(0, H, BLOCK_K):
+        k = k0 + offs_k
+        h = tl.load(h_rows + k[None, :] * stride_h_k, mask=mask_n[:, None] & (k[None, :] < H), other=0.0)
+        w = tl.load(w_cols + k[:, None] * stride_w_k, mask=(k[:, None] < H) & mask_v[None, :], other=0.0)
+        if INTERPRET:
+            # Interpreter only: fp32 broadcast-multiply-sum. Its tl.dot would multiply raw bf16 bit
+            # patterns (triton-lang/triton#11584) and go through a BLAS whose rounding depends on a
+            # row's position in the tile, which would fake a batch-invariance failure.
+            acc += tl.sum(h.to(tl.float32)[:, :, None] * w.to(tl.float32)[None, :, :], axis=1)
+        else:
+            acc = tl.dot(h, w, acc, input_precision=DOT_PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_v, mask=mask_v, other=0.0).to(tl.float32)[None, :]
+    return acc
+
+
+@triton.jit
+def _tanh(x):
+    # tanh via exp, saturating correctly at ±inf; libdevice is not available to the interpreter.
+    return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+
+
+@triton.jit
+def _logps_fwd_kernel(
+    h_ptr, w_ptr, b_ptr, y_ptr,
+    m_ptr, s_ptr, a_ptr, zy_ptr,  # partial stats, each (SPLITS, N) fp32
+    N, V, H, split_cols,
+    stride_h_n, stride_h_k, stride_w_v, stride_w_k,
+    inv_temp, softcap,
+    HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, INTERPRET: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    split = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    y = tl.load(y_ptr + offs_n, mask=mask_n, other=-1).to(tl.int64)
+
+    m = tl.full((BLOCK_N,), _NEG_BIG, tl.float32)
+    s = tl.zeros((BLOCK_N,), tl.float32)
+    a = tl.zeros((BLOCK_N,), tl.float32)
+    zy = tl.zeros((BLOCK_N,), tl.float32)
+    v_begin = split * split_cols
+    v_end = tl.minimum(v_begin + split_cols, V)
+    for v0 in range(v_begin, v_end, BLOCK_V):
+        offs_v = v0 + tl.arange(0, BLOCK_V)
+        mask_v = offs_v < v_end
+        z = _raw_logits_tile(h_ptr, w_ptr, b_ptr, offs_n, offs_v, N, V, H,
+                             stride_h_n, stride_h_k, stride_w_v, stride_w_k,
+                             HAS_BIAS, INTERPRET, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_K)
+        if SOFTCAP:
+            z = softcap * _tanh(z / softcap)
+        z = z * inv_temp
+        z = tl.where(mask_v[None, :], z, float("-inf"))
+        zy += tl.sum(tl.where(offs_v[None, :] == y[:, None], z, 0.0), axis=1)
+        # Online softmax: rescale s and a to the new running max before adding this tile.
+        m_new = tl.maximum(m, tl.max(z, axis=1))
+        d = m - m_new  # ≤ 0, finite
+        alpha = tl.exp(d)
+        e = tl.exp(z - m_new[:, None])
+        a = alpha * (a + d * s) + tl.sum(tl.where(mask_v[None, :], e * (z - m_new[:, None]), 0.0), axis=1)
+        s = alpha * s + tl.sum(e, axis=1)
+        m = m_new
+    out = split * N + offs_n
+    tl.store(m_ptr + out, m, mask=mask_n)
+    tl.store(s_ptr + out, s, mask=mask_n)
+    tl.store(a_ptr + out, a, mask=mask_n)
+    tl.store(zy_ptr + out, zy, mask=mask_n)
+
+
+@triton.jit
+def _merge_kernel(
+    m_ptr, s_ptr, a_ptr, zy_ptr, y_ptr,
+    logps_ptr, entropy_ptr, lse_ptr,
+    N, SPLITS, ignore_index,
+    BLOCK: tl.constexpr,
+):
+    """Combine per-split statistics in a fixed order (deterministic, no atomics)."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < N
+    M = tl.full((BLOCK,), _NEG_BIG, tl.float32)
+    for i in range(0, SPLITS):
+        M = tl.maximum(M, tl.load(m_ptr + i * N + offs, mask=mask, other=_NEG_BIG))
+    S = tl.zeros((BLOCK,), tl.float32)
+    A = tl.zeros((BLOCK,), tl.float32)
+    ZY = tl.zeros((BLOCK,), tl.float32)
+    for i in range(0, SPLITS):
+        m_i = tl.load(m_ptr + i * N + offs, mask=mask, other=_NEG_BIG)
+        s_i = tl.load(s_ptr + i * N + offs, mask=mask, other=0.0)
+        d = m_i - M
+        scale = tl.exp(d)
+        S += s_i * scale
+        A += scale * (tl.load(a_ptr + i * N + offs, mask=mask, other=0.0) + d * s_i)
+        ZY += tl.load(zy_ptr + i * N + offs, mask=mask, other=0.0)
+    log_s = tl.log(S)
+    lse = M + log_s
+    valid = tl.load(y_ptr + offs, mask=mask, other=ignore_index) != ignore_index
+    tl.store(logps_ptr + offs, tl.where(valid, ZY - lse, 0.0), mask=mask)
+    tl.store(entropy_ptr + offs, tl.where(valid, log_s - A / S, 0.0), mask=mask)
+    tl.store(lse_ptr + offs, lse, mask=mask)
+
+
+@triton.jit
+def _logps_bwd_dz_kernel(
+    h_ptr, w_ptr, b_ptr, y_ptr, lse_ptr, ent_ptr, g_logp_ptr, g_ent_ptr,
+    dz_ptr,  # (N, V) chunk of ∂L/∂r, in the input dtype
+    N, V, H, ignore_index,
+    stride_h_n, stride_h_k, stride_w_v, stride_w_k, stride_dz_n,
+    inv_temp, softcap,
+    HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ENT_GRAD: tl.constexpr,
+    INTERPRET: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_v = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+    mask_n = offs_n < N
+    mask_v = offs_v < V
+    y = tl.load(y_ptr + offs_n, mask=mask_n, other=ignore_index).to(tl.int64)
+    valid = mask_n & (y != ignore_index)
+    lse = tl.load(lse_ptr + offs_n, mask=mask_n, other=0.0)
+    g_logp = tl.load(g_logp_ptr + offs_n, mask=mask_n, other=0.0)
+
+    r = _raw_logits_tile(h_ptr, w_ptr, b_ptr, offs_n, offs_v, N, V, H,
+                         stride_h_n, stride_h_k, stride_w_v, stride_w_k,
+                         HAS_BIAS, INTERPRET, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_K)
+    if SOFTCAP:
+        t = _tanh(r / softcap)
+        z = softcap * t * inv_temp
+    else:
+        z = r * inv_temp
+    logp = z - lse[:, None]
+    p = tl.exp(logp)
+    dz = tl.where(offs_v[None, :] == y[:, None], g_logp[:, None], 0.0) - g_logp[:, None] * p
+    if HAS_ENT_GRAD:
+        ent = tl.load(ent_ptr + offs_n, mask=mask_n, other=0.0)
+        g_ent = tl.load(g_ent_ptr + offs_n, mask=mask_n, other=0.0)
+        dz -= g_ent[:, None] * p * (logp + ent[:, None])
+    dz = dz * inv_temp
+    if SOFTCAP:
+        dz = dz * (1.0 - t * t)
+    # Ignored rows contribute exactly nothing, even if their hidden state is NaN.
+    dz = tl.where(valid[:, None], dz, 0.0)
+    out = dz_ptr + offs_n.to(tl.int64)[:, None] * stride_dz_n + offs_v[None, :]
+    tl.store(out, dz.to(dz_ptr.dtype.element_ty), mask=mask_n[:, None] & mask_v[None, :])
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # fp32 inputs: exact IEEE products (TF32 would cost ~1e-3 relative error in the logits).
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def logps_fwd(hidden, weight, bias, targets, *, temperature, softcap, ignore_index):
+    """hidden: (N, H), weight: (V, H), bias: (V,)|None, targets: (N,) -> logps, entropy, lse: (N,) fp32."""
+    N, H = hidden.shape
+    V = weight.shape[0]
+    cfg = tile_config(H, V, hidden.dtype)
+    splits = triton.cdiv(V, cfg.split_cols)
+    dev = hidden.device
+    stats = torch.empty((4, splits, N), device=dev, dtype=torch.float32)
+    _logps_fwd_kernel[(triton.cdiv(N, cfg.BLOCK_N), splits)](
+        hidden, weight, bias if bias is not None else hidden, targets,
+        stats[0], stats[1], stats[2], stats[3],
+        N, V, H, cfg.split_cols,
+        hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
+        1.0 / temperature, float(softcap or 1.0),
+        HAS_BIAS=bias is not None, SOFTCAP=softcap is not None, INTERPRET=interpreting(),
+        DOT_PRECISION=_dot_precision(hidden.dtype),
+        BLOCK_N=cfg.BLOCK_N, BLOCK_V=cfg.BLOCK_V, BLOCK_K=cfg.BLOCK_K,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    out = torch.empty((3, N), device=dev, dtype=torch.float32)
+    block = 16 if interpreting() else 256
+    _merge_kernel[(triton.cdiv(N, block),)](
+        stats[0], stats[1], stats[2], stats[3], targets,
+        out[0], out[1], out[2],
+        N, splits, ignore_index,
+        BLOCK=block,
+    )
+    return out[0], out[1], out[2]
+
+
+def logps_bwd_dz(hidden, weight, bias, targets, lse, entropy, g_logps, g_entropy, dz, *,
+                 temperature, softcap, ignore_index):
+    """Write ∂L/∂(raw logits) for a chunk into `dz: (N, V)`; inputs are that chunk's rows."""
+    N, H = hidden.shape
+    V = weight.shape[0]
+    cfg = tile_config(H, V, hidden.dtype)
+    has_ent = g_entropy is not None
+    _logps_bwd_dz_kernel[(triton.cdiv(N, cfg.BLOCK_N), triton.cdiv(V, cfg.BLOCK_V))](
+        hidden, weight, bias if bias is not None else hidden, targets, lse,
+        entropy if has_ent else lse, g_logps, g_entropy if has_ent else g_logps,
+        dz,
+        N, V, H, ignore_index,
+        hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1), dz.stride(0),
+        1.0 / temperature, float(softcap or 1.0),
+        HAS_BIAS=bias is not None, SOFTCAP=softcap is not None, HAS_ENT_GRAD=has_ent,
+        INTERPRET=interpreting(), DOT_PRECISION=_dot_precision(hidden.dtype),
+        BLOCK_N=cfg.BLOCK_N, BLOCK_V=cfg.BLOCK_V, BLOCK_K=cfg.BLOCK_K,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return dz

@@ -1,0 +1,24 @@
+"""fusealign packaging.
+
+The source layout keeps kernels/ and engine/ at the top of the repository; `package_dir` maps them
+into the installed package as `fusealign.kernels` and `fusealign.engine` (as Triton's own setup.py
+maps its python/ tree). Works for `pip install .` and `pip install -e .`.
+"""
+
+from setuptools import setup
+
+setup(
+    name="fusealign",
+    version="0.1.0",
+    description="Fused LM-head log-probs, entropy, KL and alignment losses without materialised logits",
+    python_requires=">=3.10",
+    packages=["fusealign", "fusealign.kernels", "fusealign.engine"],
+    package_dir={
+        "fusealign": "python/fusealign",
+        "fusealign.kernels": "kernels",
+        "fusealign.engine": "engine",
+    },
+    install_requires=["torch", "triton", "numpy", "safetensors", "transformers"],
+    extras_require={"test": ["pytest"]},
+    entry_points={"console_scripts": ["fusealign=fusealign.cli:main"]},
+)
