@@ -41,30 +41,57 @@ def raw_logits(hidden_c, weight, bias, temperature, softcap):
     return z, t
 
 
-def logps_fwd(hidden, weight, bias, targets, *, temperature, softcap, ignore_index, budget_bytes):
-    """hidden: (N, H), weight: (V, H), targets: (N,) -> logps, entropy, lse: (N,) fp32."""
+def partial_stats(hidden, weight, bias, targets, *, temperature, softcap, budget_bytes):
+    """Statistics (1, 4, N) fp32 — rows m, s, a, zy as in linear_logps_triton.py — over this weight's
+    vocabulary; zy = 0 for targets outside [0, V) (ignored, or owned by another vocabulary shard)."""
     N = hidden.shape[0]
     V = weight.shape[0]
-    out = torch.empty((3, N), device=hidden.device, dtype=torch.float32)
+    stats = torch.empty((1, 4, N), device=hidden.device, dtype=torch.float32)
     step = chunk_rows(N, V, budget_bytes)
     for start in range(0, N, step):
         sl = slice(start, min(N, start + step))
         z, _ = raw_logits(hidden[sl], weight, bias, temperature, softcap)  # (n, V) fp32
         # Shifted by the row max, as the Triton kernel does: a row holding ±inf or NaN gives NaN
-        # (inf − inf), never a finite number; entropy = log s − Σ e (z − m) / s has no cancellation.
+        # (inf − inf), never a finite number.
         m = z.amax(dim=-1, keepdim=True)
+        zy = z.gather(1, targets[sl].clamp(0, V - 1).long().unsqueeze(1)).squeeze(1)
         z -= m
         e = z.exp()
-        s = e.sum(-1)
-        log_s = s.log()
-        y = targets[sl]
-        valid = y != ignore_index
-        zy = z.gather(1, torch.where(valid, y, 0).long().unsqueeze(1)).squeeze(1)
-        ez = torch.bmm(e.unsqueeze(1), z.unsqueeze(2)).view(-1)  # Σ_v e (z − m), no (n, V) temporary
-        out[0, sl] = torch.where(valid, zy - log_s, 0.0)
-        out[1, sl] = torch.where(valid, log_s - ez / s, 0.0)
-        out[2, sl] = m.squeeze(1) + log_s
-    return out[0], out[1], out[2]
+        stats[0, 0, sl] = m.squeeze(1)
+        stats[0, 1, sl] = e.sum(-1)
+        stats[0, 2, sl] = torch.bmm(e.unsqueeze(1), z.unsqueeze(2)).view(-1)  # Σ e (z − m), no (n, V) temp
+        stats[0, 3, sl] = torch.where((targets[sl] >= 0) & (targets[sl] < V), zy, 0.0)
+    return stats
+
+
+def combine_stats(stats, targets, ignore_index):
+    """stats: (P, 4, N) from any mix of vocabulary splits/shards -> logps, entropy, lse: (N,) fp32.
+
+    M = max m_i, S = Σ s_i e^{m_i−M}, A = Σ e^{m_i−M}(a_i + (m_i − M) s_i); lse = M + log S,
+    entropy = log S − A/S. Merged in a fixed order: deterministic whatever P is.
+    """
+    M = stats[:, 0].amax(0)
+    S = torch.zeros_like(M)
+    A = torch.zeros_like(M)
+    for i in range(stats.shape[0]):
+        m_i, s_i, a_i, _ = stats[i]
+        d = m_i - M
+        scale = d.exp()
+        S += s_i * scale
+        A += scale * (a_i + d * s_i)
+    log_s = S.log()
+    lse = M + log_s
+    valid = targets != ignore_index
+    logps = torch.where(valid, stats[:, 3].sum(0) - lse, 0.0)
+    entropy = torch.where(valid, log_s - A / S, 0.0)
+    return logps, entropy, lse
+
+
+def logps_fwd(hidden, weight, bias, targets, *, temperature, softcap, ignore_index, budget_bytes):
+    """hidden: (N, H), weight: (V, H), targets: (N,) -> logps, entropy, lse: (N,) fp32."""
+    stats = partial_stats(hidden, weight, bias, targets, temperature=temperature, softcap=softcap,
+                          budget_bytes=budget_bytes)
+    return combine_stats(stats, targets, ignore_index)
 
 
 def logps_bwd_dz(hidden, weight, bias, targets, lse, entropy, g_logps, g_entropy, dz, *,

@@ -108,7 +108,7 @@ def _tanh(x):
 @triton.jit
 def _logps_fwd_kernel(
     h_ptr, w_ptr, b_ptr, y_ptr,
-    m_ptr, s_ptr, a_ptr, zy_ptr,  # partial stats, each (SPLITS, N) fp32
+    stats_ptr,  # (SPLITS, 4, N) fp32: rows m, s, a, zy
     N, V, H, split_cols,
     stride_h_n, stride_h_k, stride_w_v, stride_w_k,
     inv_temp, softcap,
@@ -146,16 +146,16 @@ def _logps_fwd_kernel(
         a = alpha * (a + d * s) + tl.sum(tl.where(mask_v[None, :], e * (z - m_new[:, None]), 0.0), axis=1)
         s = alpha * s + tl.sum(e, axis=1)
         m = m_new
-    out = split * N + offs_n
-    tl.store(m_ptr + out, m, mask=mask_n)
-    tl.store(s_ptr + out, s, mask=mask_n)
-    tl.store(a_ptr + out, a, mask=mask_n)
-    tl.store(zy_ptr + out, zy, mask=mask_n)
+    out = stats_ptr + (4 * split) * N + offs_n
+    tl.store(out, m, mask=mask_n)
+    tl.store(out + N, s, mask=mask_n)
+    tl.store(out + 2 * N, a, mask=mask_n)
+    tl.store(out + 3 * N, zy, mask=mask_n)
 
 
 @triton.jit
 def _merge_kernel(
-    m_ptr, s_ptr, a_ptr, zy_ptr, y_ptr,
+    stats_ptr, y_ptr,  # stats: (SPLITS, 4, N) fp32, rows m, s, a, zy
     logps_ptr, entropy_ptr, lse_ptr,
     N, SPLITS, ignore_index,
     BLOCK: tl.constexpr,
@@ -165,18 +165,19 @@ def _merge_kernel(
     mask = offs < N
     M = tl.full((BLOCK,), _NEG_BIG, tl.float32)
     for i in range(0, SPLITS):
-        M = tl.maximum(M, tl.load(m_ptr + i * N + offs, mask=mask, other=_NEG_BIG))
+        M = tl.maximum(M, tl.load(stats_ptr + (4 * i) * N + offs, mask=mask, other=_NEG_BIG))
     S = tl.zeros((BLOCK,), tl.float32)
     A = tl.zeros((BLOCK,), tl.float32)
     ZY = tl.zeros((BLOCK,), tl.float32)
     for i in range(0, SPLITS):
-        m_i = tl.load(m_ptr + i * N + offs, mask=mask, other=_NEG_BIG)
-        s_i = tl.load(s_ptr + i * N + offs, mask=mask, other=0.0)
+        row = stats_ptr + (4 * i) * N + offs
+        m_i = tl.load(row, mask=mask, other=_NEG_BIG)
+        s_i = tl.load(row + N, mask=mask, other=0.0)
         d = m_i - M
         scale = tl.exp(d)
         S += s_i * scale
-        A += scale * (tl.load(a_ptr + i * N + offs, mask=mask, other=0.0) + d * s_i)
-        ZY += tl.load(zy_ptr + i * N + offs, mask=mask, other=0.0)
+        A += scale * (tl.load(row + 2 * N, mask=mask, other=0.0) + d * s_i)
+        ZY += tl.load(row + 3 * N, mask=mask, other=0.0)
     log_s = tl.log(S)
     lse = M + log_s
     valid = tl.load(y_ptr + offs, mask=mask, other=ignore_index) != ignore_index
@@ -234,17 +235,16 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def logps_fwd(hidden, weight, bias, targets, *, temperature, softcap, ignore_index):
-    """hidden: (N, H), weight: (V, H), bias: (V,)|None, targets: (N,) -> logps, entropy, lse: (N,) fp32."""
+def partial_stats(hidden, weight, bias, targets, *, temperature, softcap):
+    """Per-split statistics (SPLITS, 4, N) fp32 — rows m, s, a, zy — for targets in [0, V) (else zy = 0)."""
     N, H = hidden.shape
     V = weight.shape[0]
     cfg = tile_config(H, V, hidden.dtype)
     splits = triton.cdiv(V, cfg.split_cols)
-    dev = hidden.device
-    stats = torch.empty((4, splits, N), device=dev, dtype=torch.float32)
+    stats = torch.empty((splits, 4, N), device=hidden.device, dtype=torch.float32)
     _logps_fwd_kernel[(triton.cdiv(N, cfg.BLOCK_N), splits)](
         hidden, weight, bias if bias is not None else hidden, targets,
-        stats[0], stats[1], stats[2], stats[3],
+        stats,
         N, V, H, cfg.split_cols,
         hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
         1.0 / temperature, float(softcap or 1.0),
@@ -253,12 +253,18 @@ def logps_fwd(hidden, weight, bias, targets, *, temperature, softcap, ignore_ind
         BLOCK_N=cfg.BLOCK_N, BLOCK_V=cfg.BLOCK_V, BLOCK_K=cfg.BLOCK_K,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    out = torch.empty((3, N), device=dev, dtype=torch.float32)
+    return stats
+
+
+def logps_fwd(hidden, weight, bias, targets, *, temperature, softcap, ignore_index):
+    """hidden: (N, H), weight: (V, H), bias: (V,)|None, targets: (N,) -> logps, entropy, lse: (N,) fp32."""
+    N = hidden.shape[0]
+    stats = partial_stats(hidden, weight, bias, targets, temperature=temperature, softcap=softcap)
+    out = torch.empty((3, N), device=hidden.device, dtype=torch.float32)
     block = 16 if interpreting() else 256
     _merge_kernel[(triton.cdiv(N, block),)](
-        stats[0], stats[1], stats[2], stats[3], targets,
-        out[0], out[1], out[2],
-        N, splits, ignore_index,
+        stats, targets, out[0], out[1], out[2],
+        N, stats.shape[0], ignore_index,
         BLOCK=block,
     )
     return out[0], out[1], out[2]
