@@ -11,7 +11,7 @@ point; the largest buffer is a `(chunk, V)` gradient tile within `chunk_bytes`.
 
 Backends: "triton" (fused kernels, linear_logps_triton.py), "torch" (chunked PyTorch,
 linear_logps_torch.py), "auto" (triton for CUDA tensors, torch otherwise). Both share the backward
-driver below: the backend writes ∂r for a chunk, cuBLAS/BLAS does the two matmuls.
+driver in head_backward.py: the backend writes ∂r for a chunk, cuBLAS/BLAS does the two matmuls.
 
 No host synchronisation: nothing reads a tensor value on the host (chunking depends on shapes only;
 the target-range check is a device-side assert on CUDA).
@@ -26,6 +26,7 @@ import torch
 
 from . import linear_logps_torch as _torch_impl
 from ._checks import check_linear_head, check_target_range
+from .head_backward import head_backward
 
 DEFAULT_CHUNK_BYTES = 256 * 2**20
 BACKENDS = ("auto", "triton", "torch")
@@ -81,58 +82,24 @@ def logps_forward(hidden, weight, bias, targets, opts: HeadOptions):
 def logps_backward(hidden, weight, bias, targets, lse, entropy, g_logps, g_entropy, opts: HeadOptions,
                    needs=(True, True, True)):
     """Gradients (dh (N, H), dW (V, H), db (V,)) for upstream g_logps / g_entropy: (N,) fp32 or None."""
-    N, H = hidden.shape
-    V = weight.shape[0]
-    want_h, want_w, want_b = needs[0], needs[1], needs[2] and bias is not None
-    dh = torch.zeros_like(hidden) if want_h else None
-    dW = torch.zeros_like(weight) if want_w else None
-    db = torch.zeros_like(bias) if want_b else None
-    if N == 0 or (g_logps is None and g_entropy is None):
-        return dh, dW, db
-    dev = hidden.device
-    g_logps = torch.zeros(N, device=dev) if g_logps is None else g_logps.reshape(N).float().contiguous()
+    N = hidden.shape[0]
+    if g_logps is None and g_entropy is None:
+        needs = (False, False, False)
+    g_logps = hidden.new_zeros(N, dtype=torch.float32) if g_logps is None else g_logps.reshape(N).float().contiguous()
     if g_entropy is not None:
         g_entropy = g_entropy.reshape(N).float().contiguous()
-
-    # On CUDA ∂r is kept in the input dtype so both matmuls run on tensor cores (fp32 accumulation
-    # inside each GEMM). On the CPU everything is fp32: there is no fast low-precision path there.
-    on_cuda = hidden.is_cuda
-    work_dtype = hidden.dtype if on_cuda else torch.float32
-    W_work = weight if weight.dtype == work_dtype else weight.to(work_dtype)  # (V, H), CPU only
-    step = _torch_impl.chunk_rows(N, V, opts.chunk_bytes)
-    single = step >= N
-    dz = torch.empty((step, V), device=dev, dtype=work_dtype)
-    # ∂W sums over every token: one GEMM when a single chunk covers N, else an fp32 accumulator.
-    dW32 = torch.zeros((V, H), device=dev, dtype=torch.float32) if (want_w and not single) else None
-    db32 = torch.zeros(V, device=dev, dtype=torch.float32) if want_b else None
     impl = _impl(opts)
-    for start in range(0, N, step):
-        sl = slice(start, min(N, start + step))
-        h_c = hidden[sl]
-        dz_c = dz[: h_c.shape[0]]
+
+    def write_dz(rows, dz):
         impl.logps_bwd_dz(
-            h_c, weight, bias, targets[sl], lse[sl],
-            entropy[sl] if g_entropy is not None else None,
-            g_logps[sl], g_entropy[sl] if g_entropy is not None else None, dz_c,
+            hidden[rows], weight, bias, targets[rows], lse[rows],
+            None if g_entropy is None else entropy[rows],
+            g_logps[rows], None if g_entropy is None else g_entropy[rows], dz,
             temperature=opts.temperature, softcap=opts.softcap, ignore_index=opts.ignore_index,
         )
-        # Ignored rows have ∂r = 0, but 0 · NaN = NaN: zero their (possibly garbage) hidden states so
-        # they contribute exactly nothing to ∂W. (chunk, H) extra traffic, negligible next to the GEMM.
-        h_work = h_c.masked_fill((targets[sl] == opts.ignore_index).unsqueeze(1), 0).to(work_dtype)
-        if want_h:
-            dh[sl] = dz_c @ W_work
-        if want_w:
-            if single:
-                dW.copy_(dz_c.T @ h_work)
-            else:
-                dW32 += _torch_impl.mm_f32(dz_c.T, h_work)
-        if want_b:
-            db32 += dz_c.sum(0, dtype=torch.float32)
-    if dW32 is not None:
-        dW.copy_(dW32)
-    if want_b:
-        db.copy_(db32)
-    return dh, dW, db
+
+    return head_backward(hidden, weight, bias, targets == opts.ignore_index, write_dz,
+                         chunk_bytes=opts.chunk_bytes, needs=needs)
 
 
 class LinearLogpsFunction(torch.autograd.Function):

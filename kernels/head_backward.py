@@ -1,0 +1,73 @@
+"""Chunked backward of a linear head, shared by every fused op: given ∂L/∂r per chunk, do the GEMMs.
+
+For raw logits r = h Wᵀ + b and any loss whose logit gradient ∂r a backend can write for a token
+chunk (recomputing the logits it needs), the parameter gradients are
+    ∂h[chunk] = ∂r W,    ∂W = Σ_chunks ∂rᵀ h[chunk],    ∂b = Σ_chunks Σ_rows ∂r.
+Memory: one (chunk, V) ∂r buffer within `chunk_bytes` (fp32-sized), plus an fp32 (V, H) accumulator
+for ∂W when more than one chunk is needed. On CUDA ∂r is kept in the input dtype so both GEMMs run
+on tensor cores (fp32 accumulation inside each GEMM); on the CPU everything is fp32.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+from .linear_logps_torch import chunk_rows, mm_f32
+
+
+def head_backward(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    row_ignored: torch.Tensor,
+    write_dz: Callable[[slice, torch.Tensor], None],
+    *,
+    chunk_bytes: int,
+    needs=(True, True, True),
+):
+    """hidden: (N, H), weight: (V, H), bias: (V,)|None, row_ignored: (N,) bool.
+
+    `write_dz(rows, dz)` fills `dz: (n, V)` with ∂L/∂r for `hidden[rows]` (zeros on ignored rows).
+    Returns (dh (N, H) | None, dW (V, H) | None, db (V,) | None) per `needs`.
+    """
+    N, H = hidden.shape
+    V = weight.shape[0]
+    want_h, want_w, want_b = needs[0], needs[1], needs[2] and bias is not None
+    dh = torch.zeros_like(hidden) if want_h else None
+    dW = torch.zeros_like(weight) if want_w else None
+    db = torch.zeros_like(bias) if want_b else None
+    if N == 0 or not (want_h or want_w or want_b):
+        return dh, dW, db
+    dev = hidden.device
+    work_dtype = hidden.dtype if hidden.is_cuda else torch.float32
+    W_work = weight if weight.dtype == work_dtype else weight.to(work_dtype)  # (V, H), CPU only
+    step = chunk_rows(N, V, chunk_bytes)
+    single = step >= N
+    dz = torch.empty((step, V), device=dev, dtype=work_dtype)
+    # ∂W sums over every token: one GEMM when a single chunk covers N, else an fp32 accumulator.
+    dW32 = torch.zeros((V, H), device=dev, dtype=torch.float32) if (want_w and not single) else None
+    db32 = torch.zeros(V, device=dev, dtype=torch.float32) if want_b else None
+    for start in range(0, N, step):
+        rows = slice(start, min(N, start + step))
+        h_c = hidden[rows]
+        dz_c = dz[: h_c.shape[0]]
+        write_dz(rows, dz_c)
+        if want_h:
+            dh[rows] = dz_c @ W_work
+        if want_w:
+            # Ignored rows have ∂r = 0, but 0 · NaN = NaN: zero their (possibly garbage) hidden states
+            # so they contribute exactly nothing. (chunk, H) extra traffic, negligible next to the GEMM.
+            h_work = h_c.masked_fill(row_ignored[rows].unsqueeze(1), 0).to(work_dtype)
+            if single:
+                dW.copy_(dz_c.T @ h_work)
+            else:
+                dW32 += mm_f32(dz_c.T, h_work)
+        if want_b:
+            db32 += dz_c.sum(0, dtype=torch.float32)
+    if dW32 is not None:
+        dW.copy_(dW32)
+    if want_b:
+        db.copy_(db32)
+    return dh, dW, db
