@@ -67,3 +67,23 @@ def linear_logps_reference(
     entropy = -(logp_all.exp() * logp_all).sum(-1)
     entropy = torch.where(valid, entropy, torch.zeros_like(entropy))
     return logps, entropy
+
+
+def linear_kl_reference(
+    hidden, weight, ref_hidden, ref_weight, *, mask=None, temperature=1.0, direction="forward", softcap=None,
+    dtype=torch.float32,
+):
+    """Reference for `fusealign.linear_kl`: KL between the two heads' softmaxes, materialised.
+
+    forward: Σ_v p_v (log p_v − log q_v) = KL(π‖π_ref);  reverse: Σ_v q_v (log q_v − log p_v) = KL(π_ref‖π).
+    """
+    logp = torch.log_softmax(head_logits(hidden, weight, temperature=temperature, softcap=softcap, dtype=dtype), -1)
+    logq = torch.log_softmax(head_logits(ref_hidden, ref_weight, temperature=temperature, softcap=softcap,
+                                         dtype=dtype), -1)
+    if direction == "forward":
+        kl = (logp.exp() * (logp - logq)).sum(-1)
+    else:
+        kl = (logq.exp() * (logq - logp)).sum(-1)
+    if mask is not None:
+        kl = torch.where(mask.bool(), kl, torch.zeros_like(kl))
+    return kl

@@ -1,0 +1,137 @@
+"""`linear_kl`: exact per-token KL over the whole vocabulary between a policy head and a reference head.
+
+Math (token t; z = policy logits, z_ref = reference logits, both softcap(h Wᵀ)/T; p, q their softmaxes):
+    direction="forward":  KL(π‖π_ref) = Σ_v p_v (log p_v − log q_v)
+    direction="reverse":  KL(π_ref‖π) = Σ_v q_v (log q_v − log p_v)
+    ∂KL_fwd/∂z_v = p_v (log p_v − log q_v − KL),   ∂KL_rev/∂z_v = p_v − q_v
+Gradients flow to the policy side only (`hidden`, `weight`); the reference is a constant.
+Saved for backward: inputs (no copies) and per-token lse, lse_ref, KL — O(N). Both logit tiles are
+recomputed in backward; no (N, V) tensor exists (see linear_kl_triton.py / linear_kl_torch.py).
+The reference head may be wider (distillation): ref_weight is (V, H_ref) with H_ref ≠ H allowed.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import linear_kl_torch as _torch_impl
+from ._checks import check_linear_head
+from .head_backward import head_backward
+from .linear_logps import DEFAULT_CHUNK_BYTES, HeadOptions, resolve_backend
+
+DIRECTIONS = ("forward", "reverse")
+
+
+def _impl(backend: str):
+    if backend == "triton":
+        from . import linear_kl_triton
+
+        return linear_kl_triton
+    return _torch_impl
+
+
+def _forward(hidden, weight, ref_hidden, ref_weight, valid, reverse, opts: HeadOptions):
+    """-> kl, lse (policy), lse_ref: (N,) fp32."""
+    if hidden.shape[0] == 0:
+        e = hidden.new_zeros((0,), dtype=torch.float32)
+        return e, e.clone(), e.clone()
+    kw = dict(temperature=opts.temperature, softcap=opts.softcap)
+    if opts.backend == "torch":
+        kw["budget_bytes"] = opts.chunk_bytes
+    impl = _impl(opts.backend)
+    if reverse:  # KL(Q‖P): A = reference, B = policy
+        kl, lse_ref, lse = impl.kl_fwd(ref_hidden, ref_weight, hidden, weight, valid, **kw)
+    else:
+        kl, lse, lse_ref = impl.kl_fwd(hidden, weight, ref_hidden, ref_weight, valid, **kw)
+    return kl, lse, lse_ref
+
+
+class LinearKLFunction(torch.autograd.Function):
+    """Autograd over flattened inputs: hidden (N, H), weight (V, H), ref_hidden (N, H_ref), ref_weight
+    (V, H_ref), valid (N,) uint8."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, ref_hidden, ref_weight, valid, reverse: bool, opts: HeadOptions):
+        kl, lse, lse_ref = _forward(hidden, weight, ref_hidden, ref_weight, valid, reverse, opts)
+        ctx.save_for_backward(hidden, weight, ref_hidden, ref_weight, valid, lse, lse_ref, kl)
+        ctx.reverse, ctx.opts = reverse, opts
+        ctx.set_materialize_grads(False)
+        return kl
+
+    @staticmethod
+    def backward(ctx, g):
+        hidden, weight, ref_hidden, ref_weight, valid, lse, lse_ref, kl = ctx.saved_tensors
+        needs = ctx.needs_input_grad[:2] + (False,) if g is not None else (False, False, False)
+        g = None if g is None else g.reshape(-1).float().contiguous()
+        opts, impl = ctx.opts, _impl(ctx.opts.backend)
+
+        def write_dz(rows, dz):
+            impl.kl_bwd_dz(hidden[rows], weight, ref_hidden[rows], ref_weight, valid[rows], lse[rows],
+                           lse_ref[rows], kl[rows], g[rows], dz, reverse=ctx.reverse,
+                           temperature=opts.temperature, softcap=opts.softcap)
+
+        dh, dW, _ = head_backward(hidden, weight, None, valid == 0, write_dz, chunk_bytes=opts.chunk_bytes,
+                                  needs=needs)
+        return dh, dW, None, None, None, None, None
+
+
+def linear_kl(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    ref_hidden: torch.Tensor,
+    ref_weight: torch.Tensor,
+    *,
+    mask: Optional[torch.Tensor] = None,
+    temperature: float = 1.0,
+    direction: str = "forward",
+    softcap: Optional[float] = None,
+    backend: str = "auto",
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+) -> torch.Tensor:
+    """Exact per-token KL between the policy head and the reference head, over the whole vocabulary.
+
+    hidden: (…, H), weight: (V, H); ref_hidden: (…, H_ref), ref_weight: (V, H_ref) (same V; H_ref may
+    differ); mask: (…) bool or None. Returns (…) float32, 0 where `mask` is False.
+    Equivalent to `fusealign.kernels.reference.linear_kl_reference`; never materialises (N, V).
+    The reference side is a constant: it must not require grad (pass `.detach()`).
+    `temperature` (and `softcap`) apply to both heads.
+    """
+    if direction not in DIRECTIONS:
+        raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
+    H, V = check_linear_head(hidden, weight, None, None, temperature, softcap)
+    check_linear_head(ref_hidden, ref_weight, None, None, temperature, softcap,
+                      names=("ref_hidden", "ref_weight", "", ""))
+    if ref_weight.shape[0] != V:
+        raise ValueError(f"ref_weight has V={ref_weight.shape[0]} but weight has V={V}; the vocabularies must match")
+    if tuple(ref_hidden.shape[:-1]) != tuple(hidden.shape[:-1]):
+        raise ValueError(f"ref_hidden leading shape {tuple(ref_hidden.shape[:-1])} must equal hidden's "
+                         f"{tuple(hidden.shape[:-1])}")
+    if ref_hidden.device != hidden.device:
+        raise ValueError(f"ref_hidden is on {ref_hidden.device} but hidden is on {hidden.device}")
+    if torch.is_grad_enabled():
+        for name, t in (("ref_hidden", ref_hidden), ("ref_weight", ref_weight)):
+            if t.requires_grad:
+                raise ValueError(f"{name} requires grad, but the reference side of linear_kl is a constant; "
+                                 f"pass {name}.detach() (or compute it under torch.no_grad())")
+    lead = tuple(hidden.shape[:-1])
+    if mask is None:
+        valid = torch.ones(lead, device=hidden.device, dtype=torch.uint8)
+    else:
+        if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != lead:
+            raise ValueError(f"mask must be a tensor of shape {lead} (hidden's leading shape), got "
+                             f"{tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__}")
+        valid = (mask != 0).to(torch.uint8)
+    if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int) or chunk_bytes <= 0:
+        raise ValueError(f"chunk_bytes must be a positive int, got {chunk_bytes!r}")
+    opts = HeadOptions(float(temperature), None if softcap is None else float(softcap), -100,
+                       resolve_backend(backend, hidden.device), chunk_bytes)
+    h2, hr2 = hidden.reshape(-1, H), ref_hidden.reshape(-1, ref_hidden.shape[-1])
+    valid = valid.reshape(-1).contiguous()
+    reverse = direction == "reverse"
+    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+        kl = LinearKLFunction.apply(h2, weight, hr2, ref_weight, valid, reverse, opts)
+    else:
+        kl = _forward(h2, weight, hr2, ref_weight, valid, reverse, opts)[0]
+    return kl.view(lead)
