@@ -87,3 +87,81 @@ def linear_kl_reference(
     if mask is not None:
         kl = torch.where(mask.bool(), kl, torch.zeros_like(kl))
     return kl
+
+
+def dpo_loss_reference(pc, pr, rc, rr, *, beta=0.1, loss_type="sigmoid", label_smoothing=0.0, gamma=0.0):
+    """Reference DPO family on (B,) sequence log-probs, one formula per branch, as in the papers."""
+    ls = torch.nn.functional.logsigmoid
+    eps = label_smoothing
+    if loss_type == "simpo":
+        d = pc - pr
+        return -(1 - eps) * ls(beta * d - gamma) - eps * ls(-(beta * d - gamma))
+    d = (pc - pr) - (rc - rr)
+    if loss_type == "sigmoid":
+        return -(1 - eps) * ls(beta * d) - eps * ls(-beta * d)
+    if loss_type == "robust":
+        return (-(1 - eps) * ls(beta * d) + eps * ls(-beta * d)) / (1 - 2 * eps)
+    if loss_type == "hinge":
+        return torch.clamp(1 - beta * d, min=0)
+    if loss_type == "ipo":
+        return (d - 1 / (2 * beta)) ** 2
+    raise ValueError(loss_type)
+
+
+def linear_dpo_loss_reference(hidden, weight, targets, *, ref_chosen_logps=None, ref_rejected_logps=None,
+                              ref_hidden=None, ref_weight=None, beta=0.1, loss_type="sigmoid",
+                              label_smoothing=0.0, average_logps=False, nll_coef=0.0, ignore_index=-100,
+                              gamma=0.0, dtype=torch.float64):
+    """Reference fused DPO on the padded layout hidden (2B, T, H): materialised logits, plain sums."""
+    def seq_logps(h, w):
+        lp = linear_logps_reference(h, w, targets, ignore_index=ignore_index, dtype=dtype)  # (2B, T)
+        n = (targets != ignore_index).sum(-1)
+        s = lp.sum(-1)
+        return (s / n if average_logps else s), lp
+
+    pol, tok = seq_logps(hidden, weight)
+    B = hidden.shape[0] // 2
+    if ref_hidden is not None:
+        ref, _ = seq_logps(ref_hidden, ref_weight)
+        ref_chosen_logps, ref_rejected_logps = ref[:B].detach(), ref[B:].detach()
+    losses = dpo_loss_reference(pol[:B], pol[B:], ref_chosen_logps, ref_rejected_logps, beta=beta,
+                                loss_type=loss_type, label_smoothing=label_smoothing, gamma=gamma)
+    nll = -tok[:B].sum() / (targets[:B] != ignore_index).sum()
+    return losses.mean() + nll_coef * nll
+
+
+def sequence_rewards_reference(hidden, value_weight, mask, value_bias=None):
+    """Loop over rows: the reward of row b is value_weight · hidden[b, last index where mask is 1]."""
+    out = []
+    for b in range(hidden.shape[0]):
+        last = max(i for i in range(hidden.shape[1]) if mask[b, i])
+        r = hidden[b, last] @ value_weight.reshape(-1)
+        out.append(r + (value_bias.reshape(()) if value_bias is not None else 0))
+    return torch.stack(out)
+
+
+def ppo_loss_reference(hidden, weight, targets, old_logps, advantages, *, ref_logps=None, clip_eps=0.2,
+                       clip_eps_high=None, dual_clip=None, kl_coef=0.0, kl_estimator="k3", entropy_coef=0.0,
+                       loss_agg="token-mean", temperature=1.0, ignore_index=-100, dtype=torch.float64):
+    """Reference PPO/GRPO loss on (B, T) tokens, materialised logits, written token by token."""
+    logps, entropy = linear_logps_reference(hidden, weight, targets, temperature=temperature,
+                                            ignore_index=ignore_index, return_entropy=True, dtype=dtype)
+    mask = (targets != ignore_index).to(dtype)
+    if advantages.dim() == 1 and targets.dim() == 2:
+        advantages = advantages[:, None].expand_as(targets)
+    A = advantages.to(dtype)
+    ratio = torch.exp((logps - old_logps.to(dtype)) * mask)
+    high = clip_eps if clip_eps_high is None else clip_eps_high
+    loss = torch.max(-A * ratio, -A * torch.clamp(ratio, 1 - clip_eps, 1 + high))
+    if dual_clip is not None:
+        loss = torch.where(A < 0, torch.min(loss, -A * dual_clip), loss)
+    if ref_logps is not None and kl_coef:
+        d = logps - ref_logps.to(dtype)
+        kl = {"k1": d, "k2": 0.5 * d ** 2, "k3": torch.exp(-d) + d - 1}[kl_estimator]
+        loss = loss + kl_coef * kl
+    loss = loss - entropy_coef * entropy
+    if loss_agg == "token-mean":
+        return (loss * mask).sum() / mask.sum()
+    if loss_agg == "seq-mean-token-sum":
+        return (loss * mask).sum(-1).mean()
+    return ((loss * mask).sum(-1) / mask.sum(-1)).mean()

@@ -3,13 +3,24 @@
     import fusealign as fa
     logps = fa.linear_logps(hidden, weight, targets)                        # (…,) float32
     logps, entropy = fa.linear_logps(hidden, weight, targets, return_entropy=True)
+    kl = fa.linear_kl(hidden, weight, ref_hidden, ref_weight)               # exact, whole vocabulary
+    loss, metrics = fa.linear_dpo_loss(hidden, weight, targets, ref_chosen_logps=rc, ref_rejected_logps=rr)
+    loss, metrics = fa.linear_ppo_loss(hidden, weight, targets, old_logps, advantages)
 """
 
 from fusealign import kernels
 from fusealign.kernels import reference
+from fusealign.kernels.linear_kl import linear_kl
 from fusealign.kernels.linear_logps import linear_logps
-from fusealign.modules import LinearLogps
+from fusealign.kernels.policy import kl_estimate, linear_ppo_loss, value_loss
+from fusealign.kernels.preference import bradley_terry_loss, dpo_loss, linear_dpo_loss, sequence_rewards
+from fusealign.modules import BradleyTerryLoss, LinearDPOLoss, LinearKL, LinearLogps, LinearPPOLoss
 
 __version__ = "0.1.0"
 
-__all__ = ["linear_logps", "LinearLogps", "kernels", "reference", "__version__"]
+__all__ = [
+    "linear_logps", "linear_kl", "kl_estimate", "dpo_loss", "linear_dpo_loss", "bradley_terry_loss",
+    "sequence_rewards", "linear_ppo_loss", "value_loss",
+    "LinearLogps", "LinearKL", "LinearDPOLoss", "LinearPPOLoss", "BradleyTerryLoss",
+    "kernels", "reference", "__version__",
+]

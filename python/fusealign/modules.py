@@ -7,7 +7,10 @@ from typing import Optional
 import torch
 from torch import nn
 
+from fusealign.kernels.linear_kl import linear_kl
 from fusealign.kernels.linear_logps import DEFAULT_CHUNK_BYTES, linear_logps
+from fusealign.kernels.policy import linear_ppo_loss
+from fusealign.kernels.preference import bradley_terry_loss, linear_dpo_loss
 
 
 class LinearLogps(nn.Module):
@@ -36,3 +39,69 @@ class LinearLogps(nn.Module):
     def extra_repr(self) -> str:
         return (f"temperature={self.temperature}, softcap={self.softcap}, ignore_index={self.ignore_index}, "
                 f"return_entropy={self.return_entropy}, backend={self.backend!r}")
+
+
+class LinearKL(nn.Module):
+    """`fa.linear_kl` as a module: `LinearKL(direction="forward")(hidden, weight, ref_hidden, ref_weight, mask)`."""
+
+    def __init__(self, *, temperature: float = 1.0, direction: str = "forward", softcap: Optional[float] = None,
+                 backend: str = "auto"):
+        super().__init__()
+        self.kw = dict(temperature=temperature, direction=direction, softcap=softcap, backend=backend)
+
+    def forward(self, hidden, weight, ref_hidden, ref_weight, mask=None):
+        return linear_kl(hidden, weight, ref_hidden, ref_weight, mask=mask, **self.kw)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.kw.items())
+
+
+class LinearDPOLoss(nn.Module):
+    """`fa.linear_dpo_loss` as a module; `forward(hidden, weight, targets, **refs)` returns (loss, metrics)."""
+
+    def __init__(self, *, beta: float = 0.1, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
+                 average_logps: bool = False, nll_coef: float = 0.0, gamma: float = 0.0, ignore_index: int = -100,
+                 temperature: float = 1.0, backend: str = "auto"):
+        super().__init__()
+        self.kw = dict(beta=beta, loss_type=loss_type, label_smoothing=label_smoothing, average_logps=average_logps,
+                       nll_coef=nll_coef, gamma=gamma, ignore_index=ignore_index, temperature=temperature,
+                       backend=backend)
+
+    def forward(self, hidden, weight, targets, **refs):
+        return linear_dpo_loss(hidden, weight, targets, **refs, **self.kw)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.kw.items())
+
+
+class LinearPPOLoss(nn.Module):
+    """`fa.linear_ppo_loss` as a module; `forward(hidden, weight, targets, old_logps, advantages, ref_logps=None)`."""
+
+    def __init__(self, *, clip_eps: float = 0.2, clip_eps_high: Optional[float] = None,
+                 dual_clip: Optional[float] = None, kl_coef: float = 0.0, kl_estimator: str = "k3",
+                 entropy_coef: float = 0.0, loss_agg: str = "token-mean", temperature: float = 1.0,
+                 ignore_index: int = -100, backend: str = "auto"):
+        super().__init__()
+        self.kw = dict(clip_eps=clip_eps, clip_eps_high=clip_eps_high, dual_clip=dual_clip, kl_coef=kl_coef,
+                       kl_estimator=kl_estimator, entropy_coef=entropy_coef, loss_agg=loss_agg,
+                       temperature=temperature, ignore_index=ignore_index, backend=backend)
+
+    def forward(self, hidden, weight, targets, old_logps, advantages, ref_logps=None):
+        return linear_ppo_loss(hidden, weight, targets, old_logps, advantages, ref_logps=ref_logps, **self.kw)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.kw.items())
+
+
+class BradleyTerryLoss(nn.Module):
+    """`fa.bradley_terry_loss` as a module: `BradleyTerryLoss(center_coef=0.01)(chosen_rewards, rejected_rewards)`."""
+
+    def __init__(self, *, center_coef: float = 0.0):
+        super().__init__()
+        self.center_coef = center_coef
+
+    def forward(self, chosen_rewards, rejected_rewards, margin=None):
+        return bradley_terry_loss(chosen_rewards, rejected_rewards, margin=margin, center_coef=self.center_coef)
+
+    def extra_repr(self) -> str:
+        return f"center_coef={self.center_coef}"

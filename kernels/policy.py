@@ -1,0 +1,193 @@
+"""Policy-gradient losses on the fused core: sampled-token KL estimators, PPO/GRPO clip loss, value loss.
+
+`linear_ppo_loss` is the fused log-prob/entropy core plus an elementwise epilogue over tokens, so
+no (N, V) tensor exists and gradients reach `hidden`/`weight` only through linear_logps's backward.
+Metrics are detached 0-d tensors with TRL's names (no host sync).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ._checks import check_positive
+from .linear_logps import DEFAULT_CHUNK_BYTES, linear_logps
+
+
+# --- sampled-token KL estimators, Schulman 2020 ("Approximating KL Divergence") ---------------------
+# With r = π_ref(y)/π(y) for y ~ π, and log r = ref − logp:
+def _k1(logps, ref_logps):
+    """k1 = −log r = logp − ref: unbiased, high variance, can be negative."""
+    return logps - ref_logps
+
+
+def _k2(logps, ref_logps):
+    """k2 = ½ (log r)²: biased, low variance, ≥ 0."""
+    return 0.5 * (logps - ref_logps) ** 2
+
+
+def _k3(logps, ref_logps):
+    """k3 = (r − 1) − log r: unbiased, low variance, ≥ 0 (GRPO's KL term). expm1 keeps it exact near r = 1."""
+    log_r = ref_logps - logps
+    return torch.expm1(log_r) - log_r
+
+
+KL_ESTIMATORS = {"k1": _k1, "k2": _k2, "k3": _k3}
+LOSS_AGGS = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean")
+
+
+def kl_estimate(logps: torch.Tensor, ref_logps: torch.Tensor, estimator: str = "k3") -> torch.Tensor:
+    """Elementwise KL(π‖π_ref) estimate from the sampled tokens' log-probs (any equal shapes)."""
+    if estimator not in KL_ESTIMATORS:
+        raise ValueError(f"estimator must be one of {sorted(KL_ESTIMATORS)}, got {estimator!r}")
+    if logps.shape != ref_logps.shape:
+        raise ValueError(f"ref_logps shape {tuple(ref_logps.shape)} differs from logps {tuple(logps.shape)}")
+    return KL_ESTIMATORS[estimator](logps, ref_logps)
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of x over mask (0 when the mask is empty)."""
+    return torch.where(mask, x, 0.0).sum() / mask.sum().clamp_min(1)
+
+
+def aggregate(per_token: torch.Tensor, mask: torch.Tensor, loss_agg: str) -> torch.Tensor:
+    """Reduce per-token losses (B, T) (or (N,) for token-mean) over `mask` to a scalar.
+
+    token-mean: Σ l / Σ m over all tokens (DAPO);  seq-mean-token-sum: mean over sequences of Σ_t l
+    (Dr. GRPO's length-unbiased form);  seq-mean-token-mean: mean over sequences of the per-sequence
+    token mean (original GRPO). Sequences with no valid token are left out of the sequence mean.
+    """
+    if loss_agg == "token-mean":
+        return masked_mean(per_token, mask)
+    if per_token.dim() != 2:
+        raise ValueError(f"loss_agg={loss_agg!r} needs (B, T) inputs, got shape {tuple(per_token.shape)}")
+    seq_sum = torch.where(mask, per_token, 0.0).sum(-1)
+    counts = mask.sum(-1)
+    has_tokens = counts > 0
+    per_seq = seq_sum if loss_agg == "seq-mean-token-sum" else seq_sum / counts.clamp_min(1)
+    return torch.where(has_tokens, per_seq, 0.0).sum() / has_tokens.sum().clamp_min(1)
+
+
+def linear_ppo_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    old_logps: torch.Tensor,
+    advantages: torch.Tensor,
+    *,
+    ref_logps: Optional[torch.Tensor] = None,
+    clip_eps: float = 0.2,
+    clip_eps_high: Optional[float] = None,
+    dual_clip: Optional[float] = None,
+    kl_coef: float = 0.0,
+    kl_estimator: str = "k3",
+    entropy_coef: float = 0.0,
+    loss_agg: str = "token-mean",
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    backend: str = "auto",
+    softcap: Optional[float] = None,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+):
+    """Fused PPO / GRPO clipped policy loss from hidden states.
+
+    hidden: (B, T, H) or (N, H); targets, old_logps (and ref_logps): (B, T) or (N,);
+    advantages: like targets, or (B,) per sequence (GRPO/RLOO), broadcast over T.
+    Per token, with ratio r = exp(logp − old_logp) and advantage A (Schulman et al. 2017, Eq. 7):
+        pg = max(−A·r, −A·clip(r, 1 − ε, 1 + ε_high))
+        dual clip c > 1 (Ye et al. 2020), for A < 0 only: pg = min(pg, −A·c)
+        loss_t = pg + kl_coef · KL_est(logp, ref) − entropy_coef · entropy
+    aggregated by `loss_agg` over tokens whose target is not ignore_index.
+    Returns (loss: 0-d, metrics: dict of detached 0-d tensors).
+    """
+    check_positive("clip_eps", clip_eps)
+    eps_high = clip_eps if clip_eps_high is None else clip_eps_high
+    check_positive("clip_eps_high", eps_high)
+    if dual_clip is not None and not dual_clip > 1.0:
+        raise ValueError(f"dual_clip must be > 1 (it bounds −A·r for negative advantages), got {dual_clip}")
+    if kl_estimator not in KL_ESTIMATORS:
+        raise ValueError(f"kl_estimator must be one of {sorted(KL_ESTIMATORS)}, got {kl_estimator!r}")
+    if loss_agg not in LOSS_AGGS:
+        raise ValueError(f"loss_agg must be one of {LOSS_AGGS}, got {loss_agg!r}")
+    if kl_coef < 0 or entropy_coef < 0:
+        raise ValueError(f"kl_coef and entropy_coef must be >= 0, got {kl_coef} and {entropy_coef}")
+    if kl_coef > 0 and ref_logps is None:
+        raise ValueError("kl_coef > 0 needs ref_logps (the reference policy's log-probs of the same tokens)")
+    for name, t in (("old_logps", old_logps), ("ref_logps", ref_logps)):
+        if t is not None and t.shape != targets.shape:
+            raise ValueError(f"{name} shape {tuple(t.shape)} must equal targets shape {tuple(targets.shape)}")
+    if advantages.shape != targets.shape:
+        if targets.dim() == 2 and tuple(advantages.shape) == (targets.shape[0],):
+            advantages = advantages.unsqueeze(1).expand_as(targets)  # one advantage per sequence
+        else:
+            raise ValueError(f"advantages shape {tuple(advantages.shape)} must equal targets shape "
+                             f"{tuple(targets.shape)} or be (B,) per sequence")
+
+    logps, entropy = linear_logps(hidden, weight, targets, temperature=temperature, softcap=softcap,
+                                  ignore_index=ignore_index, return_entropy=True, backend=backend,
+                                  chunk_bytes=chunk_bytes)
+    mask = targets != ignore_index
+    A = advantages.float()
+    old = old_logps.detach().float()
+    log_ratio = torch.where(mask, logps - old, 0.0)  # 0 on ignored tokens: no inf · 0 there
+    ratio = log_ratio.exp()
+    pg1 = -A * ratio
+    pg2 = -A * ratio.clamp(1.0 - clip_eps, 1.0 + eps_high)
+    pg = torch.maximum(pg1, pg2)
+    if dual_clip is not None:
+        pg = torch.where(A < 0, torch.minimum(pg, -A * dual_clip), pg)
+    per_token = pg
+    kl = None
+    if ref_logps is not None:
+        kl = kl_estimate(logps, ref_logps.detach().float(), kl_estimator)
+        if kl_coef:
+            per_token = per_token + kl_coef * kl
+    if entropy_coef:
+        per_token = per_token - entropy_coef * entropy
+    loss = aggregate(per_token, mask, loss_agg)
+
+    with torch.no_grad():
+        metrics = {
+            "policy/clipfrac": masked_mean((pg2 > pg1).float(), mask),
+            "policy/approxkl": masked_mean(0.5 * log_ratio ** 2, mask),
+            "policy/entropy": masked_mean(entropy, mask),
+            "policy/ratio_mean": masked_mean(ratio, mask),
+            "loss/policy": aggregate(pg, mask, loss_agg),
+        }
+        if kl is not None:
+            metrics["objective/kl"] = masked_mean(kl, mask)
+    return loss, metrics
+
+
+def value_loss(
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    *,
+    clip_eps: Optional[float] = 0.2,
+    mask: Optional[torch.Tensor] = None,
+):
+    """Clipped value loss (PPO2 / TRL): ½ · mean(max((v − R)², (v_clip − R)²)), v_clip = old + clip(v − old, ±ε).
+
+    values, old_values, returns, mask: equal shapes; `clip_eps=None` disables clipping.
+    Returns (loss: 0-d, metrics {"val/clipfrac", "loss/value"} detached).
+    """
+    for name, t in (("old_values", old_values), ("returns", returns), ("mask", mask)):
+        if t is not None and t.shape != values.shape:
+            raise ValueError(f"{name} shape {tuple(t.shape)} must equal values shape {tuple(values.shape)}")
+    mask = torch.ones_like(values, dtype=torch.bool) if mask is None else mask.bool()
+    returns, old_values = returns.detach(), old_values.detach()
+    loss1 = (values - returns) ** 2
+    if clip_eps is None:
+        per = loss1
+        clipped = torch.zeros_like(loss1, dtype=torch.bool)
+    else:
+        check_positive("clip_eps", clip_eps)
+        v_clip = old_values + (values - old_values).clamp(-clip_eps, clip_eps)
+        loss2 = (v_clip - returns) ** 2
+        per = torch.maximum(loss1, loss2)
+        clipped = loss2 > loss1
+    loss = 0.5 * masked_mean(per, mask)
+    metrics = {"val/clipfrac": masked_mean(clipped.float(), mask).detach(), "loss/value": loss.detach()}
+    return loss, metrics
