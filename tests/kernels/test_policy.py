@@ -1,0 +1,153 @@
+"""KL estimators, fused PPO/GRPO loss and the clipped value loss."""
+
+import math
+
+import pytest
+import torch
+from helpers import BACKENDS, device_for, leaf64, rel_err
+
+import fusealign as fa
+from fusealign.kernels.reference import linear_logps_reference, ppo_loss_reference
+
+T = torch.tensor
+
+
+def test_kl_estimators_by_hand():
+    """logp = −1, ref = −2: log r = ref − logp = −1.
+    k1 = 1;  k2 = ½·1 = 0.5;  k3 = (e^{−1} − 1) + 1 = e^{−1} = 0.3678794412."""
+    lp, ref = T([-1.0], dtype=torch.float64), T([-2.0], dtype=torch.float64)
+    assert fa.kl_estimate(lp, ref, "k1").item() == 1.0
+    assert fa.kl_estimate(lp, ref, "k2").item() == 0.5
+    assert fa.kl_estimate(lp, ref, "k3").item() == pytest.approx(math.exp(-1), abs=1e-15)
+
+
+@pytest.mark.parametrize("estimator", ["k1", "k2", "k3"])
+def test_kl_estimator_gradients(estimator):
+    lp = torch.randn(7, dtype=torch.float64, requires_grad=True)
+    ref = torch.randn(7, dtype=torch.float64)
+    fa.kl_estimate(lp, ref, estimator).sum().backward()
+    d = lp.detach() - ref  # d/dlogp: k1 → 1, k2 → d, k3 = e^{−d} + d − 1 → 1 − e^{−d}
+    expected = {"k1": torch.ones_like(d), "k2": d, "k3": 1 - torch.exp(-d)}[estimator]
+    assert torch.allclose(lp.grad, expected, atol=1e-12)
+
+
+def test_kl_estimators_expectation_monte_carlo():
+    """E_{y~π}[k1] = E[k3] = KL(π‖π_ref) exactly; k2 is biased but close when π ≈ π_ref."""
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(6, generator=g, dtype=torch.float64)
+    for noise, k2_rel in ((1.0, None), (0.1, 0.05)):
+        logp = torch.log_softmax(z, 0)
+        logq = torch.log_softmax(z + noise * torch.randn(6, generator=g, dtype=torch.float64), 0)
+        exact = (logp.exp() * (logp - logq)).sum().item()
+        y = torch.multinomial(logp.exp(), 400_000, replacement=True, generator=g)
+        for est in ("k1", "k3"):
+            k = fa.kl_estimate(logp[y], logq[y], est)
+            se = k.std().item() / math.sqrt(k.numel())
+            assert abs(k.mean().item() - exact) < 5 * se, (est, noise, k.mean().item(), exact)
+        if k2_rel:
+            k2 = fa.kl_estimate(logp[y], logq[y], "k2").mean().item()
+            assert abs(k2 - exact) < k2_rel * exact
+
+
+def make_rollout(B=3, Tn=7, H=16, V=50, device="cpu", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(B, Tn, H, generator=g)
+    weight = torch.randn(V, H, generator=g) / 3
+    targets = torch.randint(0, V, (B, Tn), generator=g)
+    targets[:, :2] = -100
+    targets[1, -2:] = -100
+    with torch.no_grad():
+        cur = linear_logps_reference(hidden, weight, targets)
+    old = cur + 0.5 * torch.randn(B, Tn, generator=g)  # some ratios clip at ε = 0.2
+    ref = cur + 0.2 * torch.randn(B, Tn, generator=g)
+    adv = torch.randn(B, Tn, generator=g)
+    mv = lambda t: t.to(device)  # noqa: E731
+    return tuple(map(mv, (hidden, weight, targets, old, adv, ref)))
+
+
+PPO_CASES = [
+    dict(),
+    dict(loss_agg="seq-mean-token-sum"),
+    dict(loss_agg="seq-mean-token-mean", clip_eps_high=0.28),
+    dict(dual_clip=3.0, entropy_coef=0.01),
+    dict(kl_coef=0.1, kl_estimator="k3", temperature=0.8),
+    dict(kl_coef=0.05, kl_estimator="k1", entropy_coef=0.02, loss_agg="seq-mean-token-mean"),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", PPO_CASES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()) or "default")
+def test_linear_ppo_matches_reference(backend, case):
+    hidden, weight, targets, old, adv, ref = make_rollout(device=device_for(backend))
+    h, W = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    loss, metrics = fa.linear_ppo_loss(h, W, targets, old, adv, ref_logps=ref, backend=backend, **case)
+    h64, W64 = leaf64(hidden), leaf64(weight)
+    expected = ppo_loss_reference(h64, W64, targets, old.double(), adv.double(), ref_logps=ref.double(), **case)
+    assert loss.item() == pytest.approx(expected.item(), abs=1e-5)
+    loss.backward()
+    expected.backward()
+    assert rel_err(h.grad, h64.grad) < 1e-4 and rel_err(W.grad, W64.grad) < 1e-4
+    assert {"policy/clipfrac", "policy/approxkl", "policy/entropy", "policy/ratio_mean", "objective/kl"} <= set(metrics)
+    assert 0 < metrics["policy/clipfrac"].item() < 1
+
+
+def test_grpo_per_sequence_advantages_broadcast():
+    hidden, weight, targets, old, adv, _ = make_rollout()
+    seq_adv = T([1.0, -0.5, 0.25])
+    a, _ = fa.linear_ppo_loss(hidden, weight, targets, old, seq_adv, backend="torch")
+    b, _ = fa.linear_ppo_loss(hidden, weight, targets, old, seq_adv[:, None].expand(3, 7), backend="torch")
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_step0_identities(backend):
+    """old = current policy and ref = current policy: ratio 1, clipfrac 0, approx KL 0, KL 0,
+    and the token-mean loss is −mean(A)."""
+    hidden, weight, targets, _, adv, _ = make_rollout(device=device_for(backend))
+    with torch.no_grad():
+        cur = fa.linear_logps(hidden, weight, targets, backend=backend)
+    loss, m = fa.linear_ppo_loss(hidden, weight, targets, cur, adv, ref_logps=cur, kl_coef=0.1, backend=backend)
+    mask = targets != -100
+    assert m["policy/ratio_mean"].item() == 1.0
+    assert m["policy/clipfrac"].item() == 0.0 and m["policy/approxkl"].item() == 0.0
+    assert m["objective/kl"].item() == 0.0
+    assert loss.item() == pytest.approx(-adv[mask].mean().item(), abs=1e-6)
+
+
+def test_ppo_errors():
+    hidden, weight, targets, old, adv, ref = make_rollout()
+    call = lambda **k: fa.linear_ppo_loss(hidden, weight, targets, old, adv, **k)  # noqa: E731
+    with pytest.raises(ValueError, match=r"loss_agg must be one of \('token-mean'"):
+        call(loss_agg="sum")
+    with pytest.raises(ValueError, match=r"kl_estimator must be one of \['k1', 'k2', 'k3'\]"):
+        call(kl_estimator="k4")
+    with pytest.raises(ValueError, match="kl_coef > 0 needs ref_logps"):
+        call(kl_coef=0.1)
+    with pytest.raises(ValueError, match="dual_clip must be > 1"):
+        call(dual_clip=0.5)
+    with pytest.raises(ValueError, match="advantages shape"):
+        fa.linear_ppo_loss(hidden, weight, targets, old, torch.zeros(5))
+    with pytest.raises(ValueError, match="old_logps shape"):
+        fa.linear_ppo_loss(hidden, weight, targets, old[:, :3], adv)
+    with pytest.raises(ValueError, match="estimator must be one of"):
+        fa.kl_estimate(old, ref, "k9")
+    mod = fa.LinearPPOLoss(clip_eps=0.1, backend="torch")
+    assert torch.equal(mod(hidden, weight, targets, old, adv)[0],
+                       fa.linear_ppo_loss(hidden, weight, targets, old, adv, clip_eps=0.1, backend="torch")[0])
+
+
+def test_value_loss_by_hand():
+    """values (1, 1), old (0.5, 0.5), returns (0, 2), ε = 0.2: v_clip = 0.5 + clip(0.5) = 0.7.
+    token 1: (1−0)² = 1 vs (0.7−0)² = 0.49 → 1 (unclipped);  token 2: (1−2)² = 1 vs (0.7−2)² = 1.69 → 1.69.
+    loss = ½·(1 + 1.69)/2 = 0.6725, clipfrac = 1/2."""
+    values = T([1.0, 1.0], requires_grad=True)
+    loss, m = fa.value_loss(values, T([0.5, 0.5]), T([0.0, 2.0]), clip_eps=0.2)
+    assert loss.item() == pytest.approx(0.6725)
+    assert m["val/clipfrac"].item() == 0.5
+    loss.backward()
+    # Only the unclipped token has a gradient: ½·2·(1 − 0)/2 = 0.5; the clipped one is constant in v.
+    assert torch.allclose(values.grad, T([0.5, 0.0]))
+    masked, _ = fa.value_loss(values, T([0.5, 0.5]), T([0.0, 2.0]), mask=T([True, False]))
+    assert masked.item() == pytest.approx(0.5)
+    unclipped, _ = fa.value_loss(values, T([0.5, 0.5]), T([0.0, 2.0]), clip_eps=None)
+    assert unclipped.item() == pytest.approx(0.5)
