@@ -20,4 +20,5 @@ setup(
     },
     install_requires=["torch", "triton", "numpy", "safetensors", "transformers"],
     extras_require={"test": ["pytest"]},
+    entry_points={"console_scripts": ["fusealign=fusealign.cli:main"]},
 )

@@ -143,6 +143,8 @@ def linear_dpo_loss(
     gamma: float = 0.0,
     temperature: float = 1.0,
     softcap: Optional[float] = None,
+    bias: Optional[torch.Tensor] = None,
+    ref_bias: Optional[torch.Tensor] = None,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
 ):
     """Fused DPO from hidden states: `[chosen; rejected]` in one call, no (N, V) logits.
@@ -207,7 +209,7 @@ def linear_dpo_loss(
 
     head = dict(temperature=temperature, softcap=softcap, ignore_index=ignore_index, backend=backend,
                 chunk_bytes=chunk_bytes)
-    token_logps = linear_logps(hidden, weight, targets, **head)  # (2B, T) or (N,)
+    token_logps = linear_logps(hidden, weight, targets, bias=bias, **head)  # (2B, T) or (N,)
     seq_logps, counts = _sequence_sums(token_logps, targets, sequence_ids, n_seq, ignore_index)
     _check_every_sequence_has_completion(counts, ignore_index)
     if average_logps:
@@ -217,7 +219,7 @@ def linear_dpo_loss(
             raise ValueError(f"ref_hidden leading shape {tuple(ref_hidden.shape[:-1])} must equal hidden's "
                              f"{tuple(hidden.shape[:-1])}")
         with torch.no_grad():  # the fused no-grad path: nothing saved
-            ref_tokens = linear_logps(ref_hidden, ref_weight, targets, **head)
+            ref_tokens = linear_logps(ref_hidden, ref_weight, targets, bias=ref_bias, **head)
             ref_seq, _ = _sequence_sums(ref_tokens, targets, sequence_ids, n_seq, ignore_index)
             if average_logps:
                 ref_seq = ref_seq / counts

@@ -1,0 +1,180 @@
+"""The runs behind `fusealign sft|rm|dpo`: build model, tokenizer and data from a config, train, evaluate.
+
+With `--model builtin`, RM and DPO start from the built-in task's SFT policy (trained first, into
+`<output_dir>/sft`, unless `--sft-model` names one), as the seed pipeline does.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from . import task
+from .checkpoint import latest_checkpoint, write_text_atomic
+from .config import DPOConfig, RMConfig, SFTConfig, TrainConfig
+from .data import DataStream, check_vocab, load_examples
+from .models import RewardModel, fingerprint, load_causal_lm, model_from_config
+from .objectives import dpo_loss, pair_batch, rewards_of, rm_loss, sequence_logps, sft_loss
+from .sampling import sample
+from .trainer import resolve_device, train
+
+
+def _defaults(cfg: TrainConfig, kind: str) -> TrainConfig:
+    return replace(cfg, output_dir=cfg.output_dir or f"runs/{kind}")
+
+
+def _tokenizer(path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+
+
+def load_policy(cfg: TrainConfig, *, init: str):
+    """(model, tokenizer) from a checkpoint being resumed, the built-in preset, or a local directory."""
+    device = resolve_device(cfg.device)
+    ckpt = latest_checkpoint(Path(cfg.output_dir)) if cfg.resume else None
+    source = ckpt or init
+    if source == "builtin":
+        model, tok = model_from_config(task.model_config(), seed=cfg.seed), task.tokenizer()
+    else:
+        model = load_causal_lm(str(source), attn_implementation=cfg.attn_implementation)
+        tok = _tokenizer(source)
+    check_vocab(tok, model.config.vocab_size)
+    return model.to(device), tok
+
+
+def builtin_sft_path(cfg: TrainConfig) -> str:
+    """The SFT policy RM/DPO start from with --model builtin (trained here when missing)."""
+    if getattr(cfg, "sft_model", ""):
+        return cfg.sft_model
+    run = Path(cfg.output_dir) / "sft"
+    if latest_checkpoint(run) is None:
+        run_sft(SFTConfig(output_dir=str(run), seed=cfg.seed, device=cfg.device, backend=cfg.backend))
+    return str(latest_checkpoint(run))
+
+
+def gt_reward(model, tok, *, n: int = 128, seed: int = 0, max_new_tokens: int = 24) -> float:
+    """Mean ground-truth reward of sampled completions on held-out prompts of the built-in task."""
+    prompts = [[tok.bos_token_id] + tok.encode(p, add_special_tokens=False) for p in task.eval_prompts(n, seed)]
+    outs = sample(model, tok, prompts, max_new_tokens=max_new_tokens, seed=seed)
+    return sum(task.reward(tok.decode(ids), ended) for ids, ended in outs) / len(outs)
+
+
+def _finish(cfg, summary: dict) -> dict:
+    write_text_atomic(Path(cfg.output_dir) / "final_metrics.json", json.dumps(summary, indent=1))
+    return summary
+
+
+def run_sft(cfg: SFTConfig) -> dict:
+    cfg = _defaults(cfg, "sft")
+    model, tok = load_policy(cfg, init=cfg.model)
+    examples, stats = load_examples(cfg.data, "sft", tok, max_length=cfg.max_length, skip_bad_lines=cfg.skip_bad_lines)
+    stream = DataStream(examples, cfg.batch_size, cfg.seed)
+    last = train(cfg, model, lambda ex: sft_loss(model, ex, pad_id=tok.pad_token_id, pack=cfg.pack,
+                                                  temperature=cfg.temperature, backend=cfg.backend),
+                 stream, tokenizer=tok, desc="sft")
+    return _finish(cfg, {**last, "data/lines": stats.lines, "data/skipped": stats.skipped,
+                         "data/truncated": stats.truncated})
+
+
+def run_rm(cfg: RMConfig) -> dict:
+    cfg = _defaults(cfg, "rm")
+    device = resolve_device(cfg.device)
+    ckpt = latest_checkpoint(Path(cfg.output_dir)) if cfg.resume else None
+    if ckpt is not None:
+        rm, tok = RewardModel.from_pretrained(str(ckpt)), _tokenizer(ckpt)
+    else:
+        lm, tok = load_policy(replace(cfg, resume=False),
+                              init=builtin_sft_path(cfg) if cfg.model == "builtin" else cfg.model)
+        torch.manual_seed(cfg.seed)
+        rm = RewardModel(lm)
+    rm.to(device)
+    check_vocab(tok, rm.config.vocab_size)
+    kw = dict(max_length=cfg.max_length, skip_bad_lines=cfg.skip_bad_lines)
+    examples, stats = load_examples(cfg.data, "pairs", tok, **kw)
+    held = load_examples(cfg.data, "pairs", tok, held_out=True, **kw)[0] if cfg.data.startswith("builtin") else \
+        examples[-max(1, len(examples) // 10):]
+
+    def evaluate() -> dict:
+        rm.eval()
+        with torch.no_grad():
+            acc = []
+            for i in range(0, len(held), 64):
+                batch = pair_batch(held[i:i + 64], pad_id=tok.pad_token_id, pack=cfg.pack).to(device)
+                r = rewards_of(rm, batch)
+                B = batch.num_sequences // 2
+                acc.append((r[:B] > r[B:]).float())
+        return {"eval/accuracy": torch.cat(acc).mean().item()}
+
+    last = train(cfg, rm, lambda ex: rm_loss(rm, ex, pad_id=tok.pad_token_id, pack=cfg.pack, margin=cfg.margin,
+                                             center_coef=cfg.center_coef),
+                 DataStream(examples, cfg.batch_size, cfg.seed), tokenizer=tok, eval_fn=evaluate, desc="rm")
+    return _finish(cfg, {**last, **evaluate(), "data/lines": stats.lines, "data/skipped": stats.skipped,
+                         "data/truncated": stats.truncated})
+
+
+def reference_logps(ref, examples, *, pad_id, average: bool, temperature: float, backend: str, cache_dir: Path,
+                    key_extra: str = "") -> torch.Tensor:
+    """(n, 2) reference (chosen, rejected) log-probs in one no-grad pass, cached on disk keyed by data and model."""
+    h = hashlib.sha256(key_extra.encode())
+    for e in examples:
+        h.update(repr((e.prompt, e.completions)).encode())
+    key = f"{h.hexdigest()[:16]}-{fingerprint(ref)}-{'avg' if average else 'sum'}-T{temperature}"
+    path = cache_dir / f"ref_logps-{key}.pt"
+    if path.is_file():
+        return torch.load(path)
+    out = []
+    ref.eval()
+    with torch.no_grad():
+        for i in range(0, len(examples), 64):
+            chunk = examples[i:i + 64]
+            batch = pair_batch(chunk, pad_id=pad_id, pack=True).to(next(ref.parameters()).device)
+            s = sequence_logps(ref, batch, average=average, temperature=temperature, backend=backend).float().cpu()
+            out.append(torch.stack([s[: len(chunk)], s[len(chunk):]], 1))
+    table = torch.cat(out)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(table, tmp)
+    tmp.replace(path)
+    return table
+
+
+def run_dpo(cfg: DPOConfig) -> dict:
+    cfg = _defaults(cfg, "dpo")
+    init = builtin_sft_path(cfg) if cfg.model == "builtin" else cfg.model
+    policy, tok = load_policy(cfg, init=init)
+    examples, stats = load_examples(cfg.data, "pairs", tok, max_length=cfg.max_length,
+                                    skip_bad_lines=cfg.skip_bad_lines)
+    needs_ref = cfg.loss_type != "simpo"
+    ref_model, ref_table = None, None
+    if needs_ref:
+        ref_model, _ = load_policy(replace(cfg, resume=False), init=init)  # the frozen reference: π_ref = π_init
+        ref_model.requires_grad_(False).eval()
+        if cfg.ref_mode == "precompute":
+            ref_table = reference_logps(ref_model, examples, pad_id=tok.pad_token_id, average=cfg.average_logps,
+                                        temperature=cfg.temperature, backend=cfg.backend,
+                                        cache_dir=Path(cfg.output_dir), key_extra=str(init))
+            ref_model = None  # not needed any more: free it
+    builtin = cfg.data.startswith("builtin")
+    before = gt_reward(policy, tok, n=cfg.eval_samples, seed=cfg.seed) if builtin else None
+
+    def loss_fn(ex):
+        rows = ref_table[[e.uid for e in ex]] if ref_table is not None else None
+        return dpo_loss(policy, ex, pad_id=tok.pad_token_id, pack=cfg.pack, beta=cfg.beta, loss_type=cfg.loss_type,
+                        label_smoothing=cfg.label_smoothing, gamma=cfg.gamma, average_logps=cfg.average_logps,
+                        nll_coef=cfg.nll_coef, ref_logps=rows, ref_model=ref_model, temperature=cfg.temperature,
+                        backend=cfg.backend)
+
+    last = train(cfg, policy, loss_fn, DataStream(examples, cfg.batch_size, cfg.seed), tokenizer=tok, desc="dpo")
+    summary = {**last, "data/lines": stats.lines, "data/skipped": stats.skipped, "data/truncated": stats.truncated}
+    if builtin:
+        summary["eval/gt_reward_init"] = before
+        summary["eval/gt_reward"] = gt_reward(policy, tok, n=cfg.eval_samples, seed=cfg.seed)
+    return _finish(cfg, summary)
+
+
+RUNS = {"sft": run_sft, "rm": run_rm, "dpo": run_dpo}

@@ -1,0 +1,5 @@
+import sys
+
+from fusealign.cli import main
+
+sys.exit(main())
