@@ -61,6 +61,7 @@ class LinearKLFunction(torch.autograd.Function):
         return kl
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, g):
         hidden, weight, ref_hidden, ref_weight, valid, lse, lse_ref, kl = ctx.saved_tensors
         needs = ctx.needs_input_grad[:2] + (False,) if g is not None else (False, False, False)

@@ -21,14 +21,14 @@ def _log_softmaxes(h, w, hr, wr, temperature, softcap):
 def kl_fwd(ha, wa, hb, wb, valid, *, temperature, softcap, budget_bytes):
     """KL(softmax(A)‖softmax(B)) per token -> kl, lse_a, lse_b: (N,) fp32 (kl = 0 where not valid)."""
     N, V = ha.shape[0], wa.shape[0]
-    out = torch.empty((3, N), device=ha.device, dtype=torch.float32)
+    out = torch.empty((3, N), device=ha.device, dtype=torch.float32).unbind(0)
     for start in range(0, N, chunk_rows(N, V, budget_bytes)):
         rows = slice(start, min(N, start + chunk_rows(N, V, budget_bytes)))
         loga, logb, lse_a, lse_b, _ = _log_softmaxes(ha[rows], wa, hb[rows], wb, temperature, softcap)
         kl = torch.bmm(loga.exp().unsqueeze(1), loga.sub_(logb).unsqueeze(2)).view(-1)  # Σ P (log P − log Q)
-        out[0, rows] = torch.where(valid[rows] != 0, kl, 0.0)
-        out[1, rows] = lse_a
-        out[2, rows] = lse_b
+        out[0][rows] = torch.where(valid[rows] != 0, kl, 0.0)
+        out[1][rows] = lse_a
+        out[2][rows] = lse_b
     return out[0], out[1], out[2]
 
 

@@ -81,7 +81,7 @@ def _kl_fwd_kernel(
         m_b_new = tl.maximum(m_b, tl.max(b, axis=1))
         s_b = tl.exp(m_b - m_b_new) * s_b + tl.sum(tl.exp(b - m_b_new[:, None]), axis=1)
         m_b = m_b_new
-    out = stats_ptr + (5 * split) * N + offs_n
+    out = stats_ptr + (5 * split).to(tl.int64) * N + offs_n
     tl.store(out, m_a, mask=mask_n)
     tl.store(out + N, s_a, mask=mask_n)
     tl.store(out + 2 * N, m_b, mask=mask_n)
@@ -96,20 +96,22 @@ def _kl_merge_kernel(stats_ptr, valid_ptr, kl_ptr, lse_a_ptr, lse_b_ptr, N, SPLI
     mask = offs < N
     M_a = tl.full((BLOCK,), _NEG_BIG, tl.float32)
     M_b = tl.full((BLOCK,), _NEG_BIG, tl.float32)
+    row = stats_ptr + offs  # advanced by 5·N per split: 64-bit pointer arithmetic, no int32 product
     for i in range(0, SPLITS):
-        row = stats_ptr + (5 * i) * N + offs
         M_a = tl.maximum(M_a, tl.load(row, mask=mask, other=_NEG_BIG))
         M_b = tl.maximum(M_b, tl.load(row + 2 * N, mask=mask, other=_NEG_BIG))
+        row += 5 * N
     S_a = tl.zeros((BLOCK,), tl.float32)
     S_b = tl.zeros((BLOCK,), tl.float32)
     C = tl.zeros((BLOCK,), tl.float32)
+    row = stats_ptr + offs
     for i in range(0, SPLITS):
-        row = stats_ptr + (5 * i) * N + offs
         scale_a = tl.exp(tl.load(row, mask=mask, other=_NEG_BIG) - M_a)
         S_a += scale_a * tl.load(row + N, mask=mask, other=0.0)
         C += scale_a * tl.load(row + 4 * N, mask=mask, other=0.0)
         S_b += tl.exp(tl.load(row + 2 * N, mask=mask, other=_NEG_BIG) - M_b) * tl.load(row + 3 * N, mask=mask,
                                                                                       other=0.0)
+        row += 5 * N
     lse_a = M_a + tl.log(S_a)
     lse_b = M_b + tl.log(S_b)
     valid = tl.load(valid_ptr + offs, mask=mask, other=0) != 0
@@ -176,7 +178,7 @@ def kl_fwd(ha, wa, hb, wb, valid, *, temperature, softcap):
         BLOCK_N=cfg.BLOCK_N, BLOCK_V=cfg.BLOCK_V, BLOCK_K=cfg.BLOCK_K,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    out = torch.empty((3, N), device=ha.device, dtype=torch.float32)
+    out = [torch.empty(N, device=ha.device, dtype=torch.float32) for _ in range(3)]  # separate: see logps_fwd
     block = 16 if interpreting() else 256
     _kl_merge_kernel[(triton.cdiv(N, block),)](stats, valid, out[0], out[1], out[2], N, splits, BLOCK=block)
     return out[0], out[1], out[2]

@@ -114,6 +114,7 @@ class LinearLogpsFunction(torch.autograd.Function):
         return logps, entropy
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # double backward would silently miss the softmax terms
     def backward(ctx, g_logps, g_entropy):
         hidden, weight, bias, targets, lse, entropy = ctx.saved_tensors
         dh, dW, db = logps_backward(hidden, weight, bias, targets, lse, entropy, g_logps, g_entropy,
@@ -154,6 +155,8 @@ def linear_logps(
                        resolve_backend(backend, hidden.device), chunk_bytes)
     check_target_range(targets, V, ignore_index)
     shape = targets.shape
+    if bias is not None:
+        bias = bias.contiguous()  # the kernels index the bias with unit stride
     h2 = hidden.reshape(-1, H)  # (N, H)
     y = targets.reshape(-1).contiguous()  # (N,)
     needs_grad = torch.is_grad_enabled() and (

@@ -59,6 +59,7 @@ def partial_stats(hidden, weight, bias, targets, *, temperature, softcap, budget
         e = z.exp()
         stats[0, 0, sl] = m.squeeze(1)
         stats[0, 1, sl] = e.sum(-1)
+        z.masked_fill_(e == 0, 0.0)  # 0·log 0 = 0 for logits at −inf (NaN rows keep e = NaN)
         stats[0, 2, sl] = torch.bmm(e.unsqueeze(1), z.unsqueeze(2)).view(-1)  # Σ e (z − m), no (n, V) temp
         stats[0, 3, sl] = torch.where((targets[sl] >= 0) & (targets[sl] < V), zy, 0.0)
     return stats
@@ -108,7 +109,7 @@ def logps_bwd_dz(hidden, weight, bias, targets, lse, entropy, g_logps, g_entropy
     # ∂L/∂z = g_logp (onehot − p) − g_ent p (log p + entropy)
     g = p * (-g_logps.unsqueeze(1))
     if g_entropy is not None:
-        g -= logp.add_(entropy.unsqueeze(1)).mul_(p).mul_(g_entropy.unsqueeze(1))
+        g -= logp.add_(entropy.unsqueeze(1)).mul_(p).masked_fill_(p == 0, 0.0).mul_(g_entropy.unsqueeze(1))
     del p, logp
     g.scatter_add_(1, torch.where(valid, targets, 0).long().unsqueeze(1), g_logps.unsqueeze(1))
     if temperature != 1.0:

@@ -23,7 +23,8 @@ for a bounded chunk of tokens; cuBLAS then does ∂h = dr W and ∂W += drᵀ h 
 Memory: forward saves nothing but O(N) statistics; the only large buffer is the backward's
 `(chunk, V)` gradient tile, bounded by a byte budget.
 
-Batch invariance: a token's result depends only on its own row — tile shapes and the number of
+Batch invariance (forward: logps, entropy, lse — what PPO compares; the backward's GEMMs are cuBLAS and
+not claimed invariant): a token's result depends only on its own row — tile shapes and the number of
 vocabulary splits are chosen from (H, V, dtype) alone, never from N, and the merge order is fixed —
 so the same token gives bitwise-identical log-probs alone or in a batch of thousands.
 """
@@ -85,8 +86,8 @@ def _raw_logits_tile(
     acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
     for k0 in range(0, H, BLOCK_K):
         k = k0 + offs_k
-        h = tl.load(h_rows + k[None, :] * stride_h_k, mask=mask_n[:, None] & (k[None, :] < H), other=0.0)
-        w = tl.load(w_cols + k[:, None] * stride_w_k, mask=(k[:, None] < H) & mask_v[None, :], other=0.0)
+        h = tl.load(h_rows + k.to(tl.int64)[None, :] * stride_h_k, mask=mask_n[:, None] & (k[None, :] < H), other=0.0)
+        w = tl.load(w_cols + k.to(tl.int64)[:, None] * stride_w_k, mask=(k[:, None] < H) & mask_v[None, :], other=0.0)
         if INTERPRET:
             # Interpreter only: fp32 broadcast-multiply-sum. Its tl.dot would multiply raw bf16 bit
             # patterns (triton-lang/triton#11584) and go through a BLAS whose rounding depends on a
@@ -143,10 +144,11 @@ def _logps_fwd_kernel(
         d = m - m_new  # ≤ 0, finite
         alpha = tl.exp(d)
         e = tl.exp(z - m_new[:, None])
-        a = alpha * (a + d * s) + tl.sum(tl.where(mask_v[None, :], e * (z - m_new[:, None]), 0.0), axis=1)
+        # e = 0 (masked column, or a logit at −inf such as masked vocabulary padding): 0·log 0 = 0.
+        a = alpha * (a + d * s) + tl.sum(tl.where(e > 0, e * (z - m_new[:, None]), 0.0), axis=1)
         s = alpha * s + tl.sum(e, axis=1)
         m = m_new
-    out = stats_ptr + (4 * split) * N + offs_n
+    out = stats_ptr + (4 * split).to(tl.int64) * N + offs_n
     tl.store(out, m, mask=mask_n)
     tl.store(out + N, s, mask=mask_n)
     tl.store(out + 2 * N, a, mask=mask_n)
@@ -163,14 +165,17 @@ def _merge_kernel(
     """Combine per-split statistics in a fixed order (deterministic, no atomics)."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < N
+    # Rows advance by pointer increments of 4·N (64-bit pointers): no int32 product of split and N.
     M = tl.full((BLOCK,), _NEG_BIG, tl.float32)
+    row = stats_ptr + offs
     for i in range(0, SPLITS):
-        M = tl.maximum(M, tl.load(stats_ptr + (4 * i) * N + offs, mask=mask, other=_NEG_BIG))
+        M = tl.maximum(M, tl.load(row, mask=mask, other=_NEG_BIG))
+        row += 4 * N
     S = tl.zeros((BLOCK,), tl.float32)
     A = tl.zeros((BLOCK,), tl.float32)
     ZY = tl.zeros((BLOCK,), tl.float32)
+    row = stats_ptr + offs
     for i in range(0, SPLITS):
-        row = stats_ptr + (4 * i) * N + offs
         m_i = tl.load(row, mask=mask, other=_NEG_BIG)
         s_i = tl.load(row + N, mask=mask, other=0.0)
         d = m_i - M
@@ -178,6 +183,7 @@ def _merge_kernel(
         S += s_i * scale
         A += scale * (tl.load(row + 2 * N, mask=mask, other=0.0) + d * s_i)
         ZY += tl.load(row + 3 * N, mask=mask, other=0.0)
+        row += 4 * N
     log_s = tl.log(S)
     lse = M + log_s
     valid = tl.load(y_ptr + offs, mask=mask, other=ignore_index) != ignore_index
@@ -220,7 +226,7 @@ def _logps_bwd_dz_kernel(
     if HAS_ENT_GRAD:
         ent = tl.load(ent_ptr + offs_n, mask=mask_n, other=0.0)
         g_ent = tl.load(g_ent_ptr + offs_n, mask=mask_n, other=0.0)
-        dz -= g_ent[:, None] * p * (logp + ent[:, None])
+        dz -= g_ent[:, None] * tl.where(p > 0, p * (logp + ent[:, None]), 0.0)
     dz = dz * inv_temp
     if SOFTCAP:
         dz = dz * (1.0 - t * t)
@@ -243,7 +249,7 @@ def partial_stats(hidden, weight, bias, targets, *, temperature, softcap):
     splits = triton.cdiv(V, cfg.split_cols)
     stats = torch.empty((splits, 4, N), device=hidden.device, dtype=torch.float32)
     _logps_fwd_kernel[(triton.cdiv(N, cfg.BLOCK_N), splits)](
-        hidden, weight, bias if bias is not None else hidden, targets,
+        hidden, weight, bias.contiguous() if bias is not None else hidden, targets,
         stats,
         N, V, H, cfg.split_cols,
         hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
@@ -260,7 +266,8 @@ def logps_fwd(hidden, weight, bias, targets, *, temperature, softcap, ignore_ind
     """hidden: (N, H), weight: (V, H), bias: (V,)|None, targets: (N,) -> logps, entropy, lse: (N,) fp32."""
     N = hidden.shape[0]
     stats = partial_stats(hidden, weight, bias, targets, temperature=temperature, softcap=softcap)
-    out = torch.empty((3, N), device=hidden.device, dtype=torch.float32)
+    # Three separate tensors, not views of one: `lse` is saved for backward while callers may edit logps in place.
+    out = [torch.empty(N, device=hidden.device, dtype=torch.float32) for _ in range(3)]
     block = 16 if interpreting() else 256
     _merge_kernel[(triton.cdiv(N, block),)](
         stats, targets, out[0], out[1], out[2],
@@ -278,7 +285,7 @@ def logps_bwd_dz(hidden, weight, bias, targets, lse, entropy, g_logps, g_entropy
     cfg = tile_config(H, V, hidden.dtype)
     has_ent = g_entropy is not None
     _logps_bwd_dz_kernel[(triton.cdiv(N, cfg.BLOCK_N), triton.cdiv(V, cfg.BLOCK_V))](
-        hidden, weight, bias if bias is not None else hidden, targets, lse,
+        hidden, weight, bias.contiguous() if bias is not None else hidden, targets, lse,
         entropy if has_ent else lse, g_logps, g_entropy if has_ent else g_logps,
         dz,
         N, V, H, ignore_index,

@@ -318,8 +318,9 @@ def sequence_rewards(
     elif not bool(has_token.all()):
         bad = int((~has_token).nonzero()[0])
         raise ValueError(f"sequence {bad} has no tokens (all-zero mask, or length 0 or > T={T})")
-    h_last = hidden[torch.arange(B, device=hidden.device), last]  # (B, H)
-    r = h_last @ w.to(h_last.dtype)
+    dtype = torch.promote_types(hidden.dtype, value_weight.dtype)
+    h_last = hidden[torch.arange(B, device=hidden.device), last].to(dtype)  # (B, H)
+    r = h_last @ w.to(dtype)
     if value_bias is not None:
-        r = r + value_bias.reshape(()).to(r.dtype)
+        r = r + value_bias.reshape(()).to(dtype)
     return r

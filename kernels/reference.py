@@ -64,7 +64,8 @@ def linear_logps_reference(
     logps = torch.where(valid, logps, torch.zeros_like(logps))
     if not return_entropy:
         return logps
-    entropy = -(logp_all.exp() * logp_all).sum(-1)
+    p = logp_all.exp()
+    entropy = -torch.where(p > 0, p * logp_all, 0.0).sum(-1)  # 0·log 0 = 0 (logits at −inf)
     entropy = torch.where(valid, entropy, torch.zeros_like(entropy))
     return logps, entropy
 

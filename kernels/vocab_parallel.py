@@ -41,6 +41,7 @@ def shard_stats(
     local = targets.reshape(-1) - vocab_start
     local = torch.where((local >= 0) & (local < V_p), local, -1).contiguous()  # -1: not in this shard
     h2 = hidden.reshape(-1, hidden.shape[-1])
+    bias_shard = None if bias_shard is None else bias_shard.contiguous()
     with torch.no_grad():
         if resolve_backend(backend, hidden.device) == "triton":
             from .linear_logps_triton import partial_stats

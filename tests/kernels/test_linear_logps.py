@@ -242,3 +242,46 @@ def test_module_wrapper():
                                           return_entropy=True, dtype=torch.float64)
     assert max_abs(logps, ref_l) < 1e-5 and max_abs(entropy, ref_e) < 1e-5
     assert "temperature=0.9" in repr(mod)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_contiguous_bias(backend):
+    dev = device_for(backend)
+    hidden, weight, _, targets = make_inputs(16, 32, 90, torch.float32, dev)
+    bias = torch.randn(90, 3, device=dev)[:, 1]  # stride 3
+    check_against_reference(backend, hidden, weight, bias, targets)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_minus_inf_logits_count_as_probability_zero(backend):
+    # Vocabulary padding masked with a −inf bias: p = 0 there and 0·log 0 = 0, not NaN.
+    dev = device_for(backend)
+    hidden, weight, _, targets = make_inputs(12, 32, 100, torch.float32, dev, ignore_frac=0.0)
+    targets = targets % 90
+    bias = torch.zeros(100, device=dev)
+    bias[90:] = float("-inf")
+    h, W = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    logps, entropy = fa.linear_logps(h, W, targets, bias=bias, return_entropy=True, backend=backend)
+    ref_l, ref_e = linear_logps_reference(hidden[:, :].double(), weight[:90].double(), targets, return_entropy=True,
+                                          dtype=torch.float64)
+    assert max_abs(logps, ref_l) < 1e-4 and max_abs(entropy, ref_e) < 1e-4
+    (logps.sum() + entropy.sum()).backward()
+    assert torch.isfinite(h.grad).all() and torch.isfinite(W.grad).all()
+    assert torch.count_nonzero(W.grad[90:]) == 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_in_place_edit_of_outputs_and_double_backward(backend):
+    dev = device_for(backend)
+    hidden, weight, _, targets = make_inputs(8, 16, 40, torch.float32, dev)
+    h = hidden.clone().requires_grad_()
+    logps, entropy = fa.linear_logps(h, weight, targets, return_entropy=True, backend=backend)
+    logps.mul_(2)  # outputs are independent tensors: editing one leaves what backward saved intact
+    logps.sum().backward()
+    h2 = hidden.clone().requires_grad_()
+    (g,) = torch.autograd.grad(fa.linear_logps(h2, weight, targets, backend=backend).sum(), h2)
+    assert torch.allclose(h.grad, 2 * g, atol=1e-6)
+    lp = fa.linear_logps(h2, weight, targets, backend=backend)
+    (g,) = torch.autograd.grad(lp.sum(), h2, create_graph=True)
+    with pytest.raises(RuntimeError, match="does not require grad|differentiable"):  # refused, not wrong
+        g.sum().backward()
