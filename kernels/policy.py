@@ -88,6 +88,7 @@ def linear_ppo_loss(
     ignore_index: int = -100,
     backend: str = "auto",
     softcap: Optional[float] = None,
+    bias: Optional[torch.Tensor] = None,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
 ):
     """Fused PPO / GRPO clipped policy loss from hidden states.
@@ -124,7 +125,7 @@ def linear_ppo_loss(
             raise ValueError(f"advantages shape {tuple(advantages.shape)} must equal targets shape "
                              f"{tuple(targets.shape)} or be (B,) per sequence")
 
-    logps, entropy = linear_logps(hidden, weight, targets, temperature=temperature, softcap=softcap,
+    logps, entropy = linear_logps(hidden, weight, targets, bias=bias, temperature=temperature, softcap=softcap,
                                   ignore_index=ignore_index, return_entropy=True, backend=backend,
                                   chunk_bytes=chunk_bytes)
     mask = targets != ignore_index

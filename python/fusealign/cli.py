@@ -12,10 +12,14 @@ import json
 import sys
 from dataclasses import MISSING, fields
 
-from fusealign.engine.config import CONFIGS
-from fusealign.engine.recipes import RUNS
+from fusealign.engine.config import CONFIGS as _TRAIN_CONFIGS
+from fusealign.engine.ppo import PPOConfig, run_ppo
+from fusealign.engine.recipes import RUNS as _TRAIN_RUNS
 
-_TYPES = {"int": int, "float": float, "str": str, "Optional[str]": str}
+CONFIGS = {**_TRAIN_CONFIGS, "ppo": PPOConfig}
+RUNS = {**_TRAIN_RUNS, "ppo": run_ppo}
+
+_TYPES = {"int": int, "float": float, "str": str, "Optional[str]": str, "Optional[float]": float}
 
 
 def _add_flags(parser: argparse.ArgumentParser, cls) -> None:
