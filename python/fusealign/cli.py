@@ -12,12 +12,13 @@ import json
 import sys
 from dataclasses import MISSING, fields
 
+from fusealign.engine.compare import CompareConfig, run_compare
 from fusealign.engine.config import CONFIGS as _TRAIN_CONFIGS
 from fusealign.engine.ppo import PPOConfig, run_ppo
 from fusealign.engine.recipes import RUNS as _TRAIN_RUNS
 
-CONFIGS = {**_TRAIN_CONFIGS, "ppo": PPOConfig}
-RUNS = {**_TRAIN_RUNS, "ppo": run_ppo}
+CONFIGS = {**_TRAIN_CONFIGS, "ppo": PPOConfig, "compare": CompareConfig}
+RUNS = {**_TRAIN_RUNS, "ppo": run_ppo, "compare": run_compare}
 
 _TYPES = {"int": int, "float": float, "str": str, "Optional[str]": str, "Optional[float]": float}
 
@@ -54,7 +55,8 @@ def main(argv=None) -> int:
         print(f"fusealign {command}: error: {e}", file=sys.stderr)
         return 2
     summary = RUNS[command](cfg)
-    print(json.dumps({k: v for k, v in summary.items() if v is not None}, indent=1))
+    if command != "compare":  # compare prints its own table
+        print(json.dumps({k: v for k, v in summary.items() if v is not None}, indent=1))
     return 0
 
 
