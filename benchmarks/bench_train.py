@@ -104,7 +104,7 @@ def main(argv=None):
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(cfg, dtype=dtype).to(args.device)
-    model.gradient_checkpointing_enable()
+    (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-6)
     head, records = header("benchmarks/bench_train.py", args.device), []
     for impl in ("fusealign", "materialised"):

@@ -81,8 +81,9 @@ def train(
         truncate_metrics(metrics_path, step)
     elif metrics_path.exists():
         metrics_path.unlink()
-    if cfg.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
-        model.gradient_checkpointing_enable()
+    if cfg.gradient_checkpointing:
+        enable = getattr(model, "activation_checkpointing_enable", None) or getattr(model, "gradient_checkpointing_enable")
+        enable()
     model.train()
 
     def save(at: int) -> Path:

@@ -11,7 +11,7 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 KEYS = {"op", "impl", "mode", "N", "H", "V", "dtype", "median_ms", "p20_ms", "p80_ms", "peak_mem_bytes"}
 
 
-@pytest.mark.parametrize("script", ["bench_logps.py", "bench_dpo.py", "bench_kl.py", "bench_train.py"])
+@pytest.mark.parametrize("script", ["bench_logps.py", "bench_dpo.py", "bench_kl.py", "bench_train.py", "bench_ppo.py"])
 def test_benchmark_smoke(script, tmp_path, monkeypatch):
     out = tmp_path / "r.json"
     monkeypatch.setattr(sys, "argv", [script, "--device", "cpu", "--out", str(out)])
@@ -19,7 +19,7 @@ def test_benchmark_smoke(script, tmp_path, monkeypatch):
     data = json.loads(out.read_text())
     assert {"device", "driver", "torch", "triton", "commit", "date"} <= set(data["header"])
     recs = data["records"]
-    keys = {"op", "impl", "N", "H", "V", "median_ms", "tokens_per_s"} if script == "bench_train.py" else KEYS
+    keys = {"op", "impl", "N", "H", "V", "median_ms", "tokens_per_s"} if script in ("bench_train.py", "bench_ppo.py") else KEYS
     assert recs and all(keys <= set(r) for r in recs)
     ours = [r for r in recs if r["impl"] == "fusealign"]
     assert ours and all(r["median_ms"] and r["median_ms"] > 0 for r in ours)
