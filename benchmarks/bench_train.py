@@ -7,7 +7,9 @@ A step = [chosen; rejected] backbone forward, DPO loss (precomputed reference lo
 AdamW step. `fusealign` projects only completion positions through the fused head; `materialised`
 calls the model (full (2B, T, V) logits), log-softmax, gather — what TRL's DPOTrainer does without Liger.
 On the GPU it also finds the longest sequence that fits at batch 1 for each (doubling until OOM).
-Not yet here: TRL's DPOTrainer itself (with and without Liger), which needs the carried wheels.
+`trl` / `trl_liger`: TRL's DPOTrainer on the same model config and the same token counts (a synthetic
+word-level tokenizer over the vocabulary), with and without `use_liger_kernel`, when `trl` imports
+(carried wheels on the GPU); the median step time comes from a callback at each step end.
 """
 
 from __future__ import annotations
@@ -56,6 +58,56 @@ def materialised_loss(model, exs, ref):
     seq = (lp * keep).sum(-1)
     B = len(exs)
     return fa.dpo_loss(seq[:B], seq[B:], ref[:, 0], ref[:, 1])[0].mean()
+
+
+def trl_step_ms(cfg, dtype, device, pairs, seq, reps, liger: bool) -> float:
+    """Median step time of TRL's DPOTrainer on random word sequences of the same lengths."""
+    import tempfile
+
+    from datasets import Dataset
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import WhitespaceSplit
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    vocab = {f"w{i}": i for i in range(cfg.vocab_size)}
+    core = Tokenizer(WordLevel(vocab, unk_token="w0"))
+    core.pre_tokenizer = WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="w0", eos_token="w1", bos_token="w2")
+    g = torch.Generator().manual_seed(0)
+    words = lambda n: " ".join(f"w{i}" for i in torch.randint(3, cfg.vocab_size, (n,), generator=g).tolist())  # noqa
+    prompt = seq // 8
+    rows = [{"prompt": words(prompt), "chosen": words(seq - prompt - 1), "rejected": words(seq - prompt - 1)}
+            for _ in range(pairs * (reps + 2))]
+    times = []
+
+    class Clock(TrainerCallback):
+        def on_step_begin(self, *a, **k):
+            if device == "cuda":
+                torch.cuda.synchronize()
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, *a, **k):
+            if device == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - self.t0)
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    with tempfile.TemporaryDirectory() as tmp:
+        args = DPOConfig(output_dir=tmp, per_device_train_batch_size=pairs, max_steps=reps + 1, max_length=seq,
+                         learning_rate=1e-6, logging_steps=1000, save_strategy="no", report_to=[], bf16=device == "cuda",
+                         gradient_checkpointing=True, use_liger_kernel=liger, use_cpu=device != "cuda",
+                         precompute_ref_log_probs=True)  # as our step: reference log-probs precomputed
+        import pyarrow as pa
+
+        # A fixed fingerprint: datasets' content hashing fails to pickle some pyarrow types in some installs.
+        data = Dataset(pa.Table.from_pylist(rows), fingerprint="bench-train")
+        trainer = DPOTrainer(model=model, args=args, train_dataset=data, processing_class=tok, callbacks=[Clock()])
+        trainer.train()
+    steady = sorted(times[1:]) or times
+    return steady[len(steady) // 2] * 1e3
 
 
 def step_fn(impl, model, opt, exs, ref):
@@ -129,6 +181,18 @@ def main(argv=None):
                 finally:
                     torch.cuda.empty_cache()
             rec["max_seq_batch1"] = longest
+        records.append(rec)
+        print(rec, flush=True)
+        write(out, head, records)
+    del model, opt
+    for impl, liger in (("trl", False), ("trl_liger", True)):
+        rec = dict(op="dpo_step", impl=impl, mode="train_step", N=2 * args.pairs * seq, H=cfg.hidden_size,
+                   V=cfg.vocab_size, dtype=str(dtype).replace("torch.", ""), seq=seq, pairs=args.pairs)
+        try:
+            ms = trl_step_ms(cfg, dtype, args.device, args.pairs, seq, args.reps, liger)
+            rec.update(median_ms=ms, tokens_per_s=rec["N"] / (ms / 1e3))
+        except Exception as e:  # trl / liger missing, or unsupported here
+            rec["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
         records.append(rec)
         print(rec, flush=True)
         write(out, head, records)

@@ -20,6 +20,6 @@ def test_benchmark_smoke(script, tmp_path, monkeypatch):
     assert {"device", "driver", "torch", "triton", "commit", "date"} <= set(data["header"])
     recs = data["records"]
     keys = {"op", "impl", "N", "H", "V", "median_ms", "tokens_per_s"} if script in ("bench_train.py", "bench_ppo.py") else KEYS
-    assert recs and all(keys <= set(r) for r in recs)
+    assert recs and all(keys <= set(r) for r in recs if "error" not in r)  # a missing peer is recorded, not fatal
     ours = [r for r in recs if r["impl"] == "fusealign"]
     assert ours and all(r["median_ms"] and r["median_ms"] > 0 for r in ours)
