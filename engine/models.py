@@ -135,6 +135,15 @@ class RewardModel(nn.Module):
         return rm
 
 
+def disable_dropout(model: nn.Module) -> nn.Module:
+    """p = 0 in every dropout layer: RL and DPO compare log-probs of the same tokens across passes, and
+    dropout would make policy and reference (or scoring and training) differ at step 0 (TRL does the same)."""
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+    return model
+
+
 def fingerprint(model: nn.Module, extra: str = "") -> str:
     """A short key for a model's weights (used to key cached reference log-probs)."""
     h = hashlib.sha256(extra.encode())

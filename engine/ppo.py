@@ -35,7 +35,7 @@ from .checkpoint import latest_checkpoint, load_trainer_state, rng_state, save_c
     truncate_metrics
 from .config import TrainConfig, opt
 from .data import collate
-from .models import RewardModel, head_of, hidden_states, load_causal_lm, select_completion
+from .models import RewardModel, disable_dropout, head_of, hidden_states, load_causal_lm, select_completion
 from .objectives import _head_inputs, rewards_of
 from .sampling import sample
 from .trainer import resolve_device
@@ -181,6 +181,9 @@ class PPOTrainer:
     def __init__(self, cfg: PPOConfig, policy, ref, tok, *, critic=None, reward_model=None,
                  reward_fn: Optional[Callable[[str, bool], float]] = None, prompts: Optional[List[str]] = None):
         self.cfg, self.policy, self.ref, self.tok = cfg, policy, ref, tok
+        for m in (policy, ref, critic, reward_model):
+            if m is not None:
+                disable_dropout(m)
         self.device = next(policy.parameters()).device
         self.ref.requires_grad_(False).eval()
         H = (getattr(policy.config, "text_config", None) or policy.config).hidden_size

@@ -17,7 +17,7 @@ from . import task
 from .checkpoint import latest_checkpoint, write_text_atomic
 from .config import DPOConfig, RMConfig, SFTConfig, TrainConfig
 from .data import DataStream, check_vocab, load_examples
-from .models import RewardModel, fingerprint, load_causal_lm, model_from_config
+from .models import RewardModel, disable_dropout, fingerprint, load_causal_lm, model_from_config
 from .objectives import dpo_loss, pair_batch, rewards_of, rm_loss, sequence_logps, sft_loss
 from .sampling import sample
 from .trainer import resolve_device, train
@@ -149,11 +149,12 @@ def run_dpo(cfg: DPOConfig) -> dict:
     policy, tok = load_policy(cfg, init=init)
     examples, stats = load_examples(cfg.data, "pairs", tok, max_length=cfg.max_length,
                                     skip_bad_lines=cfg.skip_bad_lines)
+    disable_dropout(policy)
     needs_ref = cfg.loss_type != "simpo"
     ref_model, ref_table = None, None
     if needs_ref:
         ref_model, _ = load_policy(replace(cfg, resume=False), init=init)  # the frozen reference: π_ref = π_init
-        ref_model.requires_grad_(False).eval()
+        disable_dropout(ref_model.requires_grad_(False).eval())
         if cfg.ref_mode == "precompute":
             ref_table = reference_logps(ref_model, examples, pad_id=tok.pad_token_id, average=cfg.average_logps,
                                         temperature=cfg.temperature, backend=cfg.backend,
