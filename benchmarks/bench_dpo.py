@@ -61,9 +61,8 @@ def impls(variant):
     def liger(h, W, y, hr, Wr, rc, rr):
         from liger_kernel.chunked_loss import LigerFusedLinearDPOLoss
 
-        if variant == "precomputed_ref":
-            out = LigerFusedLinearDPOLoss(beta=0.1, use_ref_model=False)(W, h, y, ref_chosen_logps=rc,
-                                                                          ref_rejected_logps=rr)
+        if variant == "precomputed_ref":  # Liger (0.8.5) takes no precomputed reference: its ref-free mode
+            out = LigerFusedLinearDPOLoss(beta=0.1, use_ref_model=False)(W, h, y)
         else:
             out = LigerFusedLinearDPOLoss(beta=0.1, use_ref_model=True)(W, h, y, ref_input=hr, ref_weight=Wr)
         return out[0] if isinstance(out, tuple) else out

@@ -38,7 +38,7 @@ def impls():
         from liger_kernel.transformers import LigerFusedLinearJSD
 
         # Liger's JSD at β = 0 is the forward KL of student (policy) from teacher; no label mask.
-        return LigerFusedLinearJSD(jsd_beta=0.0)(h, W, hr, Wr)
+        return LigerFusedLinearJSD(jsd_beta=0.0)(h, W, hr, Wr, None)  # (…, shift_labels=None): no mask
 
     return dict(fusealign=ours, matmul=matmul, naive=naive, liger=liger)
 
