@@ -57,7 +57,9 @@ def set_rng_state(s: dict) -> None:
         torch.cuda.set_rng_state_all(s["cuda"])
 
 
-def save_checkpoint(run_dir: Path, step: int, model, tokenizer, trainer_state: dict, keep: int = 2) -> Path:
+def save_checkpoint(run_dir: Path, step: int, model, tokenizer, trainer_state: dict, keep: int = 2,
+                    extra=None) -> Path:
+    """`extra(tmp_dir)` writes further parts (a PPO critic) inside the checkpoint before it becomes visible."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     final = run_dir / f"checkpoint-{step:06d}"
@@ -67,10 +69,13 @@ def save_checkpoint(run_dir: Path, step: int, model, tokenizer, trainer_state: d
     model.save_pretrained(tmp, safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
+    if extra is not None:
+        extra(tmp)
     torch.save(trainer_state, tmp / "trainer_state.pt")
-    for f in tmp.iterdir():  # flush every file before the rename makes the checkpoint visible
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
+    for f in tmp.rglob("*"):  # flush every file before the rename makes the checkpoint visible
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
     if final.exists():  # re-saving a step after a resume: move the old one aside first
         old = run_dir / f".old-{final.name}-{os.getpid()}"
         os.rename(final, old)
@@ -99,6 +104,14 @@ def latest_checkpoint(run_dir: Path) -> Optional[Path]:
     return done[-1] if done else None
 
 
+def check_fresh_start(run_dir: Path) -> None:
+    """A run without --resume must not mix with an earlier run's checkpoints (and must not delete them)."""
+    old = latest_checkpoint(run_dir)
+    if old is not None:
+        raise FileExistsError(f"{run_dir} already holds checkpoints of an earlier run ({old.name}): pass --resume to "
+                              f"continue it, or choose another --output-dir")
+
+
 def load_trainer_state(ckpt: Path) -> dict:
     return torch.load(Path(ckpt) / "trainer_state.pt", weights_only=False)
 
@@ -107,6 +120,11 @@ def truncate_metrics(path: Path, last_step: int) -> None:
     """Drop metric lines logged after `last_step` (a crash after the last checkpoint), atomically."""
     if not path.is_file():
         return
-    keep = [line for line in path.read_text().splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= last_step]
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= last_step:
+                keep.append(line)
+        except (json.JSONDecodeError, AttributeError):  # a line cut by the crash
+            continue
     write_text_atomic(path, "".join(line + "\n" for line in keep))

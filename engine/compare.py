@@ -135,7 +135,8 @@ def run_compare(cfg: CompareConfig) -> dict:
     p = PRESETS[cfg.preset]
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    common = dict(seed=cfg.seed, device=cfg.device, backend=cfg.backend)
+    # resume=True: a finished stage is reused, an interrupted one continues — the study can be re-run in place.
+    common = dict(seed=cfg.seed, device=cfg.device, backend=cfg.backend, resume=True)
     stages: dict = {}
     sft_dir = _stage("sft", run_sft, SFTConfig(output_dir=str(out / "sft"), max_steps=p["sft_steps"], **common),
                      stages)

@@ -146,6 +146,32 @@ def load_examples(data: str, kind: str, tok, *, max_length: int, skip_bad_lines:
     return out, stats
 
 
+def load_prompts(data: str, tok, *, max_prompt_tokens: int, seed: int = 0, n_builtin: int = 4096) -> List[List[int]]:
+    """Prompt token ids for RL: the built-in task's prompts, or the "prompt" field of each JSONL line."""
+    if data.startswith("builtin"):
+        import random
+
+        from .task import prompt
+
+        texts = [prompt(random.Random(f"ppo-{seed}-{i}")) for i in range(n_builtin)]
+        return [_encode(tok, t, bos=True, eos=False) for t in texts]
+    out = []
+    for where, rec, err in _records(data, "pairs", held_out=False):
+        if err:
+            raise DataError(err)
+        if not isinstance(rec, dict) or "prompt" not in rec:
+            raise DataError(f"{where}: missing field 'prompt' (RL prompts need a prompt)")
+        templated = not isinstance(rec["prompt"], str)
+        ids = _encode(tok, _text(rec["prompt"], "prompt", where, tok, prompt=True), bos=not templated, eos=False)
+        if len(ids) > max_prompt_tokens:
+            raise DataError(f"{where}: the prompt has {len(ids)} tokens; at most {max_prompt_tokens} leave room for "
+                            f"the sampled completion within max_length")
+        out.append(ids)
+    if not out:
+        raise DataError(f"--data {data!r}: no prompts")
+    return out
+
+
 def check_vocab(tok, vocab_size: int) -> None:
     if len(tok) > vocab_size:
         raise DataError(f"tokenizer has {len(tok)} tokens but the model's vocabulary has {vocab_size}: "

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import math
-import random
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -31,14 +30,14 @@ from fusealign.kernels.linear_logps import linear_logps
 from fusealign.kernels.policy import linear_ppo_loss, value_loss
 
 from . import task
-from .checkpoint import latest_checkpoint, load_trainer_state, rng_state, save_checkpoint, set_rng_state, \
-    truncate_metrics
+from .checkpoint import check_fresh_start, latest_checkpoint, load_trainer_state, rng_state, save_checkpoint, \
+    set_rng_state, truncate_metrics
 from .config import TrainConfig, opt
-from .data import collate
+from .data import collate, load_prompts
 from .models import RewardModel, disable_dropout, head_of, hidden_states, load_causal_lm, select_completion
 from .objectives import _head_inputs, rewards_of
 from .sampling import sample
-from .trainer import resolve_device
+from .trainer import autocast, resolve_device
 
 
 @dataclass
@@ -61,7 +60,7 @@ class PPOConfig(TrainConfig):
     num_minibatches: int = opt(2, "minibatches per epoch")
     max_new_tokens: int = opt(16, "tokens sampled per completion")
     top_p: float = opt(1.0, "nucleus sampling threshold")
-    missing_eos_penalty: float = opt(1.0, "subtracted from the score of a completion without EOS (0: off)")
+    missing_eos_penalty: float = opt(1.0, "subtracted from a reward model's score of a completion without EOS (0: off)")
     gamma: float = opt(1.0, "discount γ")
     lam: float = opt(0.95, "GAE λ")
     kl_coef: float = opt(0.05, "β of the KL penalty")
@@ -88,6 +87,10 @@ class PPOConfig(TrainConfig):
             raise ValueError(f"--kl-mode must be reward or loss, got {self.kl_mode!r}")
         if self.reward_fn not in ("", "builtin"):
             raise ValueError(f"--reward-fn must be empty or 'builtin', got {self.reward_fn!r}")
+        if self.num_ppo_epochs < 1 or self.num_minibatches < 1:
+            raise ValueError("--num-ppo-epochs and --num-minibatches must be >= 1")
+        if self.grad_accum != 1:
+            raise ValueError("--grad-accum is not used by ppo: use --num-minibatches to size the update")
         if (self.batch_size * self.num_generations) % self.num_minibatches:
             raise ValueError("--batch-size × --num-generations must be divisible by --num-minibatches")
         if not 0 <= self.lam <= 1 or not 0 <= self.gamma <= 1 or self.kl_coef < 0:
@@ -179,7 +182,7 @@ class PPOTrainer:
     """Holds the four roles and runs iterations; `train()` loops with logging and checkpoints."""
 
     def __init__(self, cfg: PPOConfig, policy, ref, tok, *, critic=None, reward_model=None,
-                 reward_fn: Optional[Callable[[str, bool], float]] = None, prompts: Optional[List[str]] = None):
+                 reward_fn: Optional[Callable[[str, bool], float]] = None, prompts: Optional[List[List[int]]] = None):
         self.cfg, self.policy, self.ref, self.tok = cfg, policy, ref, tok
         for m in (policy, ref, critic, reward_model):
             if m is not None:
@@ -198,14 +201,15 @@ class PPOTrainer:
 
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
         self.kl_ctl = AdaptiveKL(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon)
-        self.prompts = prompts or [task.prompt(random.Random(f"ppo-{cfg.seed}-{i}")) for i in range(4096)]
+        self.prompts = prompts or load_prompts("builtin", tok, max_prompt_tokens=cfg.max_length, seed=cfg.seed)
+        if cfg.gradient_checkpointing:
+            (getattr(policy, "activation_checkpointing_enable", None) or policy.gradient_checkpointing_enable)()
         self.step = 0
 
     # rollout -> score -> advantages -> update
-    def rollout(self, prompt_texts: List[str]) -> Rollout:
+    def rollout(self, prompt_ids: List[List[int]]) -> Rollout:
         cfg, tok = self.cfg, self.tok
-        prompts = [[tok.bos_token_id] + tok.encode(p, add_special_tokens=False) for p in prompt_texts]
-        prompts = [p for p in prompts for _ in range(cfg.num_generations)]  # groups of k consecutive samples
+        prompts = [p for p in prompt_ids for _ in range(cfg.num_generations)]  # groups of k consecutive samples
         outs = sample(self.policy, tok, prompts, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                       top_p=cfg.top_p, seed=cfg.seed * 100_003 + self.step)
         seqs = [(p, ids + ([tok.eos_token_id] if ended else [])) for p, (ids, ended) in zip(prompts, outs)]
@@ -240,11 +244,11 @@ class PPOTrainer:
         return collate([ro.seqs[i] for i in idx], pad_id=self.tok.pad_token_id, pack=self.cfg.pack).to(self.device)
 
     def _scores(self, ro: Rollout, idx, batch) -> torch.Tensor:
+        # A Python reward function sees `ended` and judges it itself; the penalty is for reward-model scores.
         if self.reward_fn is not None:
-            s = torch.tensor([self.reward_fn(ro.texts[i], bool(ro.ended[i])) for i in idx], device=self.device)
-        else:
-            with torch.no_grad():
-                s = rewards_of(self.reward_model, batch)
+            return torch.tensor([self.reward_fn(ro.texts[i], bool(ro.ended[i])) for i in idx], device=self.device)
+        with torch.no_grad():
+            s = rewards_of(self.reward_model, batch)
         return s - self.cfg.missing_eos_penalty * (~ro.ended[idx]).float().to(self.device)
 
     def score(self, ro: Rollout):
@@ -325,15 +329,16 @@ class PPOTrainer:
                                                                                "first/clipfrac":
                                                                                stats[0]["policy/clipfrac"]}
 
-    def iteration(self, prompt_texts: List[str]) -> dict:
+    def iteration(self, prompt_ids: List[List[int]]) -> dict:
         t0 = time.perf_counter()
-        ro = self.rollout(prompt_texts)
+        ro = self.rollout(prompt_ids)
         t_roll = time.perf_counter() - t0
-        mask, f, scores = self.score(ro)
-        adv, returns, rewards, kl = self.advantages(mask, f, scores)
-        t_score = time.perf_counter() - t0 - t_roll
-        self.policy.train()
-        upd = self.update(ro, mask, f, adv, returns)
+        with autocast(self.cfg, self.device):  # bf16 on CUDA for scoring and update alike
+            mask, f, scores = self.score(ro)
+            adv, returns, rewards, kl = self.advantages(mask, f, scores)
+            t_score = time.perf_counter() - t0 - t_roll
+            self.policy.train()
+            upd = self.update(ro, mask, f, adv, returns)
         t_update = time.perf_counter() - t0 - t_roll - t_score
         m = mask.float()
         n_tok = int(m.sum())
@@ -385,8 +390,10 @@ class PPOTrainer:
         if ckpt is not None:
             self.load_state_dict(load_trainer_state(ckpt))
             truncate_metrics(metrics_path, self.step)
-        elif metrics_path.exists():
-            metrics_path.unlink()
+        else:
+            check_fresh_start(run_dir)
+            if metrics_path.exists():
+                metrics_path.unlink()
         last = {}
         bar = tqdm(total=cfg.max_steps, initial=self.step, desc="ppo", dynamic_ncols=True, mininterval=0.5)
         with open(metrics_path, "a") as log:
@@ -410,10 +417,10 @@ class PPOTrainer:
                 bar.update(1)
                 bar.set_postfix(score=f"{out['objective/scores']:.3f}", kl=f"{out['objective/kl']:.3f}")
                 if self.step % cfg.save_every == 0 or self.step == cfg.max_steps:
-                    ck = save_checkpoint(run_dir, self.step, self.policy, self.tok, self.state_dict(),
-                                         keep=cfg.save_total_limit)
-                    if self.critic is not None and not isinstance(self.critic, ValueHead):
-                        self.critic.save_pretrained(ck / "critic")
+                    separate = self.critic is not None and not isinstance(self.critic, ValueHead)
+                    save_checkpoint(run_dir, self.step, self.policy, self.tok, self.state_dict(),
+                                    keep=cfg.save_total_limit,
+                                    extra=(lambda d: self.critic.save_pretrained(d / "critic")) if separate else None)
         bar.close()
         return last
 
@@ -443,7 +450,9 @@ def run_ppo(cfg: PPOConfig) -> dict:
     critic = None
     if cfg.advantage == "gae" and cfg.critic == "separate":
         ckpt = latest_checkpoint(Path(cfg.output_dir)) if cfg.resume else None
-        if ckpt is not None and (ckpt / "critic").is_dir():
+        if ckpt is not None:
+            if not (ckpt / "critic").is_dir():
+                raise FileNotFoundError(f"{ckpt} has no critic/ to resume the separate critic from")
             critic = RewardModel.from_pretrained(str(ckpt / "critic"))
         elif reward_model is not None:  # initialise the critic from the reward model (Huang et al. 2024)
             critic = RewardModel.from_pretrained(rm_path)
@@ -452,7 +461,9 @@ def run_ppo(cfg: PPOConfig) -> dict:
             critic = RewardModel(load_causal_lm(init) if init != "builtin" else load_policy(
                 replace(cfg, resume=False), init=init)[0])
         critic = critic.to(device)
-    trainer = PPOTrainer(cfg, policy, ref, tok, critic=critic, reward_model=reward_model, reward_fn=reward_fn)
+    prompts = load_prompts(cfg.data, tok, max_prompt_tokens=cfg.max_length - cfg.max_new_tokens, seed=cfg.seed)
+    trainer = PPOTrainer(cfg, policy, ref, tok, critic=critic, reward_model=reward_model, reward_fn=reward_fn,
+                         prompts=prompts)
     before = gt_reward(policy, tok, seed=cfg.seed) if cfg.data.startswith("builtin") else None
     last = trainer.train()
     summary = dict(last)

@@ -6,6 +6,7 @@ With `--model builtin`, RM and DPO start from the built-in task's SFT policy (tr
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from dataclasses import replace
@@ -20,7 +21,7 @@ from .data import DataStream, check_vocab, load_examples
 from .models import RewardModel, disable_dropout, fingerprint, load_causal_lm, model_from_config
 from .objectives import dpo_loss, pair_batch, rewards_of, rm_loss, sequence_logps, sft_loss
 from .sampling import sample
-from .trainer import resolve_device, train
+from .trainer import autocast, resolve_device, train
 
 
 def _defaults(cfg: TrainConfig, kind: str) -> TrainConfig:
@@ -30,7 +31,10 @@ def _defaults(cfg: TrainConfig, kind: str) -> TrainConfig:
 def _tokenizer(path):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    if tok.pad_token is None:  # common for Llama tokenizers; padding positions are never targets
+        tok.pad_token = tok.eos_token
+    return tok
 
 
 def load_policy(cfg: TrainConfig, *, init: str):
@@ -96,8 +100,13 @@ def run_rm(cfg: RMConfig) -> dict:
     check_vocab(tok, rm.config.vocab_size)
     kw = dict(max_length=cfg.max_length, skip_bad_lines=cfg.skip_bad_lines)
     examples, stats = load_examples(cfg.data, "pairs", tok, **kw)
-    held = load_examples(cfg.data, "pairs", tok, held_out=True, **kw)[0] if cfg.data.startswith("builtin") else \
-        examples[-max(1, len(examples) // 10):]
+    if cfg.data.startswith("builtin"):
+        held = load_examples(cfg.data, "pairs", tok, held_out=True, **kw)[0]
+    else:  # the last 10 % are held out and not trained on
+        if len(examples) < 2:
+            raise ValueError(f"--data {cfg.data!r}: the reward model needs at least 2 pairs (one held out)")
+        cut = len(examples) - max(1, len(examples) // 10)
+        examples, held = examples[:cut], examples[cut:]
 
     def evaluate() -> dict:
         rm.eval()
@@ -118,18 +127,21 @@ def run_rm(cfg: RMConfig) -> dict:
 
 
 def reference_logps(ref, examples, *, pad_id, average: bool, temperature: float, backend: str, cache_dir: Path,
-                    key_extra: str = "") -> torch.Tensor:
+                    key_extra: str = "", cfg: TrainConfig = None) -> torch.Tensor:
     """(n, 2) reference (chosen, rejected) log-probs in one no-grad pass, cached on disk keyed by data and model."""
     h = hashlib.sha256(key_extra.encode())
     for e in examples:
         h.update(repr((e.prompt, e.completions)).encode())
-    key = f"{h.hexdigest()[:16]}-{fingerprint(ref)}-{'avg' if average else 'sum'}-T{temperature}"
+    device = next(ref.parameters()).device
+    amp = autocast(cfg, device) if cfg is not None else contextlib.nullcontext()
+    mode = "bf16" if (cfg is not None and cfg.bf16 and device.type == "cuda") else "fp"
+    key = f"{h.hexdigest()[:16]}-{fingerprint(ref)}-{'avg' if average else 'sum'}-T{temperature}-{mode}"
     path = cache_dir / f"ref_logps-{key}.pt"
     if path.is_file():
         return torch.load(path)
     out = []
     ref.eval()
-    with torch.no_grad():
+    with torch.no_grad(), amp:  # the same precision as the policy's forward in training
         for i in range(0, len(examples), 64):
             chunk = examples[i:i + 64]
             batch = pair_batch(chunk, pad_id=pad_id, pack=True).to(next(ref.parameters()).device)
@@ -158,7 +170,7 @@ def run_dpo(cfg: DPOConfig) -> dict:
         if cfg.ref_mode == "precompute":
             ref_table = reference_logps(ref_model, examples, pad_id=tok.pad_token_id, average=cfg.average_logps,
                                         temperature=cfg.temperature, backend=cfg.backend,
-                                        cache_dir=Path(cfg.output_dir), key_extra=str(init))
+                                        cache_dir=Path(cfg.output_dir), key_extra=str(init), cfg=cfg)
             ref_model = None  # not needed any more: free it
     builtin = cfg.data.startswith("builtin")
     before = gt_reward(policy, tok, n=cfg.eval_samples, seed=cfg.seed) if builtin else None

@@ -17,8 +17,8 @@ from typing import Callable, Optional
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoint import (latest_checkpoint, load_trainer_state, rng_state, save_checkpoint, set_rng_state,
-                         truncate_metrics)
+from .checkpoint import (check_fresh_start, latest_checkpoint, load_trainer_state, rng_state, save_checkpoint,
+                         set_rng_state, truncate_metrics)
 from .config import TrainConfig
 from .data import DataStream
 
@@ -79,10 +79,13 @@ def train(
         set_rng_state(state["rng"])
         step = state["step"]
         truncate_metrics(metrics_path, step)
-    elif metrics_path.exists():
-        metrics_path.unlink()
+    else:
+        check_fresh_start(run_dir)
+        if metrics_path.exists():
+            metrics_path.unlink()
     if cfg.gradient_checkpointing:
-        enable = getattr(model, "activation_checkpointing_enable", None) or getattr(model, "gradient_checkpointing_enable")
+        target = getattr(model, "lm", model)  # a RewardModel checkpoints its backbone
+        enable = getattr(target, "activation_checkpointing_enable", None) or target.gradient_checkpointing_enable
         enable()
     model.train()
 

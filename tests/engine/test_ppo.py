@@ -128,3 +128,14 @@ def test_compare_smoke_writes_json_and_plot(tmp_path):
     png = (tmp_path / "frontier.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
     assert "gt reward" in r.stdout
+
+
+def test_separate_critic_is_inside_the_checkpoint_and_prompts_from_jsonl(sft_dir, tmp_path):
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ("movie the", "book of a", "song")))
+    run_ppo(PPOConfig(output_dir=str(tmp_path / "run"), sft_model=sft_dir, reward_fn="builtin", max_steps=1,
+                      batch_size=4, device="cpu", critic="separate", data=str(data)))
+    ck = latest_checkpoint(tmp_path / "run")
+    assert (ck / "critic" / "value_head.safetensors").is_file() and (ck / "trainer_state.pt").is_file()
+    with pytest.raises(ValueError, match="num-minibatches"):
+        PPOConfig(num_minibatches=0)

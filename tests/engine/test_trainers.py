@@ -65,7 +65,7 @@ def test_dpo_raises_margins_and_ground_truth_reward(sft_run, tmp_path):
     assert len(cached) == 1
     stamp = cached[0].stat().st_mtime_ns
     run_dpo(DPOConfig(output_dir=str(tmp_path), sft_model=str(latest_checkpoint(out)), device="cpu", max_steps=2,
-                      eval_samples=8))
+                      eval_samples=8, resume=True))
     assert cached[0].stat().st_mtime_ns == stamp  # reused, not recomputed
 
 
@@ -117,3 +117,24 @@ def test_cli_help_and_validation(tmp_path):
     ok = run("sft", "--max-steps", "2", "--output-dir", str(tmp_path / "s"), "--device", "cpu")
     assert ok.returncode == 0, ok.stderr
     assert json.loads(ok.stdout)["step"] == 2
+
+
+def test_fresh_run_refuses_an_old_runs_checkpoints_and_resume_survives_a_cut_line(tmp_path):
+    run_sft(SFTConfig(output_dir=str(tmp_path), max_steps=4, save_every=2, device="cpu", batch_size=4))
+    with pytest.raises(FileExistsError, match="pass --resume"):
+        run_sft(SFTConfig(output_dir=str(tmp_path), max_steps=4, device="cpu", batch_size=4))
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 5, "lo')  # a crash in the middle of a log line
+    write_text_atomic(tmp_path / "latest", "checkpoint-000004")
+    run_sft(SFTConfig(output_dir=str(tmp_path), max_steps=6, save_every=2, device="cpu", batch_size=4, resume=True))
+    assert [r["step"] for r in metrics(tmp_path)] == [1, 2, 3, 4, 5, 6]
+
+
+def test_reward_model_with_gradient_checkpointing_and_user_data(tmp_path, sft_run):
+    out, _ = sft_run
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps({"prompt": "movie the", "chosen": "good great", "rejected": "bad awful"}) + "\n"
+                            for _ in range(20)))
+    s = run_rm(RMConfig(output_dir=str(tmp_path / "rm"), sft_model=str(latest_checkpoint(out)), data=str(data),
+                        max_steps=3, batch_size=4, device="cpu", gradient_checkpointing=True))
+    assert s["step"] == 3 and "eval/accuracy" in s
