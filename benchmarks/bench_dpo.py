@@ -12,7 +12,6 @@ TRL's `concatenated_forward` does. Memory targets: ≥ 5× less peak than `naive
 from __future__ import annotations
 
 import argparse
-import gc
 import sys
 from pathlib import Path
 
@@ -20,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, header, measure, ratio_table, write  # noqa: E402
+from common import RESULTS, header, ratio_table, record, write  # noqa: E402
 
 import fusealign as fa  # noqa: E402
 
@@ -96,23 +95,13 @@ def main(argv=None):
             for name, fn in impls(variant).items():
                 if name == "liger" and not gpu:
                     continue
-                rec = dict(op="dpo", impl=name, mode="fwd_bwd", variant=variant, N=B2 * Tn, H=H, V=V,
-                           dtype=args.dtype, median_ms=None, p20_ms=None, p80_ms=None, peak_mem_bytes=None)
                 hg, Wg = h.detach().requires_grad_(), W.detach().requires_grad_()
 
                 def step():
                     torch.autograd.grad(fn(hg, Wg, y, hr, Wr, rc, rr), [hg, Wg])
-                try:
-                    med, p20, p80, peak = measure(step, args.device)
-                    rec.update(median_ms=med, p20_ms=p20, p80_ms=p80, peak_mem_bytes=peak)
-                except Exception as e:  # OOM, missing or incompatible peer: recorded, not fatal
-                    rec["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
-                records.append(rec)
-                print(f"{name:10} {variant:16} N={B2 * Tn} H={H} V={V}: "
-                      + (f"{rec['median_ms']:.3f} ms" if rec["median_ms"] else rec["error"]), flush=True)
-                gc.collect()
-                if gpu:
-                    torch.cuda.empty_cache()
+                records.append(record(step, args.device, f"{name:10} {variant:16} N={B2 * Tn} H={H} V={V}", op="dpo",
+                                      impl=name, mode="fwd_bwd", variant=variant, N=B2 * Tn, H=H, V=V,
+                                      dtype=args.dtype))
         write(out, head, records)
     print(f"\nraw results: {out}\n")
     for variant in ("precomputed_ref", "on_the_fly_ref"):

@@ -9,6 +9,7 @@ outputs and gradients included). Every ratio in a report can be recomputed from 
 from __future__ import annotations
 
 import datetime
+import gc
 import json
 import os
 import platform
@@ -71,6 +72,21 @@ def measure(fn, device: str, *, reps: int = 5, rep_ms: int = 200):
     times.sort()
     q = statistics.quantiles(times, n=5) if len(times) >= 2 else [times[0]] * 4
     return statistics.median(times), q[0], q[3], None
+
+
+def record(fn, device: str, label: str, **fields) -> dict:
+    """Measure `fn` into a raw record; an OOM, a missing or incompatible peer becomes `error`, not a crash."""
+    rec = dict(median_ms=None, p20_ms=None, p80_ms=None, peak_mem_bytes=None, **fields)
+    try:
+        med, p20, p80, peak = measure(fn, device)
+        rec.update(median_ms=med, p20_ms=p20, p80_ms=p80, peak_mem_bytes=peak)
+    except Exception as e:
+        rec["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+    print(f"{label}: " + (f"{rec['median_ms']:.3f} ms" if rec["median_ms"] else rec["error"]), flush=True)
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return rec
 
 
 def write(path: Path, head: dict, records: list) -> Path:
