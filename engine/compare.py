@@ -33,10 +33,10 @@ from .sampling import sample
 from .trainer import resolve_device
 
 PRESETS = {
-    # name: stage sizes; "default" finishes in a few minutes on a 2-core CPU
+    # name: stage sizes
     "smoke": dict(sft_steps=40, rm_steps=40, dpo_steps=30, ppo_steps=6, ppo_batch=16, eval_prompts=48,
                   betas=(0.5,), kl_coefs=(0.05,)),
-    "default": dict(sft_steps=200, rm_steps=200, dpo_steps=200, ppo_steps=60, ppo_batch=32, eval_prompts=256,
+    "default": dict(sft_steps=200, rm_steps=200, dpo_steps=200, ppo_steps=60, ppo_batch=32, eval_prompts=256,  # ~1 min
                     betas=(0.1, 0.5, 2.0), kl_coefs=(0.01, 0.05, 0.2)),
     "gpu": dict(sft_steps=500, rm_steps=500, dpo_steps=500, ppo_steps=200, ppo_batch=64, eval_prompts=1024,
                 betas=(0.05, 0.1, 0.3, 0.5, 1.0, 2.0), kl_coefs=(0.005, 0.01, 0.03, 0.05, 0.1, 0.2)),
@@ -47,7 +47,7 @@ PRESETS = {
 class CompareConfig:
     """Reward-based PPO versus reward-free DPO on the built-in task (table, compare.json, frontier plot)."""
 
-    preset: str = opt("default", "smoke (< 1 min), default (CPU, minutes) or gpu")
+    preset: str = opt("default", "smoke (seconds), default (about a minute on a CPU) or gpu")
     output_dir: str = opt("runs/compare", "where every stage and the report go")
     seed: int = opt(0, "seed of every stage and of the evaluation samples")
     device: str = opt("auto", "cpu, cuda, or auto")
