@@ -91,6 +91,11 @@ def check_positive(name: str, value) -> None:
         raise ValueError(f"{name} must be a finite number > 0, got {value}")
 
 
+def check_chunk_bytes(chunk_bytes) -> None:
+    if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int) or chunk_bytes <= 0:
+        raise ValueError(f"chunk_bytes must be a positive int, got {chunk_bytes!r}")
+
+
 def check_target_range(targets: torch.Tensor, V: int, ignore_index: int, name: str = "targets") -> None:
     """Every target is in [0, V) or equals `ignore_index`. No host sync on CUDA."""
     if targets.numel() == 0:

@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 
 from . import linear_kl_torch as _torch_impl
-from ._checks import check_linear_head
+from ._checks import check_chunk_bytes, check_linear_head
 from .head_backward import head_backward
 from .linear_logps import DEFAULT_CHUNK_BYTES, HeadOptions, resolve_backend
 
@@ -124,8 +124,7 @@ def linear_kl(
             raise ValueError(f"mask must be a tensor of shape {lead} (hidden's leading shape), got "
                              f"{tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__}")
         valid = (mask != 0).to(torch.uint8)
-    if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int) or chunk_bytes <= 0:
-        raise ValueError(f"chunk_bytes must be a positive int, got {chunk_bytes!r}")
+    check_chunk_bytes(chunk_bytes)
     opts = HeadOptions(float(temperature), None if softcap is None else float(softcap), -100,
                        resolve_backend(backend, hidden.device), chunk_bytes)
     h2, hr2 = hidden.reshape(-1, H), ref_hidden.reshape(-1, ref_hidden.shape[-1])

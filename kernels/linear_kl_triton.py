@@ -21,7 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .linear_logps_triton import _NEG_BIG, _dot_precision, _raw_logits_tile, _tanh, interpreting, tile_config
+from .linear_logps_triton import (_NEG_BIG, _dot_precision, _raw_logits_tile, _store_dz, _tanh, interpreting,
+                                  tile_config)
 
 
 @triton.jit
@@ -151,12 +152,7 @@ def _kl_bwd_dz_kernel(
     else:
         kl = tl.load(kl_ptr + offs_n, mask=mask_n, other=0.0)
         dz = g[:, None] * p * (logp - logq - kl[:, None])
-    dz = dz * inv_temp
-    if SOFTCAP:
-        dz = dz * (1.0 - t * t)
-    dz = tl.where(valid[:, None], dz, 0.0)
-    out = dz_ptr + offs_n.to(tl.int64)[:, None] * stride_dz_n + offs_v[None, :]
-    tl.store(out, dz.to(dz_ptr.dtype.element_ty), mask=mask_n[:, None] & mask_v[None, :])
+    _store_dz(dz, t, valid, dz_ptr, offs_n, offs_v, mask_n, mask_v, stride_dz_n, inv_temp, SOFTCAP)
 
 
 def kl_fwd(ha, wa, hb, wb, valid, *, temperature, softcap):

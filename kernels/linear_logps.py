@@ -25,7 +25,7 @@ from typing import Optional
 import torch
 
 from . import linear_logps_torch as _torch_impl
-from ._checks import check_linear_head, check_target_range
+from ._checks import check_chunk_bytes, check_linear_head, check_target_range
 from .head_backward import head_backward
 
 DEFAULT_CHUNK_BYTES = 256 * 2**20
@@ -149,8 +149,7 @@ def linear_logps(
     `chunk_bytes` bounds the (chunk, V) fp32 tile the torch backend and the backward work in.
     """
     H, V = check_linear_head(hidden, weight, targets, bias, temperature, softcap)
-    if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int) or chunk_bytes <= 0:
-        raise ValueError(f"chunk_bytes must be a positive int, got {chunk_bytes!r}")
+    check_chunk_bytes(chunk_bytes)
     opts = HeadOptions(float(temperature), None if softcap is None else float(softcap), int(ignore_index),
                        resolve_backend(backend, hidden.device), chunk_bytes)
     check_target_range(targets, V, ignore_index)

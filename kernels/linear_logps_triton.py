@@ -107,6 +107,18 @@ def _tanh(x):
 
 
 @triton.jit
+def _store_dz(dz, t, valid, dz_ptr, offs_n, offs_v, mask_n, mask_v, stride_dz_n, inv_temp, SOFTCAP: tl.constexpr):
+    """∂L/∂z -> ∂L/∂r (through 1/T and the softcap's 1 − tanh²), zero on invalid rows, store in dz's dtype."""
+    dz = dz * inv_temp
+    if SOFTCAP:
+        dz = dz * (1.0 - t * t)
+    # Ignored rows contribute exactly nothing, even if their hidden state is NaN.
+    dz = tl.where(valid[:, None], dz, 0.0)
+    out = dz_ptr + offs_n.to(tl.int64)[:, None] * stride_dz_n + offs_v[None, :]
+    tl.store(out, dz.to(dz_ptr.dtype.element_ty), mask=mask_n[:, None] & mask_v[None, :])
+
+
+@triton.jit
 def _logps_fwd_kernel(
     h_ptr, w_ptr, b_ptr, y_ptr,
     stats_ptr,  # (SPLITS, 4, N) fp32: rows m, s, a, zy
@@ -219,6 +231,7 @@ def _logps_bwd_dz_kernel(
         t = _tanh(r / softcap)
         z = softcap * t * inv_temp
     else:
+        t = 0.0  # unused without softcap
         z = r * inv_temp
     logp = z - lse[:, None]
     p = tl.exp(logp)
@@ -227,13 +240,7 @@ def _logps_bwd_dz_kernel(
         ent = tl.load(ent_ptr + offs_n, mask=mask_n, other=0.0)
         g_ent = tl.load(g_ent_ptr + offs_n, mask=mask_n, other=0.0)
         dz -= g_ent[:, None] * tl.where(p > 0, p * (logp + ent[:, None]), 0.0)
-    dz = dz * inv_temp
-    if SOFTCAP:
-        dz = dz * (1.0 - t * t)
-    # Ignored rows contribute exactly nothing, even if their hidden state is NaN.
-    dz = tl.where(valid[:, None], dz, 0.0)
-    out = dz_ptr + offs_n.to(tl.int64)[:, None] * stride_dz_n + offs_v[None, :]
-    tl.store(out, dz.to(dz_ptr.dtype.element_ty), mask=mask_n[:, None] & mask_v[None, :])
+    _store_dz(dz, t, valid, dz_ptr, offs_n, offs_v, mask_n, mask_v, stride_dz_n, inv_temp, SOFTCAP)
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
