@@ -40,7 +40,9 @@ import triton.language as tl
 
 # On the GPU the native bf16/fp16 `tl.dot` runs with fp32 accumulation; only the interpreter
 # (TRITON_INTERPRET=1, used by CPU tests) takes an fp32 path, selected by the INTERPRET constexpr.
-_NEG_BIG = -1.0e30  # finite "-inf" start of the running max: keeps 0·(m_old − m_new) finite
+# Finite "-inf" start of the running max: keeps 0·(m_old − m_new) finite. A jit function may only read
+# module globals that are `tl.constexpr`: the interpreter accepts a plain float, the GPU compiler does not.
+_NEG_BIG = tl.constexpr(-1.0e30)
 
 
 def interpreting() -> bool:
