@@ -1,0 +1,342 @@
+"""Compile every launched Triton kernel for real GPUs on a machine without one, and read the result.
+
+Why: CI runs the kernels under TRITON_INTERPRET=1, which accepts code the GPU compiler rejects (a plain
+Python global read inside `@triton.jit` once made every CUDA call fail while CI was green). Triton's
+wheel ships `ptxas` and `cuobjdump`, and `triton.compile(ASTSource(...), target=GPUTarget(...))` needs
+no driver, so the real compile chain (TTIR -> TTGIR -> LLVM -> PTX -> cubin) runs on a CPU.
+
+How: `capture_launches()` swaps `JITFunction.run` for a recorder while the public ops run on CPU
+tensors (nothing executes; outputs are garbage and ignored), and makes their Triton path selectable
+on the CPU. `compile_launch()` then binds the recorded arguments with the JIT's own binder — the same
+specialisation a CUDA launch gets: 16-byte pointer alignment, integers divisible by 16 or equal to 1 —
+so the compiler vectorises and pipelines as it would on the GPU, and reports what ptxas built:
+registers, spills, shared memory, and the instruction mix (wgmma / mma.sync, cp.async / TMA).
+
+Must run in a process where TRITON_INTERPRET is unset (under the interpreter `triton.jit` makes
+interpreter objects, not compilable functions): `python -m fusealign.kernels.compile_check`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from typing import Any, Optional
+
+# Shared memory per block that a kernel may use, bytes (opt-in maximum): A100 and H100.
+SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
+
+
+@dataclass
+class Launch:
+    """One recorded kernel launch: the JIT function, its bound arguments, and the launch options."""
+
+    fn: Any
+    args: tuple
+    kwargs: dict
+    grid: tuple
+
+    @property
+    def name(self) -> str:
+        return self.fn.fn.__name__
+
+
+@dataclass
+class KernelReport:
+    """What the GPU compiler built for one launch on one architecture."""
+
+    kernel: str
+    arch: int
+    constexprs: dict  # name -> value of the tl.constexpr arguments (tile shapes, flags)
+    dtypes: str  # pointer argument element types, e.g. "bf16,bf16,..."
+    num_warps: int
+    num_stages: int
+    registers: int  # per thread
+    spill_bytes: int  # local memory per thread (spill stores + stack): 0 wanted
+    shared_bytes: int  # dynamic shared memory Triton asks for
+    wgmma: int  # Hopper warpgroup MMA instructions in the SASS (HGMMA)
+    mma_sync: int  # Ampere-style warp MMA instructions in the SASS (HMMA)
+    cp_async: int  # asynchronous global->shared copies (LDGSTS on sm_80, cp.async in the PTX)
+    tma: int  # bulk tensor copies (UTMALDG / cp.async.bulk.tensor)
+    has_dot: bool  # the TTGIR holds a dot (so the checks on MMA and pipelining apply)
+    bytes_per_flop: Optional[float]  # operand bytes loaded per dot FLOP, from the tile shapes
+
+    def problems(self) -> list[str]:
+        """The checks every launched kernel must pass; empty when all hold."""
+        out = []
+        if self.spill_bytes:
+            out.append(f"spills {self.spill_bytes} bytes of local memory per thread")
+        if self.shared_bytes > SMEM_LIMIT.get(self.arch, SMEM_LIMIT[80]):
+            out.append(f"asks {self.shared_bytes} bytes of shared memory (limit {SMEM_LIMIT[self.arch]})")
+        if self.has_dot:
+            low_precision = any(t in self.dtypes for t in ("bf16", "fp16"))
+            if self.arch >= 90 and low_precision and (self.wgmma == 0 or self.mma_sync > 0):
+                out.append(f"sm_90 {self.dtypes} dot is not wgmma (wgmma={self.wgmma}, mma.sync={self.mma_sync})")
+            if self.cp_async + self.tma == 0:
+                out.append("dot operand loads are not pipelined (no cp.async / TMA)")
+        return out
+
+
+def _tool(name: str) -> str:
+    import triton
+
+    path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{name} not found at {path}: the triton wheel for Linux x86-64 ships it")
+    return path
+
+
+@contextlib.contextmanager
+def capture_launches():
+    """Record every Triton launch instead of running it; the public ops take their Triton path on CPU.
+
+    Yields the list that fills with `Launch` records. Requires TRITON_INTERPRET to be unset.
+    """
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        raise RuntimeError("capture_launches needs TRITON_INTERPRET unset: run it in its own process")
+    from triton.runtime.jit import JITFunction
+
+    import importlib
+
+    # Modules by full name: the package re-exports functions named like their modules.
+    linear_logps, linear_kl, linear_logps_triton, linear_kl_triton = (
+        importlib.import_module(f"{__package__}.{m}")
+        for m in ("linear_logps", "linear_kl", "linear_logps_triton", "linear_kl_triton"))
+
+    launches: list[Launch] = []
+
+    def record(self, *args, grid, warmup, **kwargs):
+        launches.append(Launch(self, args, dict(kwargs), tuple(grid) if not callable(grid) else grid))
+        return None
+
+    real_resolve = linear_logps.resolve_backend
+
+    def resolve_on_cpu(backend, device):
+        return "triton" if backend in ("auto", "triton") else real_resolve(backend, device)
+
+    saved = [
+        (JITFunction, "run", JITFunction.run),
+        (linear_logps, "resolve_backend", real_resolve),
+        (linear_kl, "resolve_backend", linear_kl.resolve_backend),
+        (linear_logps_triton, "interpreting", linear_logps_triton.interpreting),
+        (linear_kl_triton, "interpreting", linear_kl_triton.interpreting),
+    ]
+    JITFunction.run = record
+    linear_logps.resolve_backend = resolve_on_cpu
+    linear_kl.resolve_backend = resolve_on_cpu
+    linear_logps_triton.interpreting = lambda: False
+    linear_kl_triton.interpreting = lambda: False
+    try:
+        yield launches
+    finally:
+        for owner, attr, value in saved:
+            setattr(owner, attr, value)
+
+
+def _count(pattern: str, text: str) -> int:
+    return len(re.findall(pattern, text))
+
+
+def _resource_usage(cubin: bytes) -> tuple[int, int]:
+    """(registers per thread, local-memory bytes per thread) from `cuobjdump --dump-resource-usage`."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([_tool("cuobjdump"), "--dump-resource-usage", f.name], check=True,
+                              capture_output=True, text=True).stdout
+    regs = re.search(r"REG:(\d+)", text)
+    local = re.search(r"LOCAL:(\d+)", text)
+    stack = re.search(r"STACK:(\d+)", text)
+    if regs is None or local is None:
+        raise RuntimeError(f"unexpected cuobjdump output:\n{text}")
+    return int(regs.group(1)), int(local.group(1)) + (int(stack.group(1)) if stack else 0)
+
+
+def _sass(cubin: bytes) -> str:
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        return subprocess.run([_tool("cuobjdump"), "--dump-sass", f.name], check=True, capture_output=True,
+                              text=True).stdout
+
+
+def _bytes_per_flop(constexprs: dict, dtypes: str) -> Optional[float]:
+    """Operand bytes a (BLOCK_N × BLOCK_V) tile loads per dot FLOP: (BN + BV)·BK·e / (2·BN·BV·BK)."""
+    bn, bv = constexprs.get("BLOCK_N"), constexprs.get("BLOCK_V")
+    if not (bn and bv):
+        return None
+    elem = 4 if "fp32" in dtypes else 2
+    return (bn + bv) * elem / (2 * bn * bv)
+
+
+def compile_launch(launch: Launch, arch: int) -> KernelReport:
+    """Compile one recorded launch for sm_<arch> with its launch-time specialisation; inspect the cubin."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    fn = launch.fn
+    target = GPUTarget("cuda", arch, 32)
+    backend = make_backend(target)
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    kwargs = dict(launch.kwargs)
+    kwargs.setdefault("debug", False)
+    bound, specialization, options = binder(*launch.args, **kwargs)
+    opts, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
+    compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=opts.__dict__)
+    cubin, ptx, ttgir = compiled.asm["cubin"], compiled.asm["ptx"], compiled.asm["ttgir"]
+    registers, spill = _resource_usage(cubin)
+    sass = _sass(cubin)
+    names = {p.num: p.name for p in fn.params}
+    const_named = {names[k[0]]: v for k, v in constexprs.items() if len(k) == 1}
+    dtypes = ",".join(sorted({v[1:] for v in signature.values() if isinstance(v, str) and v.startswith("*")}))
+    return KernelReport(
+        kernel=launch.name,
+        arch=arch,
+        constexprs={k: v for k, v in const_named.items() if isinstance(v, (int, float, bool, str))},
+        dtypes=dtypes,
+        num_warps=opts.num_warps,
+        num_stages=opts.num_stages,
+        registers=registers,
+        spill_bytes=spill,
+        shared_bytes=int(compiled.metadata.shared),
+        wgmma=_count(r"\bHGMMA\b", sass),
+        mma_sync=_count(r"\bHMMA\b", sass),
+        cp_async=_count(r"\bLDGSTS\b", sass) + _count(r"cp\.async\.(ca|cg)", ptx),
+        tma=_count(r"\bUTMALDG\b", sass) + _count(r"cp\.async\.bulk\.tensor", ptx),
+        has_dot=("tt.dot" in ttgir) or ("ttng.warp_group_dot" in ttgir),
+        bytes_per_flop=_bytes_per_flop(const_named, dtypes),
+    )
+
+
+def compile_key(launch: Launch) -> tuple:
+    """Launches that compile to the same binary share a key (function, specialisation, options)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    backend = make_backend(GPUTarget("cuda", 90, 32))
+    binder = create_function_from_signature(launch.fn.signature, launch.fn.params, backend)
+    _, specialization, options = binder(*launch.args, **dict(launch.kwargs, debug=False))
+    return (launch.name, repr(specialization), repr(sorted(options.items())))
+
+
+# ----------------------------------------------------------------------------- the launches to check
+
+def _run_public_ops(H: int, V: int, dtype, N: int = 32):
+    """Every public op's Triton path, forward and backward, with the flags that change a kernel."""
+    import torch
+
+    import fusealign as fa
+
+    g = torch.Generator().manual_seed(0)
+
+    def t(*shape, grad=True):
+        x = torch.randn(*shape, generator=g).to(dtype)
+        return x.requires_grad_(grad)
+
+    y = torch.randint(0, V, (N,), generator=g)
+    y[::5] = -100
+    for bias, softcap, temperature in ((False, None, 1.0), (True, 30.0, 0.7)):
+        h, w = t(N, H), t(V, H)
+        b = t(V) if bias else None
+        for entropy in (False, True):
+            logps, ent = fa.linear_logps(h, w, y, bias=b, softcap=softcap, temperature=temperature,
+                                         return_entropy=True, backend="triton")
+            (logps.sum() + (ent.sum() if entropy else 0)).backward()
+        with torch.no_grad():
+            fa.linear_logps(h, w, y, bias=b, softcap=softcap, temperature=temperature, backend="triton")
+        for direction in ("forward", "reverse"):
+            rh, rw = t(N, H, grad=False), t(V, H, grad=False)
+            fa.linear_kl(h, w, rh, rw, softcap=softcap, temperature=temperature, direction=direction,
+                         backend="triton").sum().backward()
+    # The DPO and PPO ops route through linear_logps; run them so a new kernel of theirs is seen too.
+    h2, w2 = t(2 * N, H), t(V, H)
+    y2 = torch.randint(0, V, (2, N), generator=g)
+    ref = torch.zeros(1)
+    loss, _ = fa.linear_dpo_loss(h2.view(2, N, H), w2, y2, ref_chosen_logps=ref, ref_rejected_logps=ref,
+                                 backend="triton")
+    loss.backward()
+    old = torch.zeros(1, N)
+    loss, _ = fa.linear_ppo_loss(h.view(1, N, H), w, y.view(1, N), old, torch.ones(1, N), backend="triton")
+    loss.backward()
+
+
+# Shape classes the tile configurations cover (issue #9): every (H, V, dtype) is compiled.
+SHAPE_CLASSES = [(H, V) for H in (2048, 4096, 8192) for V in (32000, 128256, 151936, 262144)]
+
+
+def _run_launchers(H: int, V: int, dtype, N: int = 256):
+    """The launchers at a real (H, V): weight memory is reserved, never touched (nothing runs)."""
+    import torch
+
+    from . import linear_kl_triton as klt
+    from . import linear_logps_triton as lt
+
+    h = torch.empty((N, H), dtype=dtype)
+    w = torch.empty((V, H), dtype=dtype)
+    y = torch.zeros(N, dtype=torch.long)
+    f = torch.empty(N, dtype=torch.float32)
+    dz = torch.empty((N, V), dtype=dtype)
+    lt.logps_fwd(h, w, None, y, temperature=1.0, softcap=None, ignore_index=-100)
+    lt.logps_bwd_dz(h, w, None, y, f, f, f, f, dz, temperature=1.0, softcap=None, ignore_index=-100)
+    valid = torch.ones(N, dtype=torch.uint8)
+    klt.kl_fwd(h, w, h, w, valid, temperature=1.0, softcap=None)
+    klt.kl_bwd_dz(h, w, h, w, valid, f, f, f, f, dz, reverse=False, temperature=1.0, softcap=None)
+
+
+def collect_launches(dtypes=("bfloat16", "float16", "float32"), shapes=None) -> list[Launch]:
+    """Distinct launches (one per compile key) of the public ops and of the launchers over `shapes`."""
+    import torch
+
+    shapes = SHAPE_CLASSES if shapes is None else shapes
+    seen, unique = set(), []
+    with capture_launches() as launches:
+        for name in dtypes:
+            dtype = getattr(torch, name)
+            _run_public_ops(64, 300, dtype)
+            for H, V in shapes:
+                _run_launchers(H, V, dtype)
+    for launch in launches:
+        key = compile_key(launch)
+        if key not in seen:
+            seen.add(key)
+            unique.append(launch)
+    return unique
+
+
+def check_all(arches=(90, 80), dtypes=("bfloat16", "float16", "float32"), shapes=None) -> list[KernelReport]:
+    return [compile_launch(launch, arch) for launch in collect_launches(dtypes, shapes) for arch in arches]
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--arch", type=int, nargs="+", default=[90, 80])
+    p.add_argument("--dtype", nargs="+", default=["bfloat16", "float16", "float32"])
+    p.add_argument("--json", action="store_true", help="print one JSON object per kernel report")
+    args = p.parse_args(argv)
+    reports = check_all(tuple(args.arch), tuple(args.dtype))
+    bad = 0
+    for r in reports:
+        problems = r.problems()
+        bad += bool(problems)
+        if args.json:
+            print(json.dumps(dict(dataclasses.asdict(r), problems=problems)))
+        else:
+            print(f"sm_{r.arch} {r.kernel:24s} {r.dtypes:22s} regs={r.registers:3d} spill={r.spill_bytes} "
+                  f"smem={r.shared_bytes} wgmma={r.wgmma} mma={r.mma_sync} cp.async={r.cp_async} tma={r.tma}"
+                  + (f"  PROBLEMS: {'; '.join(problems)}" if problems else ""))
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
