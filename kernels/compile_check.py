@@ -54,7 +54,8 @@ class KernelReport:
     kernel: str
     arch: int
     constexprs: dict  # name -> value of the tl.constexpr arguments (tile shapes, flags)
-    dtypes: str  # pointer argument element types, e.g. "bf16,bf16,..."
+    dtypes: str  # pointer argument element types, e.g. "bf16,fp32,i64"
+    div16: str  # the size arguments the launch specialised as divisible by 16, e.g. "N,H" (V = 50,257 is not)
     num_warps: int
     num_stages: int
     registers: int  # per thread
@@ -66,9 +67,12 @@ class KernelReport:
     tma: int  # bulk tensor copies (UTMALDG / cp.async.bulk.tensor)
     has_dot: bool  # the TTGIR holds a dot (so the checks on MMA and pipelining apply)
     bytes_per_flop: Optional[float]  # operand bytes loaded per dot FLOP, from the tile shapes
+    error: Optional[str] = None  # the compiler's message when it refused the kernel
 
     def problems(self) -> list[str]:
         """The checks every launched kernel must pass; empty when all hold."""
+        if self.error:
+            return [f"does not compile: {self.error}"]
         out = []
         if self.spill_bytes:
             out.append(f"spills {self.spill_bytes} bytes of local memory per thread")
@@ -166,12 +170,15 @@ def _sass(cubin: bytes) -> str:
                               text=True).stdout
 
 
-def _bytes_per_flop(constexprs: dict, dtypes: str) -> Optional[float]:
+_SIZE_ARGS = ("N", "V", "H", "H_A", "H_B", "H_R")
+
+
+def _bytes_per_flop(constexprs: dict, operand_dtype: str) -> Optional[float]:
     """Operand bytes a (BLOCK_N × BLOCK_V) tile loads per dot FLOP: (BN + BV)·BK·e / (2·BN·BV·BK)."""
     bn, bv = constexprs.get("BLOCK_N"), constexprs.get("BLOCK_V")
     if not (bn and bv):
         return None
-    elem = 4 if "fp32" in dtypes else 2
+    elem = 4 if operand_dtype == "fp32" else 2
     return (bn + bv) * elem / (2 * bn * bv)
 
 
@@ -196,12 +203,15 @@ def compile_launch(launch: Launch, arch: int) -> KernelReport:
     sass = _sass(cubin)
     names = {p.num: p.name for p in fn.params}
     const_named = {names[k[0]]: v for k, v in constexprs.items() if len(k) == 1}
-    dtypes = ",".join(sorted({v[1:] for v in signature.values() if isinstance(v, str) and v.startswith("*")}))
+    pointers = [v[1:] for v in signature.values() if isinstance(v, str) and v.startswith("*")]
+    dtypes = ",".join(sorted(set(pointers)))
     return KernelReport(
         kernel=launch.name,
         arch=arch,
         constexprs={k: v for k, v in const_named.items() if isinstance(v, (int, float, bool, str))},
         dtypes=dtypes,
+        div16=",".join(p.name for p, sp in zip(fn.params, specialization)
+                       if p.name in _SIZE_ARGS and sp[0] == "i32" and sp[1] == "D"),
         num_warps=opts.num_warps,
         num_stages=opts.num_stages,
         registers=registers,
@@ -212,7 +222,7 @@ def compile_launch(launch: Launch, arch: int) -> KernelReport:
         cp_async=_count(r"\bLDGSTS\b", sass) + _count(r"cp\.async\.(ca|cg)", ptx),
         tma=_count(r"\bUTMALDG\b", sass) + _count(r"cp\.async\.bulk\.tensor", ptx),
         has_dot=("tt.dot" in ttgir) or ("ttng.warp_group_dot" in ttgir),
-        bytes_per_flop=_bytes_per_flop(const_named, dtypes),
+        bytes_per_flop=_bytes_per_flop(const_named, pointers[0] if pointers else ""),  # first operand: h
     )
 
 
@@ -312,8 +322,42 @@ def collect_launches(dtypes=("bfloat16", "float16", "float32"), shapes=None) -> 
     return unique
 
 
-def check_all(arches=(90, 80), dtypes=("bfloat16", "float16", "float32"), shapes=None) -> list[KernelReport]:
-    return [compile_launch(launch, arch) for launch in collect_launches(dtypes, shapes) for arch in arches]
+_FORKED_WORK: list = []  # (launch, arch) pairs, inherited by forked workers (JIT functions do not pickle)
+
+
+def compile_or_report(launch: Launch, arch: int) -> KernelReport:
+    """`compile_launch`, with a compiler refusal turned into a report whose `error` says why."""
+    try:
+        return compile_launch(launch, arch)
+    except Exception as e:  # the compiler's own errors (CompilationError, ptxas failures) are the finding
+        msg = " ".join(f"{type(e).__name__}: {e}".split())
+        if len(msg) > 700:  # Triton quotes the kernel's source first; the reason comes last
+            msg = msg[:200] + " … " + msg[-500:]
+        return KernelReport(launch.name, arch, {}, "", "", 0, 0, 0, 0, 0, 0, 0, 0, 0, False, None, error=msg)
+
+
+def _compile_nth(i: int) -> KernelReport:
+    launch, arch = _FORKED_WORK[i]
+    return compile_or_report(launch, arch)
+
+
+def check_all(arches=(90, 80), dtypes=("bfloat16", "float16", "float32"), shapes=None,
+              workers: Optional[int] = None) -> list[KernelReport]:
+    """Compile every distinct launch for every arch; `workers` processes (default: one per CPU)."""
+    import multiprocessing
+
+    work = [(launch, arch) for launch in collect_launches(dtypes, shapes) for arch in arches]
+    workers = workers or os.cpu_count() or 1
+    if workers <= 1 or "fork" not in multiprocessing.get_all_start_methods():
+        return [compile_or_report(launch, arch) for launch, arch in work]
+    # Compilation is single-threaded and independent per kernel: fork so the workers inherit the
+    # recorded launches (no pickling of JIT functions or tensors).
+    _FORKED_WORK[:] = work
+    try:
+        with multiprocessing.get_context("fork").Pool(workers) as pool:
+            return pool.map(_compile_nth, range(len(work)), chunksize=1)
+    finally:
+        _FORKED_WORK.clear()
 
 
 def main(argv=None) -> int:

@@ -21,7 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .linear_logps_triton import (_NEG_BIG, _dot_precision, _raw_logits_tile, _store_dz, _tanh, interpreting,
+from .linear_logps_triton import (BWD_BYTES_PER_LOGIT, FWD_BYTES_PER_LOGIT,  # noqa: F401 (launcher interface)
+                                  _NEG_BIG, _dot_precision, _raw_logits_tile, _store_dz, _tanh, interpreting,
                                   tile_config)
 
 
@@ -155,12 +156,12 @@ def _kl_bwd_dz_kernel(
     _store_dz(dz, t, valid, dz_ptr, offs_n, offs_v, mask_n, mask_v, stride_dz_n, inv_temp, SOFTCAP)
 
 
-def kl_fwd(ha, wa, hb, wb, valid, *, temperature, softcap):
+def kl_fwd(ha, wa, hb, wb, valid, *, temperature, softcap, chunk_bytes=None):
     """KL(softmax(A)‖softmax(B)) per token. ha: (N, H_A), wa: (V, H_A), hb: (N, H_B), wb: (V, H_B),
     valid: (N,) uint8  ->  kl, lse_a, lse_b: (N,) fp32 (kl = 0 where not valid)."""
     N, H_A = ha.shape
     V, H_B = wa.shape[0], hb.shape[1]
-    cfg = tile_config(max(H_A, H_B), V, ha.dtype)
+    cfg = tile_config(max(H_A, H_B), V, ha.dtype, heads=2)
     splits = triton.cdiv(V, cfg.split_cols)
     stats = torch.empty((splits, 5, N), device=ha.device, dtype=torch.float32)
     _kl_fwd_kernel[(triton.cdiv(N, cfg.BLOCK_N), splits)](
@@ -185,7 +186,7 @@ def kl_bwd_dz(hidden, weight, ref_hidden, ref_weight, valid, lse, lse_ref, kl, g
     """Write ∂L/∂(policy raw logits) for one chunk into `dz: (n, V)`."""
     N, H = hidden.shape
     V, H_R = weight.shape[0], ref_hidden.shape[1]
-    cfg = tile_config(max(H, H_R), V, hidden.dtype)
+    cfg = tile_config(max(H, H_R), V, hidden.dtype, heads=2)
     _kl_bwd_dz_kernel[(triton.cdiv(N, cfg.BLOCK_N), triton.cdiv(V, cfg.BLOCK_V))](
         hidden, weight, ref_hidden, ref_weight, valid, lse, lse_ref, kl, g, dz,
         N, V, H, H_R,

@@ -61,13 +61,21 @@ class TileConfig:
     num_stages: int
 
 
-def tile_config(H: int, V: int, dtype: torch.dtype) -> TileConfig:
+def tile_config(H: int, V: int, dtype: torch.dtype, heads: int = 1) -> TileConfig:
+    """`heads`: logit tiles a kernel keeps live at once (2 for the KL kernels: policy and reference).
+
+    Register budget (255 per thread): a (BLOCK_N, BLOCK_V) fp32 accumulator costs BLOCK_N·BLOCK_V /
+    (32·num_warps) registers per thread, and the epilogue holds two or three tiles of that size. So a
+    two-head kernel halves BLOCK_V. Checked by tests/kernels/test_cuda_compile.py (no spills on
+    sm_80/sm_90).
+    """
     if interpreting():
         # Small tiles keep the numpy interpreter fast; several splits exercise the merge.
         return TileConfig(16, 32, 32, 64, 1, 1)
     if dtype == torch.float32:
-        return TileConfig(64, 64, 32, 4096, 4, 3)
-    return TileConfig(128, 128, 64, 4096, 8, 3)
+        # IEEE fp32 dots run on FMA units, whose operand layouts cost more registers than MMA's.
+        return TileConfig(64, 64 // heads, 16, 4096, 4 * heads, 3)
+    return TileConfig(128, 128 // heads, 64, 4096, 8, 3)
 
 
 @triton.jit
@@ -237,12 +245,21 @@ def _logps_bwd_dz_kernel(
         z = r * inv_temp
     logp = z - lse[:, None]
     p = tl.exp(logp)
-    dz = tl.where(offs_v[None, :] == y[:, None], g_logp[:, None], 0.0) - g_logp[:, None] * p
     if HAS_ENT_GRAD:
+        # −p (g + e (log p + H)) as one product: one tile fewer live than two separate terms, which
+        # spilled on sm_90. p = 0 (a logit at −inf) contributes 0, not 0·(−inf).
         ent = tl.load(ent_ptr + offs_n, mask=mask_n, other=0.0)
         g_ent = tl.load(g_ent_ptr + offs_n, mask=mask_n, other=0.0)
-        dz -= g_ent[:, None] * tl.where(p > 0, p * (logp + ent[:, None]), 0.0)
+        dz = tl.where(p > 0, -p * (g_logp[:, None] + g_ent[:, None] * (logp + ent[:, None])), 0.0)
+    else:
+        dz = -g_logp[:, None] * p
+    dz += tl.where(offs_v[None, :] == y[:, None], g_logp[:, None], 0.0)
     _store_dz(dz, t, valid, dz_ptr, offs_n, offs_v, mask_n, mask_v, stride_dz_n, inv_temp, SOFTCAP)
+
+
+# (chunk, V) buffers the launchers hold besides the backward's dz, bytes per logit (see linear_logps_torch.py).
+FWD_BYTES_PER_LOGIT = 0
+BWD_BYTES_PER_LOGIT = 0
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -250,8 +267,10 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def partial_stats(hidden, weight, bias, targets, *, temperature, softcap):
-    """Per-split statistics (SPLITS, 4, N) fp32 — rows m, s, a, zy — for targets in [0, V) (else zy = 0)."""
+def partial_stats(hidden, weight, bias, targets, *, temperature, softcap, chunk_bytes=None):
+    """Per-split statistics (SPLITS, 4, N) fp32 — rows m, s, a, zy — for targets in [0, V) (else zy = 0).
+
+    `chunk_bytes` is accepted for the common launcher signature; the forward holds no (chunk, V) buffer."""
     N, H = hidden.shape
     V = weight.shape[0]
     cfg = tile_config(H, V, hidden.dtype)
@@ -271,7 +290,7 @@ def partial_stats(hidden, weight, bias, targets, *, temperature, softcap):
     return stats
 
 
-def logps_fwd(hidden, weight, bias, targets, *, temperature, softcap, ignore_index):
+def logps_fwd(hidden, weight, bias, targets, *, temperature, softcap, ignore_index, chunk_bytes=None):
     """hidden: (N, H), weight: (V, H), bias: (V,)|None, targets: (N,) -> logps, entropy, lse: (N,) fp32."""
     N = hidden.shape[0]
     stats = partial_stats(hidden, weight, bias, targets, temperature=temperature, softcap=softcap)
