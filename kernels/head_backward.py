@@ -3,9 +3,11 @@
 For raw logits r = h Wᵀ + b and any loss whose logit gradient ∂r a backend can write for a token
 chunk (recomputing the logits it needs), the parameter gradients are
     ∂h[chunk] = ∂r W,    ∂W = Σ_chunks ∂rᵀ h[chunk],    ∂b = Σ_chunks Σ_rows ∂r.
-Memory: one (chunk, V) ∂r buffer within `chunk_bytes` (fp32-sized), plus an fp32 (V, H) accumulator
-for ∂W when more than one chunk is needed. On CUDA ∂r is kept in the input dtype so both GEMMs run
-on tensor cores (fp32 accumulation inside each GEMM); on the CPU everything is fp32.
+Memory: the (chunk, V) ∂r buffer and the backend's own (chunk, V) temporaries together stay within
+`chunk_bytes` (the chunk's rows are chosen so); besides that, O(N·H + V·H): the returned gradients,
+and for low-precision weights with more than one chunk an fp32 (V, H) accumulator for ∂W. On CUDA ∂r
+is kept in the input dtype so both GEMMs run on tensor cores (fp32 accumulation inside each GEMM);
+on the CPU everything is fp32.
 """
 
 from __future__ import annotations
@@ -25,11 +27,13 @@ def head_backward(
     write_dz: Callable[[slice, torch.Tensor], None],
     *,
     chunk_bytes: int,
+    temp_bytes_per_logit: int = 0,
     needs=(True, True, True),
 ):
     """hidden: (N, H), weight: (V, H), bias: (V,)|None, row_ignored: (N,) bool.
 
-    `write_dz(rows, dz)` fills `dz: (n, V)` with ∂L/∂r for `hidden[rows]` (zeros on ignored rows).
+    `write_dz(rows, dz)` fills `dz: (n, V)` with ∂L/∂r for `hidden[rows]` (zeros on ignored rows),
+    holding `temp_bytes_per_logit` bytes of its own (n, V) temporaries while it runs.
     Returns (dh (N, H) | None, dW (V, H) | None, db (V,) | None) per `needs`.
     """
     N, H = hidden.shape
@@ -43,11 +47,15 @@ def head_backward(
     dev = hidden.device
     work_dtype = hidden.dtype if hidden.is_cuda else torch.float32
     W_work = weight if weight.dtype == work_dtype else weight.to(work_dtype)  # (V, H), CPU only
-    step = chunk_rows(N, V, chunk_bytes)
+    dz_bytes = torch.empty((), dtype=work_dtype).element_size()
+    step = chunk_rows(N, V, chunk_bytes, dz_bytes + temp_bytes_per_logit)
     single = step >= N
     dz = torch.empty((step, V), device=dev, dtype=work_dtype)
-    # ∂W sums over every token: one GEMM when a single chunk covers N, else an fp32 accumulator.
-    dW32 = torch.zeros((V, H), device=dev, dtype=torch.float32) if (want_w and not single) else None
+    # ∂W sums over every token: one GEMM when a single chunk covers N; else accumulate in fp32 —
+    # in dW itself when the weight is fp32, else in an fp32 (V, H) buffer.
+    dW32 = None
+    if want_w and not single:
+        dW32 = dW if dW.dtype == torch.float32 else torch.zeros((V, H), device=dev, dtype=torch.float32)
     db32 = torch.zeros(V, device=dev, dtype=torch.float32) if want_b else None
     for start in range(0, N, step):
         rows = slice(start, min(N, start + step))
@@ -62,11 +70,13 @@ def head_backward(
             h_work = h_c.masked_fill(row_ignored[rows].unsqueeze(1), 0).to(work_dtype)
             if single:
                 dW.copy_(dz_c.T @ h_work)
+            elif dW32.dtype == work_dtype:
+                dW32.addmm_(dz_c.T, h_work)
             else:
                 dW32 += mm_f32(dz_c.T, h_work)
         if want_b:
             db32 += dz_c.sum(0, dtype=torch.float32)
-    if dW32 is not None:
+    if dW32 is not None and dW32 is not dW:
         dW.copy_(dW32)
     if want_b:
         db.copy_(db32)

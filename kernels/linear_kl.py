@@ -37,9 +37,7 @@ def _forward(hidden, weight, ref_hidden, ref_weight, valid, reverse, opts: HeadO
     if hidden.shape[0] == 0:
         e = hidden.new_zeros((0,), dtype=torch.float32)
         return e, e.clone(), e.clone()
-    kw = dict(temperature=opts.temperature, softcap=opts.softcap)
-    if opts.backend == "torch":
-        kw["budget_bytes"] = opts.chunk_bytes
+    kw = dict(temperature=opts.temperature, softcap=opts.softcap, chunk_bytes=opts.chunk_bytes)
     impl = _impl(opts.backend)
     if reverse:  # KL(Q‖P): A = reference, B = policy
         kl, lse_ref, lse = impl.kl_fwd(ref_hidden, ref_weight, hidden, weight, valid, **kw)
@@ -74,7 +72,7 @@ class LinearKLFunction(torch.autograd.Function):
                            temperature=opts.temperature, softcap=opts.softcap)
 
         dh, dW, _ = head_backward(hidden, weight, None, valid == 0, write_dz, chunk_bytes=opts.chunk_bytes,
-                                  needs=needs)
+                                  temp_bytes_per_logit=impl.BWD_BYTES_PER_LOGIT, needs=needs)
         return dh, dW, None, None, None, None, None
 
 
@@ -98,6 +96,8 @@ def linear_kl(
     Equivalent to `fusealign.kernels.reference.linear_kl_reference`; never materialises (N, V).
     The reference side is a constant: it must not require grad (pass `.detach()`).
     `temperature` (and `softcap`) apply to both heads.
+    Memory: peak extra memory of forward + backward ≤ 1.25 × `chunk_bytes` + O(N·H + V·H), as for
+    `linear_logps` (both heads' logit tiles count against `chunk_bytes`).
     """
     if direction not in DIRECTIONS:
         raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")

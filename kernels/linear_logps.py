@@ -7,7 +7,11 @@ Math (token t, target y_t, final logits z_t = softcap(h_t Wᵀ + b) / T):
 
 Saved for backward: the inputs (no copies) and per-token `lse` and `entropy`, fp32 — O(N).
 Recomputed in backward: logits, one bounded token chunk at a time. No (N, V) tensor exists at any
-point; the largest buffer is a `(chunk, V)` gradient tile within `chunk_bytes`.
+point. Memory bound: every (chunk, V) buffer alive at once — the backward's gradient tile and, on the
+torch backend, its logit temporaries — fits `chunk_bytes` together; peak extra memory of forward +
+backward is ≤ 1.25 × chunk_bytes (allocator slack) + O(N·H + V·H) (the gradients, and an fp32 ∂W
+accumulator for low-precision weights when the backward needs more than one chunk).
+Tested in tests/kernels/test_linear_logps_memory.py.
 
 Backends: "triton" (fused kernels, linear_logps_triton.py), "torch" (chunked PyTorch,
 linear_logps_torch.py), "auto" (triton for CUDA tensors, torch otherwise). Both share the backward
@@ -73,10 +77,8 @@ def logps_forward(hidden, weight, bias, targets, opts: HeadOptions):
     if N == 0:
         empty = hidden.new_zeros((0,), dtype=torch.float32)
         return empty, empty.clone(), empty.clone()
-    kw = dict(temperature=opts.temperature, softcap=opts.softcap, ignore_index=opts.ignore_index)
-    if opts.backend == "torch":
-        kw["budget_bytes"] = opts.chunk_bytes
-    return _impl(opts).logps_fwd(hidden, weight, bias, targets, **kw)
+    return _impl(opts).logps_fwd(hidden, weight, bias, targets, temperature=opts.temperature, softcap=opts.softcap,
+                                 ignore_index=opts.ignore_index, chunk_bytes=opts.chunk_bytes)
 
 
 def logps_backward(hidden, weight, bias, targets, lse, entropy, g_logps, g_entropy, opts: HeadOptions,
@@ -99,7 +101,7 @@ def logps_backward(hidden, weight, bias, targets, lse, entropy, g_logps, g_entro
         )
 
     return head_backward(hidden, weight, bias, targets == opts.ignore_index, write_dz,
-                         chunk_bytes=opts.chunk_bytes, needs=needs)
+                         chunk_bytes=opts.chunk_bytes, temp_bytes_per_logit=impl.BWD_BYTES_PER_LOGIT, needs=needs)
 
 
 class LinearLogpsFunction(torch.autograd.Function):
@@ -146,7 +148,9 @@ def linear_logps(
     (N, V) logits: logits are formed and reduced in fp32 whatever the input dtype; gradients flow to
     `hidden`, `weight` and `bias` through both outputs; ∂W accumulates in fp32 and is returned in
     the weight's dtype. Under `torch.no_grad()` nothing is saved.
-    `chunk_bytes` bounds the (chunk, V) fp32 tile the torch backend and the backward work in.
+    Memory: peak extra memory of forward + backward ≤ 1.25 × `chunk_bytes` + O(N·H + V·H) on both
+    backends: every (chunk, V) buffer (the backward's ∂logits tile, the torch backend's fp32 logit
+    temporaries) fits `chunk_bytes` together; the rest is the gradients themselves.
     """
     H, V = check_linear_head(hidden, weight, targets, bias, temperature, softcap)
     check_chunk_bytes(chunk_bytes)

@@ -1,8 +1,10 @@
 """Chunked pure-PyTorch backend of the fused linear log-probs: same math, same memory bound.
 
-Same equations as linear_logps_triton.py. Tokens are processed in chunks whose fp32 logits fit a
-byte budget (default 256 MiB), so peak extra memory is a few chunk-sized temporaries plus O(N)
-statistics — never (N, V). Runs anywhere PyTorch runs; used on the CPU and as the fallback.
+Same equations as linear_logps_triton.py. Tokens are processed in chunks sized so that every
+(chunk, V) buffer alive at once fits the byte budget `chunk_bytes` (default 256 MiB): each function
+below states how many bytes per logit it holds (`*_BYTES_PER_LOGIT`), and `chunk_rows` divides the
+budget by that. Peak extra memory is therefore ≤ chunk_bytes plus O(N) statistics — never (N, V).
+Runs anywhere PyTorch runs; used on the CPU and as the fallback.
 
 Logits are always formed in fp32: on CUDA via `torch.mm(..., out_dtype=torch.float32)`
 (bf16/fp16 tensor cores, fp32 output), elsewhere by upcasting the operands.
@@ -12,45 +14,68 @@ from __future__ import annotations
 
 import torch
 
+# (chunk, V) buffers alive at once, in bytes per logit (fp32 tiles are 4, bool masks 1):
+FWD_BYTES_PER_LOGIT = 8  # partial_stats: logits and their exponentials
+BWD_BYTES_PER_LOGIT = 12  # logps_bwd_dz: log p, p and the entropy coefficient (dz excluded)
+# −inf logits (masked vocabulary) are clamped to the lowest finite float before they multiply a zero
+# probability, so 0·log 0 = 0 without a (chunk, V) bool mask; NaN passes through clamp unchanged.
+_LOWEST = torch.finfo(torch.float32).min
+
+
+# `torch.mm(..., out_dtype=)` (the `aten::mm.dtype` overload, PyTorch ≥ 2.8; CUDA kernels only): bf16/fp16
+# operands on tensor cores with an fp32 result. Without it, upcasting is correct but copies the operands.
+HAS_MM_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype")
+
 
 def mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a: (M, K), b: (K, N), same dtype  ->  (M, N) fp32, accumulated in fp32."""
-    if a.dtype == torch.float32:
-        return a @ b
-    if a.is_cuda:
-        return torch.mm(a, b, out_dtype=torch.float32)
-    return a.float() @ b.float()
+    """a: (M, K), b: (K, N), same dtype  ->  (M, N) fp32, accumulated in fp32.
+
+    Autocast is switched off here: under bf16 autocast `a @ b` of fp32 operands would return bf16
+    logits (found by running the engine's head path under CPU autocast).
+    """
+    with torch.autocast(a.device.type, enabled=False):
+        if a.dtype == torch.float32:
+            return a @ b
+        if a.is_cuda and HAS_MM_OUT_DTYPE:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        return a.float() @ b.float()
 
 
-def chunk_rows(N: int, V: int, budget_bytes: int) -> int:
-    """Tokens per chunk so that a (rows, V) fp32 tile stays within `budget_bytes`."""
-    return max(1, min(N, budget_bytes // (4 * V)))
+def chunk_rows(N: int, V: int, chunk_bytes: int, bytes_per_logit: int) -> int:
+    """Tokens per chunk so that `bytes_per_logit` bytes for each of (rows, V) logits fit `chunk_bytes`."""
+    return max(1, min(N, chunk_bytes // (bytes_per_logit * V)))
 
 
 def raw_logits(hidden_c, weight, bias, temperature, softcap):
-    """hidden_c: (n, H) -> (z, t): final logits (n, V) fp32, and tanh(r/softcap) or None."""
+    """hidden_c: (n, H) -> final logits z = softcap·tanh((h Wᵀ + b)/softcap)/T: (n, V) fp32, one buffer.
+
+    Everything after the matmul is in place. The softcap's tanh is not kept: t = z·T/softcap.
+    """
     z = mm_f32(hidden_c, weight.T)
     if bias is not None:
         z += bias.float()
-    t = None
     if softcap is not None:
-        t = torch.tanh(z / softcap)
-        z = t * softcap
+        z.div_(softcap).tanh_().mul_(softcap)
     if temperature != 1.0:
-        z /= temperature
-    return z, t
+        z.div_(temperature)
+    return z
 
 
-def partial_stats(hidden, weight, bias, targets, *, temperature, softcap, budget_bytes):
+def softcap_factor_(z, temperature, softcap):
+    """In place: final logits z -> ∂z/∂r · T = 1 − t², with t = tanh(r/softcap) = z·T/softcap."""
+    return z.mul_(temperature / softcap).square_().neg_().add_(1.0)
+
+
+def partial_stats(hidden, weight, bias, targets, *, temperature, softcap, chunk_bytes):
     """Statistics (1, 4, N) fp32 — rows m, s, a, zy as in linear_logps_triton.py — over this weight's
     vocabulary; zy = 0 for targets outside [0, V) (ignored, or owned by another vocabulary shard)."""
     N = hidden.shape[0]
     V = weight.shape[0]
     stats = torch.empty((1, 4, N), device=hidden.device, dtype=torch.float32)
-    step = chunk_rows(N, V, budget_bytes)
+    step = chunk_rows(N, V, chunk_bytes, FWD_BYTES_PER_LOGIT)
     for start in range(0, N, step):
         sl = slice(start, min(N, start + step))
-        z, _ = raw_logits(hidden[sl], weight, bias, temperature, softcap)  # (n, V) fp32
+        z = raw_logits(hidden[sl], weight, bias, temperature, softcap)  # (n, V) fp32
         # Shifted by the row max, as the Triton kernel does: a row holding ±inf or NaN gives NaN
         # (inf − inf), never a finite number.
         m = z.amax(dim=-1, keepdim=True)
@@ -59,9 +84,10 @@ def partial_stats(hidden, weight, bias, targets, *, temperature, softcap, budget
         e = z.exp()
         stats[0, 0, sl] = m.squeeze(1)
         stats[0, 1, sl] = e.sum(-1)
-        z.masked_fill_(e == 0, 0.0)  # 0·log 0 = 0 for logits at −inf (NaN rows keep e = NaN)
+        z.clamp_(min=_LOWEST)  # 0·log 0 = 0 for logits at −inf (NaN rows keep NaN)
         stats[0, 2, sl] = torch.bmm(e.unsqueeze(1), z.unsqueeze(2)).view(-1)  # Σ e (z − m), no (n, V) temp
         stats[0, 3, sl] = torch.where((targets[sl] >= 0) & (targets[sl] < V), zy, 0.0)
+        del z, e
     return stats
 
 
@@ -88,10 +114,10 @@ def combine_stats(stats, targets, ignore_index):
     return logps, entropy, lse
 
 
-def logps_fwd(hidden, weight, bias, targets, *, temperature, softcap, ignore_index, budget_bytes):
+def logps_fwd(hidden, weight, bias, targets, *, temperature, softcap, ignore_index, chunk_bytes):
     """hidden: (N, H), weight: (V, H), targets: (N,) -> logps, entropy, lse: (N,) fp32."""
     stats = partial_stats(hidden, weight, bias, targets, temperature=temperature, softcap=softcap,
-                          budget_bytes=budget_bytes)
+                          chunk_bytes=chunk_bytes)
     return combine_stats(stats, targets, ignore_index)
 
 
@@ -99,23 +125,27 @@ def logps_bwd_dz(hidden, weight, bias, targets, lse, entropy, g_logps, g_entropy
                  temperature, softcap, ignore_index):
     """Write ∂L/∂(raw logits) for one chunk into `dz: (n, V)`; see linear_logps_triton.py.
 
-    At most three (n, V) fp32 temporaries live at once (log p, p, the gradient), four with softcap.
+    Holds BWD_BYTES_PER_LOGIT bytes per logit besides `dz`: log p, p and (with an entropy gradient)
+    the coefficient g + e (log p + H), all fp32.
     """
-    z, t = raw_logits(hidden, weight, bias, temperature, softcap)
-    logp = z.sub_(lse.unsqueeze(1))  # (n, V), in place
-    p = logp.exp()
+    logp = raw_logits(hidden, weight, bias, temperature, softcap).sub_(lse.unsqueeze(1))  # (n, V)
     valid = targets != ignore_index
-    g_logps = torch.where(valid, g_logps, 0.0)
-    # ∂L/∂z = g_logp (onehot − p) − g_ent p (log p + entropy)
-    g = p * (-g_logps.unsqueeze(1))
-    if g_entropy is not None:
-        g -= logp.add_(entropy.unsqueeze(1)).mul_(p).masked_fill_(p == 0, 0.0).mul_(g_entropy.unsqueeze(1))
-    del p, logp
-    g.scatter_add_(1, torch.where(valid, targets, 0).long().unsqueeze(1), g_logps.unsqueeze(1))
+    g = torch.where(valid, g_logps, 0.0).unsqueeze(1)  # (n, 1)
+    grad = logp.exp()  # p; becomes ∂L/∂z in place
+    if g_entropy is None:
+        grad.mul_(-g)
+    else:
+        # ∂L/∂z = g (onehot − p) − e p (log p + H) = g·onehot − p (g + e (log p + H)). Where p = 0 (log p
+        # below −104, or −inf for a masked logit) the term must be 0, not 0·(−inf): the coefficient
+        # uses log p clamped at −200, which changes nothing where p > 0.
+        coef = logp.clamp(min=-200.0).add_(entropy.unsqueeze(1)).mul_(g_entropy.unsqueeze(1)).add_(g)
+        grad.mul_(coef).neg_()
+        del coef
+    grad.scatter_add_(1, torch.where(valid, targets, 0).long().unsqueeze(1), g)
+    if softcap is not None:
+        grad.mul_(softcap_factor_(logp.add_(lse.unsqueeze(1)), temperature, softcap))
     if temperature != 1.0:
-        g /= temperature
-    if t is not None:
-        g *= 1.0 - t * t
+        grad.div_(temperature)
     # Ignored rows contribute exactly nothing, even if their hidden state is NaN.
-    g.masked_fill_(~valid.unsqueeze(1), 0.0)
-    return dz.copy_(g)
+    grad.masked_fill_(~valid.unsqueeze(1), 0.0)
+    return dz.copy_(grad)

@@ -46,6 +46,7 @@ def shard_stats(
         if resolve_backend(backend, hidden.device) == "triton":
             from .linear_logps_triton import partial_stats
 
-            return partial_stats(h2, weight_shard, bias_shard, local, temperature=temperature, softcap=softcap)
+            return partial_stats(h2, weight_shard, bias_shard, local, temperature=temperature, softcap=softcap,
+                                 chunk_bytes=chunk_bytes)
         return _torch_impl.partial_stats(h2, weight_shard, bias_shard, local, temperature=temperature,
-                                         softcap=softcap, budget_bytes=chunk_bytes)
+                                         softcap=softcap, chunk_bytes=chunk_bytes)
