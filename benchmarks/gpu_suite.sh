@@ -13,7 +13,9 @@ export PYTHONPATH=$PWD/python:${PYTHONPATH:-} PYTHONUNBUFFERED=1
 mkdir -p /tmp/fa/fusealign && cp -r python/fusealign/* /tmp/fa/fusealign/ && cp -r kernels /tmp/fa/fusealign/kernels \
   && cp -r engine /tmp/fa/fusealign/engine && export PYTHONPATH=/tmp/fa:$PYTHONPATH
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-timeout 240 python3 -m pytest -q -x -p no:cacheprovider tests/kernels 2>&1 | tail -5
+# Every kernel test on the GPU (incl. GPU-marked ones), then the GPU-only engine checks (packing, bf16).
+timeout 240 python3 -m pytest -q -p no:cacheprovider tests/kernels 2>&1 | tail -15
+timeout 60 python3 -m pytest -q -p no:cacheprovider -m gpu tests/engine 2>&1 | tail -8
 timeout 200 python3 benchmarks/bench_logps.py --N 4096 16384 --V 32000 128256 262144 --impls fusealign,matmul,naive,liger,cce
 timeout 60 python3 benchmarks/bench_dpo.py --tokens 16384
 timeout 60 python3 benchmarks/bench_kl.py --N 16384

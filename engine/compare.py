@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from fusealign.kernels.linear_kl import linear_kl
+from fusealign.kernels.segments import segment_sum
 
 from . import task
 from .checkpoint import latest_checkpoint, write_text_atomic
@@ -85,7 +86,7 @@ def evaluate(policy_dir: str, sft, tok, prompts, sft_samples, *, seed: int, back
         hp, Wp, _ = _head_inputs(hp, head_of(policy))
         hs, Ws, _ = _head_inputs(hs, head_of(sft))
         tok_kl = linear_kl(hp, Wp, hs, Ws, backend=backend)  # (N_c,) exact KL(π‖π_SFT) per position
-        kls.append(torch.zeros(batch.num_sequences, device=tok_kl.device).index_add(0, sid, tok_kl))
+        kls.append(segment_sum(tok_kl, sid, batch.num_sequences))
     n = len(rewards)
     mean = sum(rewards) / n
     sd = (sum((r - mean) ** 2 for r in rewards) / max(1, n - 1)) ** 0.5

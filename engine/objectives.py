@@ -12,6 +12,7 @@ import torch
 
 from fusealign.kernels.linear_logps import linear_logps
 from fusealign.kernels.preference import bradley_terry_loss, linear_dpo_loss, sequence_rewards
+from fusealign.kernels.segments import segment_sum
 
 from .data import Batch, collate
 from .models import RewardModel, head_of, hidden_states, select_completion
@@ -19,8 +20,8 @@ from .models import RewardModel, head_of, hidden_states, select_completion
 
 def _head_inputs(h, head):
     """Cast hidden states and head to one dtype (autocast yields bf16 states next to an fp32 weight)."""
-    dtype = torch.get_autocast_dtype("cuda") if (h.is_cuda and torch.is_autocast_enabled("cuda")) else \
-        head.weight.dtype
+    device = h.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else head.weight.dtype
     return h.to(dtype), head.weight.to(dtype), None if head.bias is None else head.bias.to(dtype)
 
 
@@ -37,7 +38,7 @@ def completion_logps(model, batch: Batch, *, temperature=1.0, backend="auto"):
 def sequence_logps(model, batch: Batch, *, average: bool = False, temperature=1.0, backend="auto"):
     """Per-sequence completion log-probs (S,) (sum, or mean over the completion's tokens)."""
     logps, s = completion_logps(model, batch, temperature=temperature, backend=backend)
-    sums = logps.new_zeros(batch.num_sequences).index_add(0, s, logps)
+    sums = segment_sum(logps, s, batch.num_sequences)
     if average:
         counts = torch.bincount(s, minlength=batch.num_sequences).clamp_min(1)
         sums = sums / counts

@@ -96,14 +96,19 @@ def check_chunk_bytes(chunk_bytes) -> None:
         raise ValueError(f"chunk_bytes must be a positive int, got {chunk_bytes!r}")
 
 
+def device_assert(condition: torch.Tensor, message: str) -> None:
+    """Assert a 0-d bool tensor without a host sync on CUDA: the error surfaces at the next synchronising
+    call (a CUDA device-side assert, which ends the process's CUDA context). On the CPU it raises at once."""
+    torch._assert_async(condition, message)
+
+
 def check_target_range(targets: torch.Tensor, V: int, ignore_index: int, name: str = "targets") -> None:
     """Every target is in [0, V) or equals `ignore_index`. No host sync on CUDA."""
     if targets.numel() == 0:
         return
     ok = ((targets >= 0) & (targets < V)) | (targets == ignore_index)
     if targets.is_cuda:
-        # Device-side assert: raises at the next sync instead of stalling the stream now.
-        torch._assert_async(ok.all(), f"{name} out of range [0, {V}) and not ignore_index={ignore_index}")
+        device_assert(ok.all(), f"{name} out of range [0, {V}) and not ignore_index={ignore_index}")
         return
     if not bool(ok.all()):
         bad = targets[~ok]

@@ -12,8 +12,9 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ._checks import check_positive
+from ._checks import check_positive, device_assert
 from .linear_logps import DEFAULT_CHUNK_BYTES, linear_logps
+from .segments import segment_sum
 
 
 # --- per-pair losses: Δ is the (policy − reference) chosen-vs-rejected log-ratio margin --------------
@@ -106,14 +107,14 @@ def _sequence_sums(token_values, targets, sequence_ids, num_sequences, ignore_in
     if sequence_ids is None:  # padded: (2B, T)
         return token_values.sum(-1), valid.sum(-1)
     ids = sequence_ids.long()
-    sums = token_values.new_zeros(num_sequences).index_add(0, ids, token_values)
+    sums = segment_sum(token_values, ids, num_sequences)  # fixed order: no float atomics on CUDA
     counts = torch.zeros(num_sequences, dtype=torch.long, device=ids.device).index_add_(0, ids, valid.long())
     return sums, counts
 
 
 def _check_every_sequence_has_completion(counts: torch.Tensor, ignore_index: int):
     if counts.is_cuda:  # device-side assert: no host sync
-        torch._assert_async((counts > 0).all(), "a sequence has no completion token (all targets ignore_index)")
+        device_assert((counts > 0).all(), "a sequence has no completion token (all targets ignore_index)")
         return
     empty = (counts == 0).nonzero().flatten()
     if empty.numel():
@@ -182,7 +183,7 @@ def linear_dpo_loss(
             raise ValueError(f"num_sequences must be even ([chosen; rejected]), got {n_seq}")
         bad = (sequence_ids < 0) | (sequence_ids >= n_seq)
         if sequence_ids.is_cuda:
-            torch._assert_async(~bad.any(), "sequence_ids out of [0, num_sequences)")
+            device_assert(~bad.any(), "sequence_ids out of [0, num_sequences)")
         elif bool(bad.any()):
             raise ValueError(f"sequence_ids must lie in [0, {n_seq}) (2B sequences), found {int(sequence_ids[bad][0])}")
     B = n_seq // 2
@@ -314,7 +315,7 @@ def sequence_rewards(
     else:
         raise ValueError("attention_mask_or_lengths must be a (B, T) mask or (B,) lengths")
     if has_token.is_cuda:
-        torch._assert_async(has_token.all(), "a sequence has no tokens (empty mask or length 0 / > T)")
+        device_assert(has_token.all(), "a sequence has no tokens (empty mask or length 0 / > T)")
     elif not bool(has_token.all()):
         bad = int((~has_token).nonzero()[0])
         raise ValueError(f"sequence {bad} has no tokens (all-zero mask, or length 0 or > T={T})")
