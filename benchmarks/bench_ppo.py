@@ -7,7 +7,8 @@ rollout  sampling with a KV cache (identical in both: the head forms one full-vo
 scoring  old-policy and reference log-probs of the sampled completions, no grad
          fused: backbone + fa.linear_logps on completion positions; materialised: model(...).logits → log-softmax
 update   one PPO minibatch pass (clipped surrogate, backward, AdamW step)
-         fused: fa.linear_ppo_loss; materialised: full logits, log-softmax, gather, the same clipped loss
+         fused: the engine's score_tokens + fa.ppo_policy_loss (as PPOTrainer); materialised: full logits,
+         log-softmax, gather, the same clipped loss
 Not yet here: TRL's PPO trainer in the same run (needs the carried wheels and a GPU session).
 """
 
@@ -26,7 +27,7 @@ from common import RESULTS, header, write  # noqa: E402
 
 import fusealign as fa  # noqa: E402
 from fusealign.engine.data import collate  # noqa: E402
-from fusealign.engine.models import head_of, hidden_states, select_completion  # noqa: E402
+from fusealign.engine.models import score_tokens  # noqa: E402
 
 
 def clock(fn, device):
@@ -40,11 +41,11 @@ def clock(fn, device):
     return out, (time.perf_counter() - t0) * 1e3, (torch.cuda.max_memory_allocated() if device == "cuda" else None)
 
 
-def token_logps(model, batch, fused: bool):
+def token_logps(model, batch, fused: bool, entropy: bool = False):
+    """Completion-token log-probs (N_c,): the engine's one head path (fused), or the model's own logits."""
     if fused:
-        h = hidden_states(model, batch.input_ids, batch.attention_mask, batch.position_ids)
-        h_c, y_c, _ = select_completion(h, batch.targets, batch.seq_ids)
-        return fa.linear_logps(h_c, head_of(model).weight, y_c)
+        s = score_tokens(model, batch, entropy=entropy)
+        return (s.logps, s.entropy) if entropy else s.logps
     logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits  # (R, L, V)
     keep = batch.targets != -100
     return torch.log_softmax(logits.float(), -1)[keep].gather(1, batch.targets[keep][:, None]).squeeze(1)
@@ -89,9 +90,8 @@ def main(argv=None):
             def update():
                 opt.zero_grad(set_to_none=True)
                 if fused:
-                    h = hidden_states(policy, batch.input_ids, batch.attention_mask, batch.position_ids)
-                    h_c, y_c, _ = select_completion(h, batch.targets, batch.seq_ids)
-                    loss = fa.linear_ppo_loss(h_c, head_of(policy).weight, y_c, old, adv)[0]
+                    logps, entropy = token_logps(policy, batch, True, entropy=True)
+                    loss = fa.ppo_policy_loss(logps, entropy, old, adv, torch.ones_like(adv, dtype=torch.bool))[0]
                 else:
                     ratio = (token_logps(policy, batch, False) - old).exp()
                     loss = torch.maximum(-adv * ratio, -adv * ratio.clamp(0.8, 1.2)).mean()

@@ -14,22 +14,19 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
-from fusealign.kernels.linear_kl import linear_kl
-from fusealign.kernels.segments import segment_sum
+from fusealign.kernels import linear_kl, segment_sum
 
 from . import task
 from .checkpoint import latest_checkpoint, write_text_atomic
-from .config import DPOConfig, RMConfig, SFTConfig, opt
+from .config import CompareConfig, DPOConfig, PPOConfig, RMConfig, SFTConfig
 from .data import collate
-from .models import head_of, hidden_states, load_causal_lm, select_completion
-from .objectives import _head_inputs
-from .ppo import PPOConfig, run_ppo
-from .recipes import _tokenizer, run_dpo, run_rm, run_sft
+from .models import completion_inputs, load_causal_lm
+from .recipes import load_tokenizer, run_dpo, run_ppo, run_rm, run_sft
 from .sampling import sample
 from .trainer import resolve_device
 
@@ -44,26 +41,18 @@ PRESETS = {
 }
 
 
-@dataclass
-class CompareConfig:
-    """Reward-based PPO versus reward-free DPO on the built-in task (table, compare.json, frontier plot)."""
-
-    preset: str = opt("default", "smoke (seconds), default (about a minute on a CPU) or gpu")
-    output_dir: str = opt("runs/compare", "where every stage and the report go")
-    seed: int = opt(0, "seed of every stage and of the evaluation samples")
-    device: str = opt("auto", "cpu, cuda, or auto")
-    betas: str = opt("", "comma-separated DPO β sweep (default: the preset's)")
-    kl_coefs: str = opt("", "comma-separated PPO KL-coefficient sweep (default: the preset's)")
-    ood: bool = opt(True, "also run the out-of-distribution preference setting")
-    backend: str = opt("auto", "fused-kernel backend")
-
-    def __post_init__(self):
-        if self.preset not in PRESETS:
-            raise ValueError(f"--preset must be one of {sorted(PRESETS)}, got {self.preset!r}")
-
-
 def _floats(text, default):
     return tuple(float(x) for x in text.split(",")) if text else tuple(default)
+
+
+def kl_to_reference(policy, ref, batch, *, backend: str = "auto") -> torch.Tensor:
+    """Exact KL(π‖π_ref) summed over each sequence's completion positions: (S,) — the whole vocabulary at
+    every position (`fa.linear_kl`), each head with its own bias and the family's softcap / temperature."""
+    p = completion_inputs(policy, batch)
+    r = completion_inputs(ref, batch)
+    tok_kl = linear_kl(p.hidden, p.head.weight, r.hidden, r.head.weight, bias=p.head.bias, ref_bias=r.head.bias,
+                       softcap=p.head.softcap, temperature=p.head.temperature, backend=backend)  # (N_c,)
+    return segment_sum(tok_kl, p.seq_ids, batch.num_sequences)
 
 
 @torch.no_grad()
@@ -79,14 +68,7 @@ def evaluate(policy_dir: str, sft, tok, prompts, sft_samples, *, seed: int, back
         seqs = [(p, ids + ([tok.eos_token_id] if e else [])) for p, (ids, e) in zip(prompts[i:i + 64], outs[i:i + 64])]
         seqs = [s for s in seqs if s[1]] or [(prompts[i], [tok.eos_token_id])]
         batch = collate(seqs, pad_id=tok.pad_token_id, pack=True).to(next(sft.parameters()).device)
-        hp, _, sid = select_completion(hidden_states(policy, batch.input_ids, None, batch.position_ids),
-                                       batch.targets, batch.seq_ids)
-        hs, _, _ = select_completion(hidden_states(sft, batch.input_ids, None, batch.position_ids),
-                                     batch.targets, batch.seq_ids)
-        hp, Wp, _ = _head_inputs(hp, head_of(policy))
-        hs, Ws, _ = _head_inputs(hs, head_of(sft))
-        tok_kl = linear_kl(hp, Wp, hs, Ws, backend=backend)  # (N_c,) exact KL(π‖π_SFT) per position
-        kls.append(segment_sum(tok_kl, sid, batch.num_sequences))
+        kls.append(kl_to_reference(policy, sft, batch, backend=backend))
     n = len(rewards)
     mean = sum(rewards) / n
     sd = (sum((r - mean) ** 2 for r in rewards) / max(1, n - 1)) ** 0.5
@@ -162,7 +144,7 @@ def run_compare(cfg: CompareConfig) -> dict:
             policies.append(("DPO", setting, b, d))
 
     device = resolve_device(cfg.device)
-    tok = _tokenizer(sft_dir)
+    tok = load_tokenizer(sft_dir)
     sft = load_causal_lm(sft_dir).to(device).eval()
     prompts = [[tok.bos_token_id] + tok.encode(x, add_special_tokens=False)
                for x in task.eval_prompts(p["eval_prompts"], seed=cfg.seed + 7)]

@@ -1,7 +1,11 @@
 """Run configurations: dataclasses with a help string per field and validation in __post_init__.
 
 The CLI builds its flags from these fields (`--max-steps`, `--output-dir`, …), so `--help` shows the
-same text as this file.
+same text as this file. Layers, each field declared once, each only where it applies:
+    RunConfig         every command: where, seed, device, kernel backend
+    TrainConfig       every trainer (SFT, RM, DPO, PPO): model, data, optimiser, schedule, checkpoints
+    SupervisedConfig  the trainers that step through a data set (SFT, RM, DPO): accumulation, evaluation
+    FromSFT           the stages that start from an SFT policy (RM, DPO, PPO): `--sft-model`
 """
 
 from __future__ import annotations
@@ -14,48 +18,20 @@ def opt(default, help: str, **kw):
     return field(default=default, metadata={"help": help, **kw})
 
 
-@dataclass
-class TrainConfig:
-    """Common to every trainer."""
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
-    model: str = opt("builtin", "local model directory (config + safetensors) or a preset: builtin, llama-1b")
-    data: str = opt("builtin", "JSONL path or built-in data: builtin, builtin:sft, builtin:pairs, builtin:pairs-ood")
-    output_dir: str = opt("", "run directory (checkpoints, metrics.jsonl); default runs/<trainer>")
-    max_steps: int = opt(200, "optimizer steps")
-    batch_size: int = opt(16, "examples (SFT) or preference pairs (RM/DPO) per micro-batch")
-    grad_accum: int = opt(1, "micro-batches per optimizer step")
-    lr: float = opt(1e-3, "peak learning rate (AdamW)")
-    weight_decay: float = opt(0.0, "AdamW weight decay")
-    warmup_steps: int = opt(10, "linear warm-up steps")
-    schedule: str = opt("cosine", "decay after warm-up: cosine, linear or constant")
-    max_grad_norm: float = opt(1.0, "gradient clipping threshold (0 disables)")
-    max_length: int = opt(48, "max tokens of prompt + completion (completions are cut on the right)")
+
+@dataclass
+class RunConfig:
+    """Common to every command."""
+
+    output_dir: str = opt("", "run directory (checkpoints, metrics.jsonl); default runs/<command>")
     seed: int = opt(0, "seed for initialisation, data order and sampling")
     device: str = opt("auto", "cpu, cuda, or auto (cuda when available)")
-    bf16: bool = opt(True, "bf16 autocast on CUDA (ignored on CPU)")
-    gradient_checkpointing: bool = opt(False, "recompute backbone activations in backward")
-    pack: bool = opt(True, "padding-free packing (position_ids); --no-pack uses padded batches")
-    resume: bool = opt(False, "continue from the latest checkpoint in --output-dir")
-    save_every: int = opt(100, "checkpoint every N steps (and at the end)")
-    save_total_limit: int = opt(2, "checkpoints kept")
-    eval_every: int = opt(0, "held-out evaluation every N steps (0: only at the end)")
-    skip_bad_lines: bool = opt(False, "skip and count malformed data lines instead of failing")
-    temperature: float = opt(1.0, "softmax temperature of the policy's log-probs")
     backend: str = opt("auto", "fused-kernel backend: auto, triton or torch")
-    attn_implementation: Optional[str] = opt(None, "attention implementation (sdpa, eager, flash_attention_2)")
 
     def __post_init__(self):
-        positive = ("max_steps", "batch_size", "grad_accum", "max_length", "save_every", "save_total_limit")
-        for name in positive:
-            if getattr(self, name) <= 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
-        for name in ("lr", "temperature"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"--{name} must be > 0, got {getattr(self, name)}")
-        if self.warmup_steps < 0 or self.max_grad_norm < 0 or self.weight_decay < 0 or self.eval_every < 0:
-            raise ValueError("--warmup-steps, --max-grad-norm, --weight-decay and --eval-every must be >= 0")
-        if self.schedule not in ("cosine", "linear", "constant"):
-            raise ValueError(f"--schedule must be cosine, linear or constant, got {self.schedule!r}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"--device must be auto, cpu or cuda[:i], got {self.device!r}")
         if self.backend not in ("auto", "triton", "torch"):
@@ -63,17 +39,77 @@ class TrainConfig:
 
 
 @dataclass
-class SFTConfig(TrainConfig):
+class TrainConfig(RunConfig):
+    """Common to every trainer."""
+
+    model: str = opt("builtin", "local model directory (config + safetensors) or a preset: builtin, llama-1b")
+    data: str = opt("builtin", "JSONL path or built-in data: builtin, builtin:sft, builtin:pairs, builtin:pairs-ood")
+    max_steps: int = opt(200, "optimizer steps")
+    batch_size: int = opt(16, "examples (SFT) or preference pairs (RM/DPO) per micro-batch")
+    lr: float = opt(1e-3, "peak learning rate (AdamW)")
+    weight_decay: float = opt(0.0, "AdamW weight decay")
+    warmup_steps: int = opt(10, "linear warm-up steps")
+    schedule: str = opt("cosine", "decay after warm-up: cosine, linear or constant")
+    max_grad_norm: float = opt(1.0, "gradient clipping threshold (0 disables)")
+    max_length: int = opt(48, "max tokens of prompt + completion (completions are cut on the right)")
+    bf16: bool = opt(True, "bf16 autocast on CUDA (ignored on CPU)")
+    gradient_checkpointing: bool = opt(False, "recompute backbone activations in backward")
+    pack: bool = opt(True, "padding-free packing (position_ids); --no-pack uses padded batches")
+    resume: bool = opt(False, "continue from the latest checkpoint in --output-dir")
+    save_every: int = opt(100, "checkpoint every N steps (and at the end)")
+    save_total_limit: int = opt(2, "checkpoints kept")
+    temperature: float = opt(1.0, "softmax temperature of the policy's log-probs")
+    attn_implementation: Optional[str] = opt(None, "attention implementation (sdpa, eager, flash_attention_2)")
+
+    def __post_init__(self):
+        super().__post_init__()
+        for name in ("max_steps", "batch_size", "max_length", "save_every", "save_total_limit"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{_flag(name)} must be > 0, got {getattr(self, name)}")
+        for name in ("lr", "temperature"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{_flag(name)} must be > 0, got {getattr(self, name)}")
+        for name in ("warmup_steps", "max_grad_norm", "weight_decay"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{_flag(name)} must be >= 0, got {getattr(self, name)}")
+        if self.schedule not in ("cosine", "linear", "constant"):
+            raise ValueError(f"--schedule must be cosine, linear or constant, got {self.schedule!r}")
+
+
+@dataclass
+class SupervisedConfig(TrainConfig):
+    """The trainers that step through a data set of examples (SFT, RM, DPO)."""
+
+    grad_accum: int = opt(1, "micro-batches per optimizer step")
+    eval_every: int = opt(0, "held-out evaluation every N steps (0: only at the end)")
+    skip_bad_lines: bool = opt(False, "skip and count malformed data lines instead of failing")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.grad_accum <= 0:
+            raise ValueError(f"--grad-accum must be > 0, got {self.grad_accum}")
+        if self.eval_every < 0:
+            raise ValueError(f"--eval-every must be >= 0, got {self.eval_every}")
+
+
+@dataclass
+class FromSFT:
+    """Mixin of the stages that start from an SFT policy."""
+
+    sft_model: str = opt("", "with --model builtin: the SFT run to start from (default: train one)")
+
+
+@dataclass
+class SFTConfig(SupervisedConfig):
     """Supervised fine-tuning: token-mean NLL of completion tokens."""
 
 
 @dataclass
-class RMConfig(TrainConfig):
+class RMConfig(SupervisedConfig, FromSFT):
     """Reward model: Bradley-Terry on a scalar value head."""
 
     margin: float = opt(0.0, "Bradley-Terry margin subtracted from r_chosen − r_rejected")
     center_coef: float = opt(0.0, "reward-centring coefficient: adds c·mean((r_c + r_r)²)")
-    sft_model: str = opt("", "with --model builtin: the SFT run to start from (default: train one)")
 
     def __post_init__(self):
         super().__post_init__()
@@ -82,13 +118,12 @@ class RMConfig(TrainConfig):
 
 
 @dataclass
-class DPOConfig(TrainConfig):
+class DPOConfig(SupervisedConfig, FromSFT):
     """Direct preference optimisation (and IPO, hinge, robust, SimPO).
 
     Defaults suit the built-in task (sequence log-ratios of ~10 tokens); TRL's usual β is 0.1.
     """
 
-    lr: float = opt(1e-3, "peak learning rate (AdamW)")
     beta: float = opt(0.5, "β: strength of the implicit KL to the reference")
     loss_type: str = opt("sigmoid", "sigmoid, robust, hinge, ipo or simpo")
     label_smoothing: float = opt(0.0, "ε for conservative/robust DPO, in [0, 0.5)")
@@ -96,12 +131,11 @@ class DPOConfig(TrainConfig):
     average_logps: Optional[bool] = opt(None, "length-normalise log-probs (default: on for ipo and simpo)")
     nll_coef: float = opt(0.0, "RPO: weight of the chosen-completion NLL")
     ref_mode: str = opt("precompute", "precompute (one pass, cached on disk) or online (frozen reference model)")
-    sft_model: str = opt("", "with --model builtin: the SFT run to start from (default: train one)")
     eval_samples: int = opt(128, "held-out prompts sampled at the end to score the ground-truth reward")
 
     def __post_init__(self):
         super().__post_init__()
-        from fusealign.kernels.preference import PAIR_LOSSES
+        from fusealign.losses import PAIR_LOSSES
 
         if self.loss_type not in PAIR_LOSSES:
             raise ValueError(f"--loss-type must be one of {sorted(PAIR_LOSSES)}, got {self.loss_type!r}")
@@ -114,8 +148,89 @@ class DPOConfig(TrainConfig):
         if self.average_logps is None:
             self.average_logps = self.loss_type in ("ipo", "simpo")
 
+    @property
+    def needs_reference(self) -> bool:
+        from fusealign.losses import REFERENCE_FREE
 
-CONFIGS = {"sft": SFTConfig, "rm": RMConfig, "dpo": DPOConfig}
+        return self.loss_type not in REFERENCE_FREE
+
+
+@dataclass
+class PPOConfig(TrainConfig, FromSFT):
+    """PPO with a learned reward model (or a Python reward function); GRPO and RLOO advantages."""
+
+    max_steps: int = opt(60, "PPO iterations (rollout + update)")
+    batch_size: int = opt(32, "prompts per rollout")
+    lr: float = opt(3e-4, "peak learning rate (AdamW) of policy and critic")
+    warmup_steps: int = opt(0, "linear warm-up iterations")
+    schedule: str = opt("constant", "decay after warm-up: cosine, linear or constant")
+    save_every: int = opt(20, "checkpoint every N iterations (and at the end)")
+    reward_model: str = opt("", "reward model directory (fusealign rm); builtin: train one from the SFT policy")
+    reward_fn: str = opt("", "use a Python reward instead of a model: 'builtin' = the task's ground truth")
+    advantage: str = opt("gae", "gae (critic), grpo (group-normalised) or rloo (leave-one-out)")
+    num_generations: int = opt(1, "samples per prompt (≥ 2 for grpo / rloo)")
+    critic: str = opt("separate", "separate (backbone + value head, from the RM) or policy_head (shared backbone)")
+    num_ppo_epochs: int = opt(2, "optimisation epochs per rollout")
+    num_minibatches: int = opt(2, "minibatches per epoch")
+    max_new_tokens: int = opt(16, "tokens sampled per completion")
+    top_p: float = opt(1.0, "nucleus sampling threshold")
+    missing_eos_penalty: float = opt(1.0, "subtracted from a reward model's score of a completion without EOS (0: off)")
+    gamma: float = opt(1.0, "discount γ")
+    lam: float = opt(0.95, "GAE λ")
+    kl_coef: float = opt(0.05, "β of the KL penalty")
+    kl_mode: str = opt("reward", "reward (per-token k1 in the reward) or loss (k3 term in the loss)")
+    target_kl: float = opt(0.0, "adaptive KL control: target per-sequence KL (0: fixed β)")
+    kl_horizon: int = opt(10000, "adaptive KL horizon (Ziegler et al. 2019)")
+    clip_eps: float = opt(0.2, "policy ratio clip ε")
+    clip_eps_high: Optional[float] = opt(None, "upper clip (default: ε)")
+    dual_clip: Optional[float] = opt(None, "dual-clip constant c > 1 for negative advantages")
+    vf_coef: float = opt(0.1, "value-loss weight")
+    cliprange_value: float = opt(0.2, "value clip")
+    entropy_coef: float = opt(0.0, "entropy bonus")
+    early_stop_kl: float = opt(0.0, "stop an iteration's epochs once approx-KL exceeds this (0: off)")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.advantage not in ("gae", "grpo", "rloo"):
+            raise ValueError(f"--advantage must be gae, grpo or rloo, got {self.advantage!r}")
+        if self.advantage != "gae" and self.num_generations < 2:
+            raise ValueError(f"--advantage {self.advantage} needs --num-generations >= 2")
+        if self.critic not in ("separate", "policy_head"):
+            raise ValueError(f"--critic must be separate or policy_head, got {self.critic!r}")
+        if self.kl_mode not in ("reward", "loss"):
+            raise ValueError(f"--kl-mode must be reward or loss, got {self.kl_mode!r}")
+        if self.reward_fn not in ("", "builtin"):
+            raise ValueError(f"--reward-fn must be empty or 'builtin', got {self.reward_fn!r}")
+        if self.num_ppo_epochs < 1 or self.num_minibatches < 1:
+            raise ValueError("--num-ppo-epochs and --num-minibatches must be >= 1")
+        if (self.batch_size * self.num_generations) % self.num_minibatches:
+            raise ValueError("--batch-size × --num-generations must be divisible by --num-minibatches")
+        if not 0 <= self.lam <= 1 or not 0 <= self.gamma <= 1 or self.kl_coef < 0:
+            raise ValueError("--lam and --gamma must lie in [0, 1] and --kl-coef must be >= 0")
+        if self.max_new_tokens <= 0 or self.max_new_tokens >= self.max_length:
+            raise ValueError(f"--max-new-tokens must lie in [1, --max-length={self.max_length}), "
+                             f"got {self.max_new_tokens}")
+
+
+@dataclass
+class CompareConfig(RunConfig):
+    """Reward-based PPO versus reward-free DPO on the built-in task (table, compare.json, frontier plot)."""
+
+    output_dir: str = opt("runs/compare", "where every stage and the report go")
+    preset: str = opt("default", "smoke (seconds), default (about a minute on a CPU) or gpu")
+    betas: str = opt("", "comma-separated DPO β sweep (default: the preset's)")
+    kl_coefs: str = opt("", "comma-separated PPO KL-coefficient sweep (default: the preset's)")
+    ood: bool = opt(True, "also run the out-of-distribution preference setting")
+
+    def __post_init__(self):
+        super().__post_init__()
+        from .compare import PRESETS
+
+        if self.preset not in PRESETS:
+            raise ValueError(f"--preset must be one of {sorted(PRESETS)}, got {self.preset!r}")
+
+
+CONFIGS = {"sft": SFTConfig, "rm": RMConfig, "dpo": DPOConfig, "ppo": PPOConfig, "compare": CompareConfig}
 
 
 def field_help(cls) -> dict:

@@ -6,6 +6,10 @@ Any `transformers` causal LM works through `get_decoder()` (the backbone, final 
   Cohere     `logit_scale` s (z = s·r)   -> folded into the temperature: T / s
   Granite    `logits_scaling` d (z = r/d) -> folded into the temperature: T · d
 Only positions whose next token is a completion token are projected (see `select_completion`).
+
+The one completion-head path: `completion_inputs(model, batch)` (backbone → completion positions →
+head, in one dtype) and `score_tokens` on top of it are what every trainer, PPO's scoring and
+update, `compare` and the benchmarks call; nothing else assembles a head for the fused ops.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from fusealign.kernels import linear_logps
+
 
 @dataclass
 class Head:
@@ -32,7 +38,13 @@ class Head:
     temperature: float  # user temperature with any logit scale folded in
 
     def kwargs(self) -> dict:
+        """The head's keyword arguments of every fused op (`fa.linear_logps`, `linear_kl`, the losses)."""
         return dict(bias=self.bias, softcap=self.softcap, temperature=self.temperature)
+
+    def to(self, dtype: torch.dtype) -> "Head":
+        """The head in the hidden states' dtype (autocast gives bf16 states next to an fp32 weight)."""
+        cast = lambda t: t if t is None or t.dtype == dtype else t.to(dtype)  # noqa: E731
+        return Head(cast(self.weight), cast(self.bias), self.softcap, self.temperature)
 
 
 def head_of(model: nn.Module, temperature: float = 1.0) -> Head:
@@ -75,6 +87,58 @@ def select_completion(hidden, targets, seq_ids, ignore_index: int = -100):
     """
     keep = targets != ignore_index
     return hidden[keep], targets[keep], seq_ids[keep]
+
+
+# --- the one completion-head path: every place that scores tokens goes through here -------------------
+@dataclass
+class CompletionInputs:
+    """The fused ops' inputs for the completion tokens of a batch (N_c tokens, in batch order)."""
+
+    hidden: torch.Tensor  # (N_c, H), in the compute dtype (the autocast dtype under autocast)
+    targets: torch.Tensor  # (N_c,) next-token ids
+    seq_ids: torch.Tensor  # (N_c,) sequence index of each token in the batch
+    head: Head  # weight and bias in `hidden`'s dtype, softcap, temperature (logit scale folded in)
+
+
+def completion_hidden(model: nn.Module, batch) -> tuple:
+    """Backbone last hidden states at completion positions: (N_c, H), targets (N_c,), seq_ids (N_c,)."""
+    h = hidden_states(model, batch.input_ids, batch.attention_mask, batch.position_ids)  # (R, L, H)
+    return select_completion(h, batch.targets, batch.seq_ids)
+
+
+def completion_inputs(model: nn.Module, batch, *, temperature: float = 1.0) -> CompletionInputs:
+    """backbone → completion positions → head (weight, bias, softcap, temperature, logit scale), one dtype."""
+    h_c, y_c, s_c = completion_hidden(model, batch)
+    device = h_c.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else head_of(model).weight.dtype
+    return CompletionInputs(h_c.to(dtype), y_c, s_c, head_of(model, temperature).to(dtype))
+
+
+@dataclass
+class TokenScores:
+    """Per completion token, in batch order: log-probs (N_c,) fp32, entropy (N_c,) fp32 or None,
+    values (N_c,) fp32 or None, sequence ids (N_c,)."""
+
+    logps: torch.Tensor
+    entropy: Optional[torch.Tensor]
+    values: Optional[torch.Tensor]
+    seq_ids: torch.Tensor
+
+
+def score_tokens(model: nn.Module, batch, *, temperature: float = 1.0, backend: str = "auto",
+                 entropy: bool = False, value_head: Optional[nn.Linear] = None) -> TokenScores:
+    """Fused per-token log-probs (and entropy, and values of a value head on the same hidden states) of a
+    batch's completion tokens; the full logits are never formed. Gradients flow when grad is enabled."""
+    x = completion_inputs(model, batch, temperature=temperature)
+    logps, ent = linear_logps(x.hidden, x.head.weight, x.targets, return_entropy=True, backend=backend,
+                              **x.head.kwargs())
+    values = None if value_head is None else linear_values(x.hidden, value_head)
+    return TokenScores(logps, ent if entropy else None, values, x.seq_ids)
+
+
+def linear_values(hidden: torch.Tensor, value_head: nn.Linear) -> torch.Tensor:
+    """hidden: (N, H) -> (N,) fp32 scalar values of a `Linear(H, 1)` head."""
+    return hidden.float() @ value_head.weight.reshape(-1).float() + value_head.bias.float()
 
 
 def load_causal_lm(path: str, *, dtype: torch.dtype = torch.float32, attn_implementation: Optional[str] = None):
@@ -133,6 +197,21 @@ class RewardModel(nn.Module):
         rm = cls(load_causal_lm(path, **kw))
         rm.value_head.load_state_dict(load_file(os.path.join(path, "value_head.safetensors")))
         return rm
+
+
+class ValueHead(nn.Module):
+    """A scalar head on a policy's own hidden states (PPO's critic="policy_head"), zero-initialised."""
+
+    def __init__(self, H: int):
+        super().__init__()
+        self.value_head = nn.Linear(H, 1)
+        nn.init.zeros_(self.value_head.weight)
+        nn.init.zeros_(self.value_head.bias)
+
+
+def critic_values(critic: "RewardModel", batch) -> torch.Tensor:
+    """A separate critic (its own backbone + value head) at every completion token: (N_c,) fp32."""
+    return linear_values(completion_hidden(critic.lm, batch)[0], critic.value_head)
 
 
 def disable_dropout(model: nn.Module) -> nn.Module:

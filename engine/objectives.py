@@ -1,7 +1,8 @@
 """Per-batch objectives on fused heads: the backbone runs, only completion positions reach the head.
 
-Each returns (loss, metrics, tokens). Batches of preference pairs are `[chosen; rejected]`: sequences
-0…B−1 are the chosen completions, B…2B−1 the rejected ones, all in one backbone forward.
+Each loss returns (loss, metrics, tokens). Batches of preference pairs are `[chosen; rejected]`:
+sequences 0…B−1 are the chosen completions, B…2B−1 the rejected ones, all in one backbone forward.
+The head is assembled in one place (models.completion_inputs / score_tokens).
 """
 
 from __future__ import annotations
@@ -10,37 +11,19 @@ from typing import Optional
 
 import torch
 
-from fusealign.kernels.linear_logps import linear_logps
-from fusealign.kernels.preference import bradley_terry_loss, linear_dpo_loss, sequence_rewards
-from fusealign.kernels.segments import segment_sum
+from fusealign.kernels import segment_sum
+from fusealign.losses import REFERENCE_FREE, bradley_terry_loss, linear_dpo_loss, sequence_rewards
 
 from .data import Batch, collate
-from .models import RewardModel, head_of, hidden_states, select_completion
-
-
-def _head_inputs(h, head):
-    """Cast hidden states and head to one dtype (autocast yields bf16 states next to an fp32 weight)."""
-    device = h.device.type
-    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else head.weight.dtype
-    return h.to(dtype), head.weight.to(dtype), None if head.bias is None else head.bias.to(dtype)
-
-
-def completion_logps(model, batch: Batch, *, temperature=1.0, backend="auto"):
-    """Per-token completion log-probs: (N_c,) fp32, with their sequence ids (N_c,)."""
-    head = head_of(model, temperature)
-    h = hidden_states(model, batch.input_ids, batch.attention_mask, batch.position_ids)  # (R, L, H)
-    h_c, y_c, s_c = select_completion(h, batch.targets, batch.seq_ids)
-    h_c, W, b = _head_inputs(h_c, head)
-    return linear_logps(h_c, W, y_c, bias=b, softcap=head.softcap, temperature=head.temperature,
-                        backend=backend), s_c
+from .models import RewardModel, completion_inputs, hidden_states, score_tokens
 
 
 def sequence_logps(model, batch: Batch, *, average: bool = False, temperature=1.0, backend="auto"):
     """Per-sequence completion log-probs (S,) (sum, or mean over the completion's tokens)."""
-    logps, s = completion_logps(model, batch, temperature=temperature, backend=backend)
-    sums = segment_sum(logps, s, batch.num_sequences)
+    s = score_tokens(model, batch, temperature=temperature, backend=backend)
+    sums = segment_sum(s.logps, s.seq_ids, batch.num_sequences)
     if average:
-        counts = torch.bincount(s, minlength=batch.num_sequences).clamp_min(1)
+        counts = torch.bincount(s.seq_ids, minlength=batch.num_sequences).clamp_min(1)
         sums = sums / counts
     return sums
 
@@ -48,8 +31,7 @@ def sequence_logps(model, batch: Batch, *, average: bool = False, temperature=1.
 def sft_loss(model, examples, *, pad_id, pack, temperature=1.0, backend="auto"):
     batch = collate([(e.prompt, e.completions[0]) for e in examples], pad_id=pad_id, pack=pack)
     batch = batch.to(next(model.parameters()).device)
-    logps, _ = completion_logps(model, batch, temperature=temperature, backend=backend)
-    nll = -logps.mean()
+    nll = -score_tokens(model, batch, temperature=temperature, backend=backend).logps.mean()
     return nll, {"nll": nll.detach()}, batch.num_tokens
 
 
@@ -87,23 +69,17 @@ def dpo_loss(policy, examples, *, pad_id, pack, beta, loss_type, label_smoothing
     device = next(policy.parameters()).device
     batch = pair_batch(examples, pad_id=pad_id, pack=pack).to(device)
     B = len(examples)
-    head = head_of(policy, temperature)
-    h = hidden_states(policy, batch.input_ids, batch.attention_mask, batch.position_ids)
-    h_c, y_c, s_c = select_completion(h, batch.targets, batch.seq_ids)
-    h_c, W, b = _head_inputs(h_c, head)
+    x = completion_inputs(policy, batch, temperature=temperature)
     refs = {}
-    if loss_type != "simpo":
+    if loss_type not in REFERENCE_FREE:
         if ref_logps is not None:
             refs = dict(ref_chosen_logps=ref_logps[:, 0].to(device), ref_rejected_logps=ref_logps[:, 1].to(device))
         else:
             with torch.no_grad():
-                ref_head = head_of(ref_model, temperature)
-                hr = hidden_states(ref_model, batch.input_ids, batch.attention_mask, batch.position_ids)
-                hr_c, _, _ = select_completion(hr, batch.targets, batch.seq_ids)
-                hr_c, Wr, br = _head_inputs(hr_c, ref_head)
-            refs = dict(ref_hidden=hr_c, ref_weight=Wr, ref_bias=br)
-    loss, metrics = linear_dpo_loss(h_c, W, y_c, sequence_ids=s_c, num_sequences=2 * B, beta=beta,
-                                    loss_type=loss_type, label_smoothing=label_smoothing, gamma=gamma,
-                                    average_logps=average_logps, nll_coef=nll_coef, temperature=head.temperature,
-                                    softcap=head.softcap, bias=b, backend=backend, **refs)
+                r = completion_inputs(ref_model, batch, temperature=temperature)
+            refs = dict(ref_hidden=r.hidden, ref_weight=r.head.weight, ref_bias=r.head.bias)
+    loss, metrics = linear_dpo_loss(x.hidden, x.head.weight, x.targets, sequence_ids=x.seq_ids, num_sequences=2 * B,
+                                    beta=beta, loss_type=loss_type, label_smoothing=label_smoothing, gamma=gamma,
+                                    average_logps=average_logps, nll_coef=nll_coef, backend=backend,
+                                    **x.head.kwargs(), **refs)
     return loss, metrics, batch.num_tokens

@@ -1,7 +1,8 @@
-"""The runs behind `fusealign sft|rm|dpo`: build model, tokenizer and data from a config, train, evaluate.
+"""The runs behind `fusealign sft|rm|dpo|ppo`: build models, tokenizer and data from a config, train, evaluate.
 
-With `--model builtin`, RM and DPO start from the built-in task's SFT policy (trained first, into
-`<output_dir>/sft`, unless `--sft-model` names one), as the seed pipeline does.
+With `--model builtin`, RM, DPO and PPO start from the built-in task's SFT policy (trained first, into
+`<output_dir>/sft`, unless `--sft-model` names one), as the seed pipeline does; PPO without
+`--reward-model` trains its reward model first (into `<output_dir>/rm`).
 """
 
 from __future__ import annotations
@@ -16,10 +17,11 @@ import torch
 
 from . import task
 from .checkpoint import latest_checkpoint, write_text_atomic
-from .config import DPOConfig, RMConfig, SFTConfig, TrainConfig
-from .data import DataStream, check_vocab, load_examples
+from .config import DPOConfig, PPOConfig, RMConfig, SFTConfig, TrainConfig
+from .data import DataStream, check_vocab, load_examples, load_prompts
 from .models import RewardModel, disable_dropout, fingerprint, load_causal_lm, model_from_config
 from .objectives import dpo_loss, pair_batch, rewards_of, rm_loss, sequence_logps, sft_loss
+from .ppo import PPOTrainer
 from .sampling import sample
 from .trainer import autocast, resolve_device, train
 
@@ -28,7 +30,7 @@ def _defaults(cfg: TrainConfig, kind: str) -> TrainConfig:
     return replace(cfg, output_dir=cfg.output_dir or f"runs/{kind}")
 
 
-def _tokenizer(path):
+def load_tokenizer(path):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
@@ -46,7 +48,7 @@ def load_policy(cfg: TrainConfig, *, init: str):
         model, tok = model_from_config(task.model_config(), seed=cfg.seed), task.tokenizer()
     else:
         model = load_causal_lm(str(source), attn_implementation=cfg.attn_implementation)
-        tok = _tokenizer(source)
+        tok = load_tokenizer(source)
     check_vocab(tok, model.config.vocab_size)
     return model.to(device), tok
 
@@ -68,7 +70,8 @@ def gt_reward(model, tok, *, n: int = 128, seed: int = 0, max_new_tokens: int = 
     return sum(task.reward(tok.decode(ids), ended) for ids, ended in outs) / len(outs)
 
 
-def _finish(cfg, summary: dict) -> dict:
+def finish(cfg, summary: dict) -> dict:
+    """Write final_metrics.json atomically beside the run; returns the summary."""
     write_text_atomic(Path(cfg.output_dir) / "final_metrics.json", json.dumps(summary, indent=1))
     return summary
 
@@ -81,7 +84,7 @@ def run_sft(cfg: SFTConfig) -> dict:
     last = train(cfg, model, lambda ex: sft_loss(model, ex, pad_id=tok.pad_token_id, pack=cfg.pack,
                                                   temperature=cfg.temperature, backend=cfg.backend),
                  stream, tokenizer=tok, desc="sft")
-    return _finish(cfg, {**last, "data/lines": stats.lines, "data/skipped": stats.skipped,
+    return finish(cfg, {**last, "data/lines": stats.lines, "data/skipped": stats.skipped,
                          "data/truncated": stats.truncated})
 
 
@@ -90,7 +93,7 @@ def run_rm(cfg: RMConfig) -> dict:
     device = resolve_device(cfg.device)
     ckpt = latest_checkpoint(Path(cfg.output_dir)) if cfg.resume else None
     if ckpt is not None:
-        rm, tok = RewardModel.from_pretrained(str(ckpt)), _tokenizer(ckpt)
+        rm, tok = RewardModel.from_pretrained(str(ckpt)), load_tokenizer(ckpt)
     else:
         lm, tok = load_policy(replace(cfg, resume=False),
                               init=builtin_sft_path(cfg) if cfg.model == "builtin" else cfg.model)
@@ -122,7 +125,7 @@ def run_rm(cfg: RMConfig) -> dict:
     last = train(cfg, rm, lambda ex: rm_loss(rm, ex, pad_id=tok.pad_token_id, pack=cfg.pack, margin=cfg.margin,
                                              center_coef=cfg.center_coef),
                  DataStream(examples, cfg.batch_size, cfg.seed), tokenizer=tok, eval_fn=evaluate, desc="rm")
-    return _finish(cfg, {**last, **evaluate(), "data/lines": stats.lines, "data/skipped": stats.skipped,
+    return finish(cfg, {**last, **evaluate(), "data/lines": stats.lines, "data/skipped": stats.skipped,
                          "data/truncated": stats.truncated})
 
 
@@ -162,9 +165,8 @@ def run_dpo(cfg: DPOConfig) -> dict:
     examples, stats = load_examples(cfg.data, "pairs", tok, max_length=cfg.max_length,
                                     skip_bad_lines=cfg.skip_bad_lines)
     disable_dropout(policy)
-    needs_ref = cfg.loss_type != "simpo"
     ref_model, ref_table = None, None
-    if needs_ref:
+    if cfg.needs_reference:
         ref_model, _ = load_policy(replace(cfg, resume=False), init=init)  # the frozen reference: π_ref = π_init
         disable_dropout(ref_model.requires_grad_(False).eval())
         if cfg.ref_mode == "precompute":
@@ -187,7 +189,49 @@ def run_dpo(cfg: DPOConfig) -> dict:
     if builtin:
         summary["eval/gt_reward_init"] = before
         summary["eval/gt_reward"] = gt_reward(policy, tok, n=cfg.eval_samples, seed=cfg.seed)
-    return _finish(cfg, summary)
+    return finish(cfg, summary)
 
 
-RUNS = {"sft": run_sft, "rm": run_rm, "dpo": run_dpo}
+def run_ppo(cfg: PPOConfig) -> dict:
+    """`fusealign ppo`: defaults to the built-in task, its SFT policy and the reward model trained on it."""
+    cfg = _defaults(cfg, "ppo")
+    device = resolve_device(cfg.device)
+    init = builtin_sft_path(cfg) if cfg.model == "builtin" else cfg.model
+    policy, tok = load_policy(cfg, init=init)
+    ref, _ = load_policy(replace(cfg, resume=False), init=init)
+    reward_model, reward_fn, rm_path = None, None, cfg.reward_model
+    if cfg.reward_fn == "builtin":
+        reward_fn = task.reward
+    else:
+        if not rm_path:
+            rm_dir = Path(cfg.output_dir) / "rm"
+            if latest_checkpoint(rm_dir) is None:
+                run_rm(RMConfig(output_dir=str(rm_dir), sft_model=init, seed=cfg.seed, device=cfg.device,
+                                backend=cfg.backend, center_coef=0.01))
+            rm_path = str(latest_checkpoint(rm_dir))
+        reward_model = RewardModel.from_pretrained(rm_path).to(device)
+    critic = None
+    if cfg.advantage == "gae" and cfg.critic == "separate":
+        ckpt = latest_checkpoint(Path(cfg.output_dir)) if cfg.resume else None
+        if ckpt is not None:
+            if not (ckpt / "critic").is_dir():
+                raise FileNotFoundError(f"{ckpt} has no critic/ to resume the separate critic from")
+            critic = RewardModel.from_pretrained(str(ckpt / "critic"))
+        elif reward_model is not None:  # initialise the critic from the reward model (Huang et al. 2024)
+            critic = RewardModel.from_pretrained(rm_path)
+        else:
+            torch.manual_seed(cfg.seed)
+            critic = RewardModel(load_policy(replace(cfg, resume=False), init=init)[0])
+        critic = critic.to(device)
+    prompts = load_prompts(cfg.data, tok, max_prompt_tokens=cfg.max_length - cfg.max_new_tokens, seed=cfg.seed)
+    trainer = PPOTrainer(cfg, policy, ref, tok, critic=critic, reward_model=reward_model, reward_fn=reward_fn,
+                         prompts=prompts)
+    before = gt_reward(policy, tok, seed=cfg.seed) if cfg.data.startswith("builtin") else None
+    summary = dict(trainer.train())
+    if before is not None:
+        summary["eval/gt_reward_init"] = before
+        summary["eval/gt_reward"] = gt_reward(policy, tok, seed=cfg.seed)
+    return finish(cfg, summary)
+
+
+RUNS = {"sft": run_sft, "rm": run_rm, "dpo": run_dpo, "ppo": run_ppo}

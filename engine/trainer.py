@@ -1,13 +1,12 @@
-"""The training loop shared by SFT, reward modelling and DPO.
+"""The supervised training step shared by SFT, reward modelling and DPO, on the run loop (loop.py).
 
-step: micro-batches → loss (fused head) → backward → clip → AdamW → schedule → log → checkpoint.
+step: micro-batches → loss (fused head) → backward → clip → AdamW → schedule → metrics.
 A loss function maps a list of examples to (loss, metrics, tokens); everything else lives here.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import time
 from dataclasses import asdict
@@ -15,16 +14,13 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import torch
-from tqdm.auto import tqdm
 
-from .checkpoint import (check_fresh_start, latest_checkpoint, load_trainer_state, rng_state, save_checkpoint,
-                         set_rng_state, truncate_metrics)
-from .config import TrainConfig
+from .checkpoint import rng_state, save_checkpoint, set_rng_state
+from .config import SupervisedConfig, TrainConfig
 from .data import DataStream
+from .loop import NonFiniteLoss, check_finite, resume_or_fresh, run_loop
 
-
-class NonFiniteLoss(FloatingPointError):
-    pass
+__all__ = ["train", "autocast", "resolve_device", "lr_lambda", "enable_gradient_checkpointing", "NonFiniteLoss"]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -46,13 +42,19 @@ def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
 
 
 def autocast(cfg: TrainConfig, device: torch.device):
+    """bf16 autocast on CUDA when --bf16 (the default); full precision elsewhere."""
     if device.type == "cuda" and cfg.bf16:
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
+def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
+    target = getattr(model, "lm", model)  # a RewardModel checkpoints its backbone
+    (getattr(target, "activation_checkpointing_enable", None) or target.gradient_checkpointing_enable)()
+
+
 def train(
-    cfg: TrainConfig,
+    cfg: SupervisedConfig,
     model: torch.nn.Module,
     loss_fn: Callable[[list], tuple],
     stream: DataStream,
@@ -63,78 +65,47 @@ def train(
 ) -> dict:
     """Run to cfg.max_steps (continuing from the latest checkpoint with cfg.resume). Returns the last metrics."""
     run_dir = Path(cfg.output_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     device = next(model.parameters()).device
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
-    metrics_path = run_dir / "metrics.jsonl"
-    step = 0
-    ckpt = latest_checkpoint(run_dir) if cfg.resume else None
-    if ckpt is not None:  # the model itself was loaded from `ckpt` by the caller
-        state = load_trainer_state(ckpt)
+    state = resume_or_fresh(run_dir, cfg.resume)
+    if state is not None:  # the model itself was loaded from that checkpoint by the caller
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         stream.load_state_dict(state["data"])
         set_rng_state(state["rng"])
-        step = state["step"]
-        truncate_metrics(metrics_path, step)
-    else:
-        check_fresh_start(run_dir)
-        if metrics_path.exists():
-            metrics_path.unlink()
     if cfg.gradient_checkpointing:
-        target = getattr(model, "lm", model)  # a RewardModel checkpoints its backbone
-        enable = getattr(target, "activation_checkpointing_enable", None) or target.gradient_checkpointing_enable
-        enable()
+        enable_gradient_checkpointing(model)
     model.train()
 
-    def save(at: int) -> Path:
-        state = {"step": at, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                 "data": stream.state_dict(), "rng": rng_state(), "config": asdict(cfg)}
-        return save_checkpoint(run_dir, at, model, tokenizer, state, keep=cfg.save_total_limit)
+    def step_fn(step: int) -> dict:
+        t0 = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        totals, tokens = {}, 0
+        for _ in range(cfg.grad_accum):
+            with autocast(cfg, device):
+                loss, metrics, n_tok = loss_fn(stream.next_batch())
+            check_finite(loss, "loss", step + 1, run_dir)
+            (loss / cfg.grad_accum).backward()
+            tokens += n_tok
+            for k, v in {"loss": loss, **metrics}.items():
+                totals[k] = totals.get(k, 0.0) + float(torch.as_tensor(v).detach()) / cfg.grad_accum
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
+        check_finite(grad_norm, "gradient norm", step + 1, run_dir)
+        optimizer.step()
+        lr = scheduler.get_last_lr()[0]
+        scheduler.step()
+        out = {**totals, "lr": lr, "grad_norm": float(grad_norm), "tokens_per_s": tokens / (time.perf_counter() - t0)}
+        if eval_fn is not None and cfg.eval_every and (step + 1) % cfg.eval_every == 0:
+            out.update(eval_fn())
+            model.train()
+        return out
 
-    last = {}
-    bar = tqdm(total=cfg.max_steps, initial=step, desc=desc, dynamic_ncols=True, mininterval=0.5)
-    with open(metrics_path, "a") as log:
-        while step < cfg.max_steps:
-            t0 = time.perf_counter()
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-            optimizer.zero_grad(set_to_none=True)
-            totals, tokens = {}, 0
-            for _ in range(cfg.grad_accum):
-                with autocast(cfg, device):
-                    loss, metrics, n_tok = loss_fn(stream.next_batch())
-                if not torch.isfinite(loss):
-                    good = latest_checkpoint(run_dir)
-                    raise NonFiniteLoss(
-                        f"non-finite loss ({loss.item()}) at step {step + 1}: stopping. The last good checkpoint is "
-                        f"{good if good else 'none (no checkpoint was written yet)'}; lower --lr or check the data")
-                (loss / cfg.grad_accum).backward()
-                tokens += n_tok
-                for k, v in {"loss": loss, **metrics}.items():
-                    totals[k] = totals.get(k, 0.0) + float(torch.as_tensor(v).detach()) / cfg.grad_accum
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else
-                                                       float("inf"))
-            if not torch.isfinite(grad_norm):
-                raise NonFiniteLoss(f"non-finite gradient norm at step {step + 1}: stopping; the last good "
-                                    f"checkpoint is {latest_checkpoint(run_dir)}")
-            optimizer.step()
-            lr = scheduler.get_last_lr()[0]
-            scheduler.step()
-            step += 1
-            dt = time.perf_counter() - t0
-            last = {"step": step, **totals, "lr": lr, "grad_norm": float(grad_norm), "tokens_per_s": tokens / dt,
-                    "peak_mem_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None}
-            if eval_fn is not None and cfg.eval_every and step % cfg.eval_every == 0:
-                last.update(eval_fn())
-                model.train()
-            log.write(json.dumps(last) + "\n")
-            log.flush()
-            bar.update(1)
-            bar.set_postfix(loss=f"{totals['loss']:.4f}", lr=f"{lr:.2e}")
-            if step % cfg.save_every == 0 or step == cfg.max_steps:
-                save(step)
-    bar.close()
-    return last
+    def save_fn(at: int) -> Path:
+        trainer_state = {"step": at, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                         "data": stream.state_dict(), "rng": rng_state(), "config": asdict(cfg)}
+        return save_checkpoint(run_dir, at, model, tokenizer, trainer_state, keep=cfg.save_total_limit)
+
+    start = state["step"] if state is not None else 0
+    return run_loop(cfg, run_dir, start, step_fn, save_fn, device=device, desc=desc, postfix=("loss", "lr"))

@@ -1,10 +1,15 @@
 """Fused Triton kernels, their chunked PyTorch twins, autograd functions and naive references.
 
 Installed as `fusealign.kernels`; imports inside this package are relative so the same files work
-from a source checkout mapped by setup.py and from an installed wheel.
+from a source checkout mapped by setup.py and from an installed wheel. The public entry points —
+what `fusealign.losses` and the engine may import — are re-exported here, plus `checks` (argument
+validation) and `reference` (the naive specs).
 """
 
-from . import reference
+from . import checks, reference
+from .linear_kl import linear_kl
 from .linear_logps import DEFAULT_CHUNK_BYTES, LinearLogpsFunction, linear_logps
+from .segments import segment_sum
 
-__all__ = ["reference", "linear_logps", "LinearLogpsFunction", "DEFAULT_CHUNK_BYTES"]
+__all__ = ["checks", "reference", "linear_logps", "linear_kl", "segment_sum", "LinearLogpsFunction",
+           "DEFAULT_CHUNK_BYTES"]

@@ -109,9 +109,9 @@ def capture_launches():
     import importlib
 
     # Modules by full name: the package re-exports functions named like their modules.
-    linear_logps, linear_kl, linear_logps_triton, linear_kl_triton = (
+    linear_logps, linear_kl, tiles, linear_logps_triton, linear_kl_triton = (
         importlib.import_module(f"{__package__}.{m}")
-        for m in ("linear_logps", "linear_kl", "linear_logps_triton", "linear_kl_triton"))
+        for m in ("linear_logps", "linear_kl", "tiles", "linear_logps_triton", "linear_kl_triton"))
 
     launches: list[Launch] = []
 
@@ -128,14 +128,14 @@ def capture_launches():
         (JITFunction, "run", JITFunction.run),
         (linear_logps, "resolve_backend", real_resolve),
         (linear_kl, "resolve_backend", linear_kl.resolve_backend),
+        (tiles, "interpreting", tiles.interpreting),
         (linear_logps_triton, "interpreting", linear_logps_triton.interpreting),
         (linear_kl_triton, "interpreting", linear_kl_triton.interpreting),
     ]
     JITFunction.run = record
     linear_logps.resolve_backend = resolve_on_cpu
     linear_kl.resolve_backend = resolve_on_cpu
-    linear_logps_triton.interpreting = lambda: False
-    linear_kl_triton.interpreting = lambda: False
+    tiles.interpreting = linear_logps_triton.interpreting = linear_kl_triton.interpreting = lambda: False
     try:
         yield launches
     finally:
@@ -265,8 +265,9 @@ def _run_public_ops(H: int, V: int, dtype, N: int = 32):
             fa.linear_logps(h, w, y, bias=b, softcap=softcap, temperature=temperature, backend="triton")
         for direction in ("forward", "reverse"):
             rh, rw = t(N, H, grad=False), t(V, H, grad=False)
-            fa.linear_kl(h, w, rh, rw, softcap=softcap, temperature=temperature, direction=direction,
-                         backend="triton").sum().backward()
+            rb = t(V, grad=False) if bias else None
+            fa.linear_kl(h, w, rh, rw, bias=b, ref_bias=rb, softcap=softcap, temperature=temperature,
+                         direction=direction, backend="triton").sum().backward()
     # The DPO and PPO ops route through linear_logps; run them so a new kernel of theirs is seen too.
     h2, w2 = t(2 * N, H), t(V, H)
     y2 = torch.randint(0, V, (2, N), generator=g)
@@ -299,7 +300,7 @@ def _run_launchers(H: int, V: int, dtype, N: int = 256):
     lt.logps_bwd_dz(h, w, None, y, f, f, f, f, dz, temperature=1.0, softcap=None, ignore_index=-100)
     valid = torch.ones(N, dtype=torch.uint8)
     klt.kl_fwd(h, w, h, w, valid, temperature=1.0, softcap=None)
-    klt.kl_bwd_dz(h, w, h, w, valid, f, f, f, f, dz, reverse=False, temperature=1.0, softcap=None)
+    klt.kl_bwd_dz(h, w, None, h, w, None, valid, f, f, f, f, dz, reverse=False, temperature=1.0, softcap=None)
 
 
 def collect_launches(dtypes=("bfloat16", "float16", "float32"), shapes=None) -> list[Launch]:

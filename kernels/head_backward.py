@@ -16,7 +16,7 @@ from typing import Callable, Optional
 
 import torch
 
-from .linear_logps_torch import chunk_rows, mm_f32
+from .chunked import chunk_rows, mm_f32
 
 
 def head_backward(

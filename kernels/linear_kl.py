@@ -7,7 +7,8 @@ Math (token t; z = policy logits, z_ref = reference logits, both softcap(h Wᵀ)
 Gradients flow to the policy side only (`hidden`, `weight`); the reference is a constant.
 Saved for backward: inputs (no copies) and per-token lse, lse_ref, KL — O(N). Both logit tiles are
 recomputed in backward; no (N, V) tensor exists (see linear_kl_triton.py / linear_kl_torch.py).
-The reference head may be wider (distillation): ref_weight is (V, H_ref) with H_ref ≠ H allowed.
+The reference head may be wider (distillation): ref_weight is (V, H_ref) with H_ref ≠ H allowed. Each
+head may carry a bias; gradients reach the policy's bias too.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Optional
 import torch
 
 from . import linear_kl_torch as _torch_impl
-from ._checks import check_chunk_bytes, check_linear_head
+from .checks import check_chunk_bytes, check_linear_head
 from .head_backward import head_backward
 from .linear_logps import DEFAULT_CHUNK_BYTES, HeadOptions, resolve_backend
 
@@ -32,7 +33,7 @@ def _impl(backend: str):
     return _torch_impl
 
 
-def _forward(hidden, weight, ref_hidden, ref_weight, valid, reverse, opts: HeadOptions):
+def _forward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, valid, reverse, opts: HeadOptions):
     """-> kl, lse (policy), lse_ref: (N,) fp32."""
     if hidden.shape[0] == 0:
         e = hidden.new_zeros((0,), dtype=torch.float32)
@@ -40,20 +41,22 @@ def _forward(hidden, weight, ref_hidden, ref_weight, valid, reverse, opts: HeadO
     kw = dict(temperature=opts.temperature, softcap=opts.softcap, chunk_bytes=opts.chunk_bytes)
     impl = _impl(opts.backend)
     if reverse:  # KL(Q‖P): A = reference, B = policy
-        kl, lse_ref, lse = impl.kl_fwd(ref_hidden, ref_weight, hidden, weight, valid, **kw)
+        kl, lse_ref, lse = impl.kl_fwd(ref_hidden, ref_weight, hidden, weight, valid, bias_a=ref_bias, bias_b=bias,
+                                       **kw)
     else:
-        kl, lse, lse_ref = impl.kl_fwd(hidden, weight, ref_hidden, ref_weight, valid, **kw)
+        kl, lse, lse_ref = impl.kl_fwd(hidden, weight, ref_hidden, ref_weight, valid, bias_a=bias, bias_b=ref_bias,
+                                       **kw)
     return kl, lse, lse_ref
 
 
 class LinearKLFunction(torch.autograd.Function):
-    """Autograd over flattened inputs: hidden (N, H), weight (V, H), ref_hidden (N, H_ref), ref_weight
-    (V, H_ref), valid (N,) uint8."""
+    """Autograd over flattened inputs: hidden (N, H), weight (V, H), bias (V,)|None, ref_hidden (N, H_ref),
+    ref_weight (V, H_ref), ref_bias (V,)|None, valid (N,) uint8."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, ref_hidden, ref_weight, valid, reverse: bool, opts: HeadOptions):
-        kl, lse, lse_ref = _forward(hidden, weight, ref_hidden, ref_weight, valid, reverse, opts)
-        ctx.save_for_backward(hidden, weight, ref_hidden, ref_weight, valid, lse, lse_ref, kl)
+    def forward(ctx, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, valid, reverse: bool, opts: HeadOptions):
+        kl, lse, lse_ref = _forward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, valid, reverse, opts)
+        ctx.save_for_backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, valid, lse, lse_ref, kl)
         ctx.reverse, ctx.opts = reverse, opts
         ctx.set_materialize_grads(False)
         return kl
@@ -61,19 +64,19 @@ class LinearKLFunction(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g):
-        hidden, weight, ref_hidden, ref_weight, valid, lse, lse_ref, kl = ctx.saved_tensors
-        needs = ctx.needs_input_grad[:2] + (False,) if g is not None else (False, False, False)
+        hidden, weight, bias, ref_hidden, ref_weight, ref_bias, valid, lse, lse_ref, kl = ctx.saved_tensors
+        needs = ctx.needs_input_grad[:3] if g is not None else (False, False, False)
         g = None if g is None else g.reshape(-1).float().contiguous()
         opts, impl = ctx.opts, _impl(ctx.opts.backend)
 
         def write_dz(rows, dz):
-            impl.kl_bwd_dz(hidden[rows], weight, ref_hidden[rows], ref_weight, valid[rows], lse[rows],
-                           lse_ref[rows], kl[rows], g[rows], dz, reverse=ctx.reverse,
+            impl.kl_bwd_dz(hidden[rows], weight, bias, ref_hidden[rows], ref_weight, ref_bias, valid[rows],
+                           lse[rows], lse_ref[rows], kl[rows], g[rows], dz, reverse=ctx.reverse,
                            temperature=opts.temperature, softcap=opts.softcap)
 
-        dh, dW, _ = head_backward(hidden, weight, None, valid == 0, write_dz, chunk_bytes=opts.chunk_bytes,
-                                  temp_bytes_per_logit=impl.BWD_BYTES_PER_LOGIT, needs=needs)
-        return dh, dW, None, None, None, None, None
+        dh, dW, db = head_backward(hidden, weight, bias, valid == 0, write_dz, chunk_bytes=opts.chunk_bytes,
+                                   temp_bytes_per_logit=impl.BWD_BYTES_PER_LOGIT, needs=needs)
+        return dh, dW, db, None, None, None, None, None, None
 
 
 def linear_kl(
@@ -86,24 +89,27 @@ def linear_kl(
     temperature: float = 1.0,
     direction: str = "forward",
     softcap: Optional[float] = None,
+    bias: Optional[torch.Tensor] = None,
+    ref_bias: Optional[torch.Tensor] = None,
     backend: str = "auto",
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
 ) -> torch.Tensor:
     """Exact per-token KL between the policy head and the reference head, over the whole vocabulary.
 
-    hidden: (…, H), weight: (V, H); ref_hidden: (…, H_ref), ref_weight: (V, H_ref) (same V; H_ref may
-    differ); mask: (…) bool or None. Returns (…) float32, 0 where `mask` is False.
+    hidden: (…, H), weight: (V, H), bias: (V,) or None; ref_hidden: (…, H_ref), ref_weight: (V, H_ref),
+    ref_bias: (V,) or None (same V; H_ref may differ); mask: (…) bool or None.
+    Returns (…) float32, 0 where `mask` is False.
     Equivalent to `fusealign.kernels.reference.linear_kl_reference`; never materialises (N, V).
     The reference side is a constant: it must not require grad (pass `.detach()`).
-    `temperature` (and `softcap`) apply to both heads.
+    `temperature` (and `softcap`) apply to both heads, as they do to two checkpoints of one model.
     Memory: peak extra memory of forward + backward ≤ 1.25 × `chunk_bytes` + O(N·H + V·H), as for
     `linear_logps` (both heads' logit tiles count against `chunk_bytes`).
     """
     if direction not in DIRECTIONS:
         raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
-    H, V = check_linear_head(hidden, weight, None, None, temperature, softcap)
-    check_linear_head(ref_hidden, ref_weight, None, None, temperature, softcap,
-                      names=("ref_hidden", "ref_weight", "", ""))
+    H, V = check_linear_head(hidden, weight, None, bias, temperature, softcap)
+    check_linear_head(ref_hidden, ref_weight, None, ref_bias, temperature, softcap,
+                      names=("ref_hidden", "ref_weight", "", "ref_bias"))
     if ref_weight.shape[0] != V:
         raise ValueError(f"ref_weight has V={ref_weight.shape[0]} but weight has V={V}; the vocabularies must match")
     if tuple(ref_hidden.shape[:-1]) != tuple(hidden.shape[:-1]):
@@ -112,8 +118,8 @@ def linear_kl(
     if ref_hidden.device != hidden.device:
         raise ValueError(f"ref_hidden is on {ref_hidden.device} but hidden is on {hidden.device}")
     if torch.is_grad_enabled():
-        for name, t in (("ref_hidden", ref_hidden), ("ref_weight", ref_weight)):
-            if t.requires_grad:
+        for name, t in (("ref_hidden", ref_hidden), ("ref_weight", ref_weight), ("ref_bias", ref_bias)):
+            if t is not None and t.requires_grad:
                 raise ValueError(f"{name} requires grad, but the reference side of linear_kl is a constant; "
                                  f"pass {name}.detach() (or compute it under torch.no_grad())")
     lead = tuple(hidden.shape[:-1])
@@ -128,10 +134,13 @@ def linear_kl(
     opts = HeadOptions(float(temperature), None if softcap is None else float(softcap), -100,
                        resolve_backend(backend, hidden.device), chunk_bytes)
     h2, hr2 = hidden.reshape(-1, H), ref_hidden.reshape(-1, ref_hidden.shape[-1])
+    bias = None if bias is None else bias.contiguous()
+    ref_bias = None if ref_bias is None else ref_bias.contiguous()
     valid = valid.reshape(-1).contiguous()
     reverse = direction == "reverse"
-    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
-        kl = LinearKLFunction.apply(h2, weight, hr2, ref_weight, valid, reverse, opts)
+    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad
+                                    or (bias is not None and bias.requires_grad)):
+        kl = LinearKLFunction.apply(h2, weight, bias, hr2, ref_weight, ref_bias, valid, reverse, opts)
     else:
-        kl = _forward(h2, weight, hr2, ref_weight, valid, reverse, opts)[0]
+        kl = _forward(h2, weight, bias, hr2, ref_weight, ref_bias, valid, reverse, opts)[0]
     return kl.view(lead)

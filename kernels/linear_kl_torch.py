@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import torch
 
-from .linear_logps_torch import chunk_rows, raw_logits, softcap_factor_
+from .chunked import chunk_rows, final_logits, softcap_factor_
 
 FWD_BYTES_PER_LOGIT = 12  # both heads' shifted logits and P's exponentials
 BWD_BYTES_PER_LOGIT = 12  # log p, log q, p (dz excluded)
 
 
-def kl_fwd(ha, wa, hb, wb, valid, *, temperature, softcap, chunk_bytes):
+def kl_fwd(ha, wa, hb, wb, valid, *, bias_a=None, bias_b=None, temperature, softcap, chunk_bytes):
     """KL(softmax(A)‖softmax(B)) per token -> kl, lse_a, lse_b: (N,) fp32 (kl = 0 where not valid).
 
     KL = Σ_v P_v (log P_v − log Q_v) = Σ_v e_v (a_v − b_v) / s_a − log s_a + log s_b, with a, b the logits
@@ -25,11 +25,11 @@ def kl_fwd(ha, wa, hb, wb, valid, *, temperature, softcap, chunk_bytes):
     step = chunk_rows(N, V, chunk_bytes, FWD_BYTES_PER_LOGIT)
     for start in range(0, N, step):
         rows = slice(start, min(N, start + step))
-        b = raw_logits(hb[rows], wb, None, temperature, softcap)  # (n, V)
+        b = final_logits(hb[rows], wb, bias_b, temperature, softcap)  # (n, V)
         m_b = b.amax(-1, keepdim=True)
         b -= m_b
         log_s_b = b.exp().sum(-1).log()  # one transient tile
-        a = raw_logits(ha[rows], wa, None, temperature, softcap)  # (n, V)
+        a = final_logits(ha[rows], wa, bias_a, temperature, softcap)  # (n, V)
         m_a = a.amax(-1, keepdim=True)
         a -= m_a
         e = a.exp()
@@ -43,14 +43,14 @@ def kl_fwd(ha, wa, hb, wb, valid, *, temperature, softcap, chunk_bytes):
     return out[0], out[1], out[2]
 
 
-def kl_bwd_dz(hidden, weight, ref_hidden, ref_weight, valid, lse, lse_ref, kl, g, dz, *,
+def kl_bwd_dz(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, valid, lse, lse_ref, kl, g, dz, *,
               reverse, temperature, softcap):
     """Write ∂L/∂(policy raw logits) for one chunk into `dz: (n, V)`; see linear_kl_triton.py.
 
     Holds three fp32 (n, V) tiles besides `dz`: log p, log q, p.
     """
-    logp = raw_logits(hidden, weight, None, temperature, softcap).sub_(lse.unsqueeze(1))
-    logq = raw_logits(ref_hidden, ref_weight, None, temperature, softcap).sub_(lse_ref.unsqueeze(1))
+    logp = final_logits(hidden, weight, bias, temperature, softcap).sub_(lse.unsqueeze(1))
+    logq = final_logits(ref_hidden, ref_weight, ref_bias, temperature, softcap).sub_(lse_ref.unsqueeze(1))
     grad = logp.exp()  # p
     if reverse:
         grad.sub_(logq.exp_())  # p − q

@@ -29,7 +29,7 @@ from typing import Optional
 import torch
 
 from . import linear_logps_torch as _torch_impl
-from ._checks import check_chunk_bytes, check_linear_head, check_target_range
+from .checks import check_chunk_bytes, check_linear_head, check_target_range
 from .head_backward import head_backward
 
 DEFAULT_CHUNK_BYTES = 256 * 2**20

@@ -6,13 +6,14 @@ below states how many bytes per logit it holds (`*_BYTES_PER_LOGIT`), and `chunk
 budget by that. Peak extra memory is therefore ≤ chunk_bytes plus O(N) statistics — never (N, V).
 Runs anywhere PyTorch runs; used on the CPU and as the fallback.
 
-Logits are always formed in fp32: on CUDA via `torch.mm(..., out_dtype=torch.float32)`
-(bf16/fp16 tensor cores, fp32 output), elsewhere by upcasting the operands.
+Logits are always formed in fp32 (chunked.py: `mm_f32`, `final_logits`).
 """
 
 from __future__ import annotations
 
 import torch
+
+from .chunked import chunk_rows, final_logits, softcap_factor_
 
 # (chunk, V) buffers alive at once, in bytes per logit (fp32 tiles are 4, bool masks 1):
 FWD_BYTES_PER_LOGIT = 8  # partial_stats: logits and their exponentials
@@ -20,50 +21,6 @@ BWD_BYTES_PER_LOGIT = 12  # logps_bwd_dz: log p, p and the entropy coefficient (
 # −inf logits (masked vocabulary) are clamped to the lowest finite float before they multiply a zero
 # probability, so 0·log 0 = 0 without a (chunk, V) bool mask; NaN passes through clamp unchanged.
 _LOWEST = torch.finfo(torch.float32).min
-
-
-# `torch.mm(..., out_dtype=)` (the `aten::mm.dtype` overload, PyTorch ≥ 2.8; CUDA kernels only): bf16/fp16
-# operands on tensor cores with an fp32 result. Without it, upcasting is correct but copies the operands.
-HAS_MM_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype")
-
-
-def mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a: (M, K), b: (K, N), same dtype  ->  (M, N) fp32, accumulated in fp32.
-
-    Autocast is switched off here: under bf16 autocast `a @ b` of fp32 operands would return bf16
-    logits (found by running the engine's head path under CPU autocast).
-    """
-    with torch.autocast(a.device.type, enabled=False):
-        if a.dtype == torch.float32:
-            return a @ b
-        if a.is_cuda and HAS_MM_OUT_DTYPE:
-            return torch.mm(a, b, out_dtype=torch.float32)
-        return a.float() @ b.float()
-
-
-def chunk_rows(N: int, V: int, chunk_bytes: int, bytes_per_logit: int) -> int:
-    """Tokens per chunk so that `bytes_per_logit` bytes for each of (rows, V) logits fit `chunk_bytes`."""
-    return max(1, min(N, chunk_bytes // (bytes_per_logit * V)))
-
-
-def raw_logits(hidden_c, weight, bias, temperature, softcap):
-    """hidden_c: (n, H) -> final logits z = softcap·tanh((h Wᵀ + b)/softcap)/T: (n, V) fp32, one buffer.
-
-    Everything after the matmul is in place. The softcap's tanh is not kept: t = z·T/softcap.
-    """
-    z = mm_f32(hidden_c, weight.T)
-    if bias is not None:
-        z += bias.float()
-    if softcap is not None:
-        z.div_(softcap).tanh_().mul_(softcap)
-    if temperature != 1.0:
-        z.div_(temperature)
-    return z
-
-
-def softcap_factor_(z, temperature, softcap):
-    """In place: final logits z -> ∂z/∂r · T = 1 − t², with t = tanh(r/softcap) = z·T/softcap."""
-    return z.mul_(temperature / softcap).square_().neg_().add_(1.0)
 
 
 def partial_stats(hidden, weight, bias, targets, *, temperature, softcap, chunk_bytes):
@@ -75,7 +32,7 @@ def partial_stats(hidden, weight, bias, targets, *, temperature, softcap, chunk_
     step = chunk_rows(N, V, chunk_bytes, FWD_BYTES_PER_LOGIT)
     for start in range(0, N, step):
         sl = slice(start, min(N, start + step))
-        z = raw_logits(hidden[sl], weight, bias, temperature, softcap)  # (n, V) fp32
+        z = final_logits(hidden[sl], weight, bias, temperature, softcap)  # (n, V) fp32
         # Shifted by the row max, as the Triton kernel does: a row holding ±inf or NaN gives NaN
         # (inf − inf), never a finite number.
         m = z.amax(dim=-1, keepdim=True)
@@ -128,7 +85,7 @@ def logps_bwd_dz(hidden, weight, bias, targets, lse, entropy, g_logps, g_entropy
     Holds BWD_BYTES_PER_LOGIT bytes per logit besides `dz`: log p, p and (with an entropy gradient)
     the coefficient g + e (log p + H), all fp32.
     """
-    logp = raw_logits(hidden, weight, bias, temperature, softcap).sub_(lse.unsqueeze(1))  # (n, V)
+    logp = final_logits(hidden, weight, bias, temperature, softcap).sub_(lse.unsqueeze(1))  # (n, V)
     valid = targets != ignore_index
     g = torch.where(valid, g_logps, 0.0).unsqueeze(1)  # (n, 1)
     grad = logp.exp()  # p; becomes ∂L/∂z in place

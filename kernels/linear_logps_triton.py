@@ -18,7 +18,8 @@ Backward (hybrid): given the saved per-token `lse` (and `entropy`), a Triton ker
 logit tile and writes the logit gradient in place,
     ∂L/∂z_v = g_logp (1[v = y] − p_v) − g_ent p_v (log p_v + entropy)
     ∂L/∂r_v = ∂L/∂z_v · (1/T) · (1 − tanh²(r_v / softcap))
-for a bounded chunk of tokens; cuBLAS then does ∂h = dr W and ∂W += drᵀ h (see linear_logps.py).
+for a bounded chunk of tokens; cuBLAS then does ∂h = dr W and ∂W += drᵀ h (head_backward.py).
+Logit tiles, the softcap/temperature transform and the dz store are shared (tiles.py).
 
 Memory: forward saves nothing but O(N) statistics; the only large buffer is the backward's
 `(chunk, V)` gradient tile, bounded by a byte budget.
@@ -31,101 +32,15 @@ so the same token gives bitwise-identical log-probs alone or in a batch of thous
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass
-
 import torch
 import triton
 import triton.language as tl
 
-# On the GPU the native bf16/fp16 `tl.dot` runs with fp32 accumulation; only the interpreter
-# (TRITON_INTERPRET=1, used by CPU tests) takes an fp32 path, selected by the INTERPRET constexpr.
-# Finite "-inf" start of the running max: keeps 0·(m_old − m_new) finite. A jit function may only read
-# module globals that are `tl.constexpr`: the interpreter accepts a plain float, the GPU compiler does not.
-_NEG_BIG = tl.constexpr(-1.0e30)
+from .tiles import NEG_BIG, dot_precision, final_logits_tile, interpreting, store_dz, tile_config
 
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-@dataclass(frozen=True)
-class TileConfig:
-    """Tile shapes for one (H, V, dtype) class. Never depends on N (batch invariance)."""
-
-    BLOCK_N: int
-    BLOCK_V: int
-    BLOCK_K: int
-    split_cols: int  # vocabulary columns per split (multiple of BLOCK_V)
-    num_warps: int
-    num_stages: int
-
-
-def tile_config(H: int, V: int, dtype: torch.dtype, heads: int = 1) -> TileConfig:
-    """`heads`: logit tiles a kernel keeps live at once (2 for the KL kernels: policy and reference).
-
-    Register budget (255 per thread): a (BLOCK_N, BLOCK_V) fp32 accumulator costs BLOCK_N·BLOCK_V /
-    (32·num_warps) registers per thread, and the epilogue holds two or three tiles of that size. So a
-    two-head kernel halves BLOCK_V. Checked by tests/kernels/test_cuda_compile.py (no spills on
-    sm_80/sm_90).
-    """
-    if interpreting():
-        # Small tiles keep the numpy interpreter fast; several splits exercise the merge.
-        return TileConfig(16, 32, 32, 64, 1, 1)
-    if dtype == torch.float32:
-        # IEEE fp32 dots run on FMA units, whose operand layouts cost more registers than MMA's.
-        return TileConfig(64, 64 // heads, 16, 4096, 4 * heads, 3)
-    return TileConfig(128, 128 // heads, 64, 4096, 8, 3)
-
-
-@triton.jit
-def _raw_logits_tile(
-    h_ptr, w_ptr, b_ptr,
-    offs_n, offs_v, N, V, H,
-    stride_h_n, stride_h_k, stride_w_v, stride_w_k,
-    HAS_BIAS: tl.constexpr, INTERPRET: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    """r[n, v] = h[n] · W[v] (+ b[v]) for one (BLOCK_N, BLOCK_V) tile, fp32 accumulator."""
-    offs_k = tl.arange(0, BLOCK_K)
-    mask_n = offs_n < N
-    mask_v = offs_v < V
-    # int64 offsets: V·H passes 2^31 at V = 262,144, H = 8,192.
-    h_rows = h_ptr + offs_n.to(tl.int64)[:, None] * stride_h_n
-    w_cols = w_ptr + offs_v.to(tl.int64)[None, :] * stride_w_v
-    acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
-    for k0 in range(0, H, BLOCK_K):
-        k = k0 + offs_k
-        h = tl.load(h_rows + k.to(tl.int64)[None, :] * stride_h_k, mask=mask_n[:, None] & (k[None, :] < H), other=0.0)
-        w = tl.load(w_cols + k.to(tl.int64)[:, None] * stride_w_k, mask=(k[:, None] < H) & mask_v[None, :], other=0.0)
-        if INTERPRET:
-            # Interpreter only: fp32 broadcast-multiply-sum. Its tl.dot would multiply raw bf16 bit
-            # patterns (triton-lang/triton#11584) and go through a BLAS whose rounding depends on a
-            # row's position in the tile, which would fake a batch-invariance failure.
-            acc += tl.sum(h.to(tl.float32)[:, :, None] * w.to(tl.float32)[None, :, :], axis=1)
-        else:
-            acc = tl.dot(h, w, acc, input_precision=DOT_PRECISION)
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + offs_v, mask=mask_v, other=0.0).to(tl.float32)[None, :]
-    return acc
-
-
-@triton.jit
-def _tanh(x):
-    # tanh via exp, saturating correctly at ±inf; libdevice is not available to the interpreter.
-    return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
-
-
-@triton.jit
-def _store_dz(dz, t, valid, dz_ptr, offs_n, offs_v, mask_n, mask_v, stride_dz_n, inv_temp, SOFTCAP: tl.constexpr):
-    """∂L/∂z -> ∂L/∂r (through 1/T and the softcap's 1 − tanh²), zero on invalid rows, store in dz's dtype."""
-    dz = dz * inv_temp
-    if SOFTCAP:
-        dz = dz * (1.0 - t * t)
-    # Ignored rows contribute exactly nothing, even if their hidden state is NaN.
-    dz = tl.where(valid[:, None], dz, 0.0)
-    out = dz_ptr + offs_n.to(tl.int64)[:, None] * stride_dz_n + offs_v[None, :]
-    tl.store(out, dz.to(dz_ptr.dtype.element_ty), mask=mask_n[:, None] & mask_v[None, :])
+# (chunk, V) buffers the launchers hold besides the backward's dz, bytes per logit (see linear_logps_torch.py).
+FWD_BYTES_PER_LOGIT = 0
+BWD_BYTES_PER_LOGIT = 0
 
 
 @triton.jit
@@ -144,7 +59,7 @@ def _logps_fwd_kernel(
     mask_n = offs_n < N
     y = tl.load(y_ptr + offs_n, mask=mask_n, other=-1).to(tl.int64)
 
-    m = tl.full((BLOCK_N,), _NEG_BIG, tl.float32)
+    m = tl.full((BLOCK_N,), NEG_BIG, tl.float32)
     s = tl.zeros((BLOCK_N,), tl.float32)
     a = tl.zeros((BLOCK_N,), tl.float32)
     zy = tl.zeros((BLOCK_N,), tl.float32)
@@ -153,12 +68,9 @@ def _logps_fwd_kernel(
     for v0 in range(v_begin, v_end, BLOCK_V):
         offs_v = v0 + tl.arange(0, BLOCK_V)
         mask_v = offs_v < v_end
-        z = _raw_logits_tile(h_ptr, w_ptr, b_ptr, offs_n, offs_v, N, V, H,
-                             stride_h_n, stride_h_k, stride_w_v, stride_w_k,
-                             HAS_BIAS, INTERPRET, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_K)
-        if SOFTCAP:
-            z = softcap * _tanh(z / softcap)
-        z = z * inv_temp
+        z, _ = final_logits_tile(h_ptr, w_ptr, b_ptr, offs_n, offs_v, N, V, H,
+                                 stride_h_n, stride_h_k, stride_w_v, stride_w_k, inv_temp, softcap,
+                                 HAS_BIAS, SOFTCAP, INTERPRET, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_K)
         z = tl.where(mask_v[None, :], z, float("-inf"))
         zy += tl.sum(tl.where(offs_v[None, :] == y[:, None], z, 0.0), axis=1)
         # Online softmax: rescale s and a to the new running max before adding this tile.
@@ -188,17 +100,17 @@ def _merge_kernel(
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < N
     # Rows advance by pointer increments of 4·N (64-bit pointers): no int32 product of split and N.
-    M = tl.full((BLOCK,), _NEG_BIG, tl.float32)
+    M = tl.full((BLOCK,), NEG_BIG, tl.float32)
     row = stats_ptr + offs
     for i in range(0, SPLITS):
-        M = tl.maximum(M, tl.load(row, mask=mask, other=_NEG_BIG))
+        M = tl.maximum(M, tl.load(row, mask=mask, other=NEG_BIG))
         row += 4 * N
     S = tl.zeros((BLOCK,), tl.float32)
     A = tl.zeros((BLOCK,), tl.float32)
     ZY = tl.zeros((BLOCK,), tl.float32)
     row = stats_ptr + offs
     for i in range(0, SPLITS):
-        m_i = tl.load(row, mask=mask, other=_NEG_BIG)
+        m_i = tl.load(row, mask=mask, other=NEG_BIG)
         s_i = tl.load(row + N, mask=mask, other=0.0)
         d = m_i - M
         scale = tl.exp(d)
@@ -234,15 +146,9 @@ def _logps_bwd_dz_kernel(
     lse = tl.load(lse_ptr + offs_n, mask=mask_n, other=0.0)
     g_logp = tl.load(g_logp_ptr + offs_n, mask=mask_n, other=0.0)
 
-    r = _raw_logits_tile(h_ptr, w_ptr, b_ptr, offs_n, offs_v, N, V, H,
-                         stride_h_n, stride_h_k, stride_w_v, stride_w_k,
-                         HAS_BIAS, INTERPRET, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_K)
-    if SOFTCAP:
-        t = _tanh(r / softcap)
-        z = softcap * t * inv_temp
-    else:
-        t = 0.0  # unused without softcap
-        z = r * inv_temp
+    z, t = final_logits_tile(h_ptr, w_ptr, b_ptr, offs_n, offs_v, N, V, H,
+                             stride_h_n, stride_h_k, stride_w_v, stride_w_k, inv_temp, softcap,
+                             HAS_BIAS, SOFTCAP, INTERPRET, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_K)
     logp = z - lse[:, None]
     p = tl.exp(logp)
     if HAS_ENT_GRAD:
@@ -254,17 +160,7 @@ def _logps_bwd_dz_kernel(
     else:
         dz = -g_logp[:, None] * p
     dz += tl.where(offs_v[None, :] == y[:, None], g_logp[:, None], 0.0)
-    _store_dz(dz, t, valid, dz_ptr, offs_n, offs_v, mask_n, mask_v, stride_dz_n, inv_temp, SOFTCAP)
-
-
-# (chunk, V) buffers the launchers hold besides the backward's dz, bytes per logit (see linear_logps_torch.py).
-FWD_BYTES_PER_LOGIT = 0
-BWD_BYTES_PER_LOGIT = 0
-
-
-def _dot_precision(dtype: torch.dtype) -> str:
-    # fp32 inputs: exact IEEE products (TF32 would cost ~1e-3 relative error in the logits).
-    return "ieee" if dtype == torch.float32 else "tf32"
+    store_dz(dz, t, valid, dz_ptr, offs_n, offs_v, mask_n, mask_v, stride_dz_n, inv_temp, SOFTCAP)
 
 
 def partial_stats(hidden, weight, bias, targets, *, temperature, softcap, chunk_bytes=None):
@@ -283,7 +179,7 @@ def partial_stats(hidden, weight, bias, targets, *, temperature, softcap, chunk_
         hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
         1.0 / temperature, float(softcap or 1.0),
         HAS_BIAS=bias is not None, SOFTCAP=softcap is not None, INTERPRET=interpreting(),
-        DOT_PRECISION=_dot_precision(hidden.dtype),
+        DOT_PRECISION=dot_precision(hidden.dtype),
         BLOCK_N=cfg.BLOCK_N, BLOCK_V=cfg.BLOCK_V, BLOCK_K=cfg.BLOCK_K,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
@@ -320,7 +216,7 @@ def logps_bwd_dz(hidden, weight, bias, targets, lse, entropy, g_logps, g_entropy
         hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1), dz.stride(0),
         1.0 / temperature, float(softcap or 1.0),
         HAS_BIAS=bias is not None, SOFTCAP=softcap is not None, HAS_ENT_GRAD=has_ent,
-        INTERPRET=interpreting(), DOT_PRECISION=_dot_precision(hidden.dtype),
+        INTERPRET=interpreting(), DOT_PRECISION=dot_precision(hidden.dtype),
         BLOCK_N=cfg.BLOCK_N, BLOCK_V=cfg.BLOCK_V, BLOCK_K=cfg.BLOCK_K,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )

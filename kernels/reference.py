@@ -72,14 +72,15 @@ def linear_logps_reference(
 
 def linear_kl_reference(
     hidden, weight, ref_hidden, ref_weight, *, mask=None, temperature=1.0, direction="forward", softcap=None,
-    dtype=torch.float32,
+    bias=None, ref_bias=None, dtype=torch.float32,
 ):
     """Reference for `fusealign.linear_kl`: KL between the two heads' softmaxes, materialised.
 
     forward: Σ_v p_v (log p_v − log q_v) = KL(π‖π_ref);  reverse: Σ_v q_v (log q_v − log p_v) = KL(π_ref‖π).
     """
-    logp = torch.log_softmax(head_logits(hidden, weight, temperature=temperature, softcap=softcap, dtype=dtype), -1)
-    logq = torch.log_softmax(head_logits(ref_hidden, ref_weight, temperature=temperature, softcap=softcap,
+    logp = torch.log_softmax(head_logits(hidden, weight, bias, temperature=temperature, softcap=softcap,
+                                         dtype=dtype), -1)
+    logq = torch.log_softmax(head_logits(ref_hidden, ref_weight, ref_bias, temperature=temperature, softcap=softcap,
                                          dtype=dtype), -1)
     if direction == "forward":
         kl = (logp.exp() * (logp - logq)).sum(-1)

@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 
 from . import linear_logps_torch as _torch_impl
-from ._checks import check_linear_head
+from .checks import check_linear_head
 from .linear_logps import DEFAULT_CHUNK_BYTES, resolve_backend
 
 combine_stats = _torch_impl.combine_stats

@@ -6,21 +6,20 @@
     kl = fa.linear_kl(hidden, weight, ref_hidden, ref_weight)               # exact, whole vocabulary
     loss, metrics = fa.linear_dpo_loss(hidden, weight, targets, ref_chosen_logps=rc, ref_rejected_logps=rr)
     loss, metrics = fa.linear_ppo_loss(hidden, weight, targets, old_logps, advantages)
+    loss, metrics = fa.ppo_policy_loss(logps, entropy, old_logps, advantages, mask)  # the tensor-level twin
 """
 
-from fusealign import kernels
-from fusealign.kernels import reference
-from fusealign.kernels.linear_kl import linear_kl
-from fusealign.kernels.linear_logps import linear_logps
-from fusealign.kernels.policy import kl_estimate, linear_ppo_loss, value_loss
-from fusealign.kernels.preference import bradley_terry_loss, dpo_loss, linear_dpo_loss, sequence_rewards
+from fusealign import kernels, losses
+from fusealign.kernels import linear_kl, linear_logps, reference
+from fusealign.losses import (bradley_terry_loss, dpo_loss, kl_estimate, linear_dpo_loss, linear_ppo_loss,
+                              ppo_policy_loss, sequence_rewards, value_loss)
 from fusealign.modules import BradleyTerryLoss, LinearDPOLoss, LinearKL, LinearLogps, LinearPPOLoss
 
 __version__ = "0.1.0"
 
 __all__ = [
     "linear_logps", "linear_kl", "kl_estimate", "dpo_loss", "linear_dpo_loss", "bradley_terry_loss",
-    "sequence_rewards", "linear_ppo_loss", "value_loss",
+    "sequence_rewards", "linear_ppo_loss", "ppo_policy_loss", "value_loss",
     "LinearLogps", "LinearKL", "LinearDPOLoss", "LinearPPOLoss", "BradleyTerryLoss",
-    "kernels", "reference", "__version__",
+    "kernels", "losses", "reference", "__version__",
 ]

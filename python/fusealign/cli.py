@@ -1,4 +1,4 @@
-"""`fusealign sft|rm|dpo` — flags built from the engine's dataclass configs (`--help` shows their docs).
+"""`fusealign sft|rm|dpo|ppo|compare` — flags built from the engine's dataclass configs (`--help` shows their docs).
 
     fusealign dpo                          # built-in task end to end: SFT policy, then DPO; prints metrics
     fusealign sft --data my.jsonl --model ./llama --max-steps 1000 --output-dir runs/sft
@@ -12,13 +12,11 @@ import json
 import sys
 from dataclasses import MISSING, fields
 
-from fusealign.engine.compare import CompareConfig, run_compare
-from fusealign.engine.config import CONFIGS as _TRAIN_CONFIGS
-from fusealign.engine.ppo import PPOConfig, run_ppo
+from fusealign.engine.compare import run_compare
+from fusealign.engine.config import CONFIGS
 from fusealign.engine.recipes import RUNS as _TRAIN_RUNS
 
-CONFIGS = {**_TRAIN_CONFIGS, "ppo": PPOConfig, "compare": CompareConfig}
-RUNS = {**_TRAIN_RUNS, "ppo": run_ppo, "compare": run_compare}
+RUNS = {**_TRAIN_RUNS, "compare": run_compare}
 
 _TYPES = {"int": int, "float": float, "str": str, "Optional[str]": str, "Optional[float]": float}
 

@@ -1,4 +1,10 @@
-"""Thin `nn.Module` wrappers over the functional ops: they hold options, never weights."""
+"""Thin `nn.Module` wrappers over the functional ops: they hold options, never weights.
+
+Each module's constructor takes exactly the keyword options of its function (same names, same
+defaults) and `forward` takes the tensors; tests/test_modules.py compares the signatures, so a new
+option of a function cannot be forgotten here. The head weight is an argument of `forward`, not a
+parameter: the model owns it (often tied to the input embedding), the loss only reads it.
+"""
 
 from __future__ import annotations
 
@@ -7,101 +13,101 @@ from typing import Optional
 import torch
 from torch import nn
 
-from fusealign.kernels.linear_kl import linear_kl
-from fusealign.kernels.linear_logps import DEFAULT_CHUNK_BYTES, linear_logps
-from fusealign.kernels.policy import linear_ppo_loss
-from fusealign.kernels.preference import bradley_terry_loss, linear_dpo_loss
+from fusealign.kernels import DEFAULT_CHUNK_BYTES, linear_kl, linear_logps
+from fusealign.losses import bradley_terry_loss, linear_dpo_loss, linear_ppo_loss
 
 
-class LinearLogps(nn.Module):
-    """`fa.linear_logps` as a module: `LinearLogps(temperature=0.7)(hidden, weight, targets)`.
+class _Options(nn.Module):
+    """Keeps the constructor's keyword options in `self.options` and prints them."""
 
-    The head weight is an argument of `forward`, not a parameter: the model owns it (often tied to
-    the input embedding), the loss only reads it.
-    """
+    def __init__(self, **options):
+        super().__init__()
+        self.options = options
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+
+
+class LinearLogps(_Options):
+    """`fa.linear_logps` as a module: `LinearLogps(temperature=0.7)(hidden, weight, targets, bias=None)`."""
 
     def __init__(self, *, temperature: float = 1.0, softcap: Optional[float] = None, ignore_index: int = -100,
                  return_entropy: bool = False, backend: str = "auto", chunk_bytes: int = DEFAULT_CHUNK_BYTES):
-        super().__init__()
-        self.temperature = temperature
-        self.softcap = softcap
-        self.ignore_index = ignore_index
-        self.return_entropy = return_entropy
-        self.backend = backend
-        self.chunk_bytes = chunk_bytes
+        super().__init__(temperature=temperature, softcap=softcap, ignore_index=ignore_index,
+                         return_entropy=return_entropy, backend=backend, chunk_bytes=chunk_bytes)
 
     def forward(self, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                 bias: Optional[torch.Tensor] = None):
-        return linear_logps(hidden, weight, targets, bias=bias, temperature=self.temperature, softcap=self.softcap,
-                            ignore_index=self.ignore_index, return_entropy=self.return_entropy,
-                            backend=self.backend, chunk_bytes=self.chunk_bytes)
-
-    def extra_repr(self) -> str:
-        return (f"temperature={self.temperature}, softcap={self.softcap}, ignore_index={self.ignore_index}, "
-                f"return_entropy={self.return_entropy}, backend={self.backend!r}")
+        return linear_logps(hidden, weight, targets, bias=bias, **self.options)
 
 
-class LinearKL(nn.Module):
+class LinearKL(_Options):
     """`fa.linear_kl` as a module: `LinearKL(direction="forward")(hidden, weight, ref_hidden, ref_weight, mask)`."""
 
     def __init__(self, *, temperature: float = 1.0, direction: str = "forward", softcap: Optional[float] = None,
-                 backend: str = "auto"):
-        super().__init__()
-        self.kw = dict(temperature=temperature, direction=direction, softcap=softcap, backend=backend)
+                 backend: str = "auto", chunk_bytes: int = DEFAULT_CHUNK_BYTES):
+        super().__init__(temperature=temperature, direction=direction, softcap=softcap, backend=backend,
+                         chunk_bytes=chunk_bytes)
 
-    def forward(self, hidden, weight, ref_hidden, ref_weight, mask=None):
-        return linear_kl(hidden, weight, ref_hidden, ref_weight, mask=mask, **self.kw)
-
-    def extra_repr(self) -> str:
-        return ", ".join(f"{k}={v!r}" for k, v in self.kw.items())
+    def forward(self, hidden, weight, ref_hidden, ref_weight, mask=None, bias=None, ref_bias=None):
+        return linear_kl(hidden, weight, ref_hidden, ref_weight, mask=mask, bias=bias, ref_bias=ref_bias,
+                         **self.options)
 
 
-class LinearDPOLoss(nn.Module):
-    """`fa.linear_dpo_loss` as a module; `forward(hidden, weight, targets, **refs)` returns (loss, metrics)."""
+class LinearDPOLoss(_Options):
+    """`fa.linear_dpo_loss` as a module; `forward(hidden, weight, targets, **tensors)` returns (loss, metrics).
+
+    Per-call tensors go to `forward`: ref_chosen_logps / ref_rejected_logps or ref_hidden / ref_weight,
+    sequence_ids / num_sequences (packed input), bias / ref_bias.
+    """
 
     def __init__(self, *, beta: float = 0.1, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
-                 average_logps: bool = False, nll_coef: float = 0.0, gamma: float = 0.0, ignore_index: int = -100,
-                 temperature: float = 1.0, backend: str = "auto"):
-        super().__init__()
-        self.kw = dict(beta=beta, loss_type=loss_type, label_smoothing=label_smoothing, average_logps=average_logps,
-                       nll_coef=nll_coef, gamma=gamma, ignore_index=ignore_index, temperature=temperature,
-                       backend=backend)
+                 average_logps: bool = False, nll_coef: float = 0.0, ignore_index: int = -100,
+                 backend: str = "auto", gamma: float = 0.0, temperature: float = 1.0,
+                 softcap: Optional[float] = None, chunk_bytes: int = DEFAULT_CHUNK_BYTES):
+        super().__init__(beta=beta, loss_type=loss_type, label_smoothing=label_smoothing,
+                         average_logps=average_logps, nll_coef=nll_coef, ignore_index=ignore_index, backend=backend,
+                         gamma=gamma, temperature=temperature, softcap=softcap, chunk_bytes=chunk_bytes)
 
-    def forward(self, hidden, weight, targets, **refs):
-        return linear_dpo_loss(hidden, weight, targets, **refs, **self.kw)
-
-    def extra_repr(self) -> str:
-        return ", ".join(f"{k}={v!r}" for k, v in self.kw.items())
+    def forward(self, hidden, weight, targets, **tensors):
+        return linear_dpo_loss(hidden, weight, targets, **tensors, **self.options)
 
 
-class LinearPPOLoss(nn.Module):
-    """`fa.linear_ppo_loss` as a module; `forward(hidden, weight, targets, old_logps, advantages, ref_logps=None)`."""
+class LinearPPOLoss(_Options):
+    """`fa.linear_ppo_loss` as a module; `forward(hidden, weight, targets, old_logps, advantages, ref_logps=None,
+    bias=None)` returns (loss, metrics)."""
 
     def __init__(self, *, clip_eps: float = 0.2, clip_eps_high: Optional[float] = None,
                  dual_clip: Optional[float] = None, kl_coef: float = 0.0, kl_estimator: str = "k3",
                  entropy_coef: float = 0.0, loss_agg: str = "token-mean", temperature: float = 1.0,
-                 ignore_index: int = -100, backend: str = "auto"):
-        super().__init__()
-        self.kw = dict(clip_eps=clip_eps, clip_eps_high=clip_eps_high, dual_clip=dual_clip, kl_coef=kl_coef,
-                       kl_estimator=kl_estimator, entropy_coef=entropy_coef, loss_agg=loss_agg,
-                       temperature=temperature, ignore_index=ignore_index, backend=backend)
+                 ignore_index: int = -100, backend: str = "auto", softcap: Optional[float] = None,
+                 chunk_bytes: int = DEFAULT_CHUNK_BYTES):
+        super().__init__(clip_eps=clip_eps, clip_eps_high=clip_eps_high, dual_clip=dual_clip, kl_coef=kl_coef,
+                         kl_estimator=kl_estimator, entropy_coef=entropy_coef, loss_agg=loss_agg,
+                         temperature=temperature, ignore_index=ignore_index, backend=backend, softcap=softcap,
+                         chunk_bytes=chunk_bytes)
 
-    def forward(self, hidden, weight, targets, old_logps, advantages, ref_logps=None):
-        return linear_ppo_loss(hidden, weight, targets, old_logps, advantages, ref_logps=ref_logps, **self.kw)
-
-    def extra_repr(self) -> str:
-        return ", ".join(f"{k}={v!r}" for k, v in self.kw.items())
+    def forward(self, hidden, weight, targets, old_logps, advantages, ref_logps=None, bias=None):
+        return linear_ppo_loss(hidden, weight, targets, old_logps, advantages, ref_logps=ref_logps, bias=bias,
+                               **self.options)
 
 
-class BradleyTerryLoss(nn.Module):
+class BradleyTerryLoss(_Options):
     """`fa.bradley_terry_loss` as a module: `BradleyTerryLoss(center_coef=0.01)(chosen_rewards, rejected_rewards)`."""
 
     def __init__(self, *, center_coef: float = 0.0):
-        super().__init__()
-        self.center_coef = center_coef
+        super().__init__(center_coef=center_coef)
 
     def forward(self, chosen_rewards, rejected_rewards, margin=None):
-        return bradley_terry_loss(chosen_rewards, rejected_rewards, margin=margin, center_coef=self.center_coef)
+        return bradley_terry_loss(chosen_rewards, rejected_rewards, margin=margin, **self.options)
 
-    def extra_repr(self) -> str:
-        return f"center_coef={self.center_coef}"
+
+# module -> (function, the function's keyword arguments that are per-call tensors, passed to forward)
+FUNCTIONS = {
+    LinearLogps: (linear_logps, {"bias"}),
+    LinearKL: (linear_kl, {"mask", "bias", "ref_bias"}),
+    LinearDPOLoss: (linear_dpo_loss, {"ref_chosen_logps", "ref_rejected_logps", "ref_hidden", "ref_weight",
+                                      "sequence_ids", "num_sequences", "bias", "ref_bias"}),
+    LinearPPOLoss: (linear_ppo_loss, {"ref_logps", "bias"}),
+    BradleyTerryLoss: (bradley_terry_loss, {"margin"}),
+}

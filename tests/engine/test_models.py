@@ -7,7 +7,7 @@ from helpers import rel_err
 
 from fusealign.engine.data import collate
 from fusealign.engine.models import head_of
-from fusealign.engine.objectives import completion_logps
+from fusealign.engine.models import score_tokens
 
 V, H = 97, 32
 COMMON = dict(vocab_size=V, hidden_size=H, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -50,7 +50,7 @@ def test_fused_head_equals_materialised_logits(family, temperature):
     b = batch()
     w = torch.linspace(-1, 1, int((b.targets != -100).sum()))  # non-uniform upstream gradient
 
-    logps, _ = completion_logps(model, b, temperature=temperature, backend="torch")
+    logps = score_tokens(model, b, temperature=temperature, backend="torch").logps
     (logps * w).sum().backward()
     ours = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad()

@@ -8,8 +8,10 @@ import pytest
 import torch
 
 from fusealign.engine.checkpoint import latest_checkpoint, write_text_atomic
-from fusealign.engine.ppo import AdaptiveKL, PPOConfig, PPOTrainer, gae, grpo_advantages, masked_whiten, \
-    rloo_advantages, run_ppo
+from fusealign.engine.config import PPOConfig
+from fusealign.engine.ppo import (AdaptiveKL, PPOTrainer, RolloutBatch, explained_variance, gae, grpo_advantages,
+                                  masked_whiten, rloo_advantages)
+from fusealign.engine.recipes import run_ppo
 
 T = torch.tensor
 
@@ -41,20 +43,34 @@ def test_grpo_and_rloo_by_hand():
     assert torch.allclose(rloo_advantages(T([1.0, 2, 3]), 3), T([-1.5, 0, 1.5]))
 
 
+def _scored(mask, old, ref, scores):
+    S = len(scores)
+    return RolloutBatch(seqs=[None] * S, ended=torch.ones(S, dtype=torch.bool), texts=[""] * S, mask=mask,
+                        old_logps=old, ref_logps=ref, values=torch.zeros(mask.shape), scores=scores)
+
+
 def test_kl_penalty_enters_the_rewards():
     """kl_mode=reward, β = 0.1: reward_t = −β (logp_old − logp_ref); the score lands on the last real token."""
-    cfg = PPOConfig(kl_coef=0.1, gamma=1.0, lam=1.0)
-    fake = types.SimpleNamespace(cfg=cfg, kl_ctl=AdaptiveKL(0.1, 0.0, 1))
     mask = T([[True, True, True], [True, True, False]])
-    f = {"old_logps": T([[-1.0, -2, -3], [-1.0, -1, 0]]), "ref_logps": T([[-1.5, -2, -2], [-2.0, -1, 0]]),
-         "values": torch.zeros(2, 3)}
-    _, _, rewards, kl = PPOTrainer.advantages(fake, mask, f, T([1.0, 2.0]))
-    assert torch.allclose(kl, T([[0.5, 0, -1], [1.0, 0, 0]]))
-    assert torch.allclose(rewards, T([[-0.05, 0, 0.1 + 1.0], [-0.1, 2.0, 0]]))
-    cfg_loss = PPOConfig(kl_coef=0.1, kl_mode="loss")
-    _, _, rewards, _ = PPOTrainer.advantages(types.SimpleNamespace(cfg=cfg_loss, kl_ctl=AdaptiveKL(0.1, 0, 1)),
-                                             mask, f, T([1.0, 2.0]))
-    assert torch.allclose(rewards, T([[0.0, 0, 1.0], [0.0, 2.0, 0]]))  # KL goes to the loss instead
+    old, ref = T([[-1.0, -2, -3], [-1.0, -1, 0]]), T([[-1.5, -2, -2], [-2.0, -1, 0]])
+    ro = _scored(mask, old, ref, T([1.0, 2.0]))
+    PPOTrainer.advantages(types.SimpleNamespace(cfg=PPOConfig(kl_coef=0.1, gamma=1.0, lam=1.0),
+                                                kl_ctl=AdaptiveKL(0.1, 0.0, 1)), ro)
+    assert torch.allclose(ro.kl, T([[0.5, 0, -1], [1.0, 0, 0]]))
+    assert torch.allclose(ro.rewards, T([[-0.05, 0, 0.1 + 1.0], [-0.1, 2.0, 0]]))
+    # γ = λ = 1, V = 0: the advantage before whitening is the reward-to-go; returns equal it.
+    assert torch.allclose(ro.returns, T([[1.05, 1.1, 1.1], [1.9, 2.0, 0]]))
+    ro = _scored(mask, old, ref, T([1.0, 2.0]))
+    PPOTrainer.advantages(types.SimpleNamespace(cfg=PPOConfig(kl_coef=0.1, kl_mode="loss"),
+                                                kl_ctl=AdaptiveKL(0.1, 0, 1)), ro)
+    assert torch.allclose(ro.rewards, T([[0.0, 0, 1.0], [0.0, 2.0, 0]]))  # KL goes to the loss instead
+
+
+def test_explained_variance_by_hand():
+    """returns (1, 2, 3, pad), values (1, 2, 2): residuals (0, 0, 1), Var = 2/9; Var[returns] = 2/3 → 1 − 1/3."""
+    mask = T([True, True, True, False])
+    assert explained_variance(T([1.0, 2, 2, 7]), T([1.0, 2, 3, 9]), mask) == pytest.approx(2 / 3)
+    assert explained_variance(T([1.0, 2, 3, 0]), T([1.0, 2, 3, 9]), mask) == pytest.approx(1.0)
 
 
 def test_adaptive_kl_moves_towards_target():
@@ -75,12 +91,18 @@ def sft_dir(tmp_path_factory):
 
 @pytest.mark.parametrize("advantage", ["gae", "grpo"])
 def test_step0_identities(sft_dir, tmp_path, advantage):
-    """At the first minibatch of the first epoch: policy = reference ⇒ KL = 0, ratio = 1, clipfrac = 0."""
+    """First iteration: policy = reference ⇒ KL = 0; every iteration's first minibatch is scored exactly as
+    it is trained ⇒ ratio = 1, clipfrac = 0. The checks can fail: the policy moves within an iteration
+    (approx-KL > 0 over its minibatches) and away from the reference (KL > 0 at the next iteration)."""
     k = 1 if advantage == "gae" else 4
-    m = run_ppo(PPOConfig(output_dir=str(tmp_path), sft_model=sft_dir, reward_fn="builtin", max_steps=1,
-                          batch_size=8, num_generations=k, advantage=advantage, device="cpu", critic="policy_head"))
-    assert m["objective/kl"] == 0.0
-    assert m["first/ratio_mean"] == 1.0 and m["first/clipfrac"] == 0.0
+    run_ppo(PPOConfig(output_dir=str(tmp_path), sft_model=sft_dir, reward_fn="builtin", max_steps=2, lr=3e-3,
+                      batch_size=8, num_generations=k, advantage=advantage, device="cpu", critic="policy_head"))
+    first, second = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert first["objective/kl"] == 0.0
+    assert first["first/ratio_mean"] == 1.0 and first["first/clipfrac"] == 0.0
+    assert second["first/ratio_mean"] == 1.0 and second["first/clipfrac"] == 0.0
+    assert first["policy/approxkl_avg"] > 0 and first["val/ratio"] != 1.0
+    assert second["objective/kl"] > 1e-4
 
 
 def test_short_ppo_run_raises_ground_truth_reward(sft_dir, tmp_path):

@@ -8,8 +8,8 @@ import pytest
 import torch
 from helpers import HAS_CUDA, rel_err
 
-from fusealign.kernels._checks import check_target_range, device_assert
-from fusealign.kernels.linear_logps_torch import HAS_MM_OUT_DTYPE, mm_f32
+from fusealign.kernels.checks import check_target_range, device_assert
+from fusealign.kernels.chunked import HAS_MM_OUT_DTYPE, mm_f32
 from fusealign.kernels.segments import segment_sum
 
 

@@ -1,7 +1,8 @@
 """Policy-gradient losses on the fused core: sampled-token KL estimators, PPO/GRPO clip loss, value loss.
 
-`linear_ppo_loss` is the fused log-prob/entropy core plus an elementwise epilogue over tokens, so
-no (N, V) tensor exists and gradients reach `hidden`/`weight` only through linear_logps's backward.
+`linear_ppo_loss` = the fused log-prob/entropy core (`linear_logps`) + `ppo_policy_loss`, its
+tensor-level twin (an elementwise epilogue over tokens), so no (N, V) tensor exists and gradients
+reach `hidden`/`weight` only through linear_logps's backward.
 Metrics are detached 0-d tensors with TRL's names (no host sync).
 """
 
@@ -11,8 +12,8 @@ from typing import Optional
 
 import torch
 
-from ._checks import check_positive
-from .linear_logps import DEFAULT_CHUNK_BYTES, linear_logps
+from fusealign.kernels import DEFAULT_CHUNK_BYTES, linear_logps
+from fusealign.kernels.checks import check_positive
 
 
 # --- sampled-token KL estimators, Schulman 2020 ("Approximating KL Divergence") ---------------------
@@ -69,6 +70,97 @@ def aggregate(per_token: torch.Tensor, mask: torch.Tensor, loss_agg: str) -> tor
     return torch.where(has_tokens, per_seq, 0.0).sum() / has_tokens.sum().clamp_min(1)
 
 
+def _check_ppo_options(clip_eps, clip_eps_high, dual_clip, kl_coef, kl_estimator, entropy_coef, loss_agg):
+    check_positive("clip_eps", clip_eps)
+    check_positive("clip_eps_high", clip_eps if clip_eps_high is None else clip_eps_high)
+    if dual_clip is not None and not dual_clip > 1.0:
+        raise ValueError(f"dual_clip must be > 1 (it bounds −A·r for negative advantages), got {dual_clip}")
+    if kl_estimator not in KL_ESTIMATORS:
+        raise ValueError(f"kl_estimator must be one of {sorted(KL_ESTIMATORS)}, got {kl_estimator!r}")
+    if loss_agg not in LOSS_AGGS:
+        raise ValueError(f"loss_agg must be one of {LOSS_AGGS}, got {loss_agg!r}")
+    if kl_coef < 0 or entropy_coef < 0:
+        raise ValueError(f"kl_coef and entropy_coef must be >= 0, got {kl_coef} and {entropy_coef}")
+
+
+def _broadcast_advantages(advantages: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    if advantages.shape == like.shape:
+        return advantages
+    if like.dim() == 2 and tuple(advantages.shape) == (like.shape[0],):
+        return advantages.unsqueeze(1).expand_as(like)  # one advantage per sequence (GRPO / RLOO)
+    raise ValueError(f"advantages shape {tuple(advantages.shape)} must equal the token shape {tuple(like.shape)} "
+                     f"or be (B,) per sequence")
+
+
+def ppo_policy_loss(
+    logps: torch.Tensor,
+    entropy: Optional[torch.Tensor],
+    old_logps: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    ref_logps: Optional[torch.Tensor] = None,
+    clip_eps: float = 0.2,
+    clip_eps_high: Optional[float] = None,
+    dual_clip: Optional[float] = None,
+    kl_coef: float = 0.0,
+    kl_estimator: str = "k3",
+    entropy_coef: float = 0.0,
+    loss_agg: str = "token-mean",
+):
+    """PPO / GRPO clipped policy loss on per-token log-probs: the tensor-level twin of `linear_ppo_loss`.
+
+    logps, entropy (or None when entropy_coef = 0), old_logps, mask (bool), ref_logps: (B, T) or (N,);
+    advantages: like logps, or (B,) per sequence, broadcast over T. Per token, with the ratio
+    r = exp(logp − old_logp) and advantage A (Schulman et al. 2017, Eq. 7):
+        pg = max(−A·r, −A·clip(r, 1 − ε, 1 + ε_high))
+        dual clip c > 1 (Ye et al. 2020), for A < 0 only: pg = min(pg, −A·c)
+        loss_t = pg + kl_coef · KL_est(logp, ref) − entropy_coef · entropy
+    aggregated by `loss_agg` over the tokens where `mask` holds.
+    Returns (loss: 0-d, metrics: dict of detached 0-d tensors, TRL's names).
+    """
+    _check_ppo_options(clip_eps, clip_eps_high, dual_clip, kl_coef, kl_estimator, entropy_coef, loss_agg)
+    if kl_coef > 0 and ref_logps is None:
+        raise ValueError("kl_coef > 0 needs ref_logps (the reference policy's log-probs of the same tokens)")
+    if entropy_coef > 0 and entropy is None:
+        raise ValueError("entropy_coef > 0 needs the per-token entropy")
+    for name, t in (("entropy", entropy), ("old_logps", old_logps), ("mask", mask), ("ref_logps", ref_logps)):
+        if t is not None and t.shape != logps.shape:
+            raise ValueError(f"{name} shape {tuple(t.shape)} must equal logps shape {tuple(logps.shape)}")
+    A = _broadcast_advantages(advantages, logps).float()
+    mask = mask.bool()
+    eps_high = clip_eps if clip_eps_high is None else clip_eps_high
+    log_ratio = torch.where(mask, logps - old_logps.detach().float(), 0.0)  # 0 off the mask: no inf · 0 there
+    ratio = log_ratio.exp()
+    pg_unclipped = -A * ratio
+    pg_clipped = -A * ratio.clamp(1.0 - clip_eps, 1.0 + eps_high)
+    pg = torch.maximum(pg_unclipped, pg_clipped)
+    if dual_clip is not None:
+        pg = torch.where(A < 0, torch.minimum(pg, -A * dual_clip), pg)
+    per_token = pg
+    kl = None
+    if ref_logps is not None:
+        kl = kl_estimate(logps, ref_logps.detach().float(), kl_estimator)
+        if kl_coef:
+            per_token = per_token + kl_coef * kl
+    if entropy_coef:
+        per_token = per_token - entropy_coef * entropy
+    loss = aggregate(per_token, mask, loss_agg)
+
+    with torch.no_grad():
+        metrics = {
+            "policy/clipfrac": masked_mean((pg_clipped > pg_unclipped).float(), mask),
+            "policy/approxkl": masked_mean(0.5 * log_ratio ** 2, mask),
+            "policy/ratio_mean": masked_mean(ratio, mask),
+            "loss/policy": aggregate(pg, mask, loss_agg),
+        }
+        if entropy is not None:
+            metrics["policy/entropy"] = masked_mean(entropy, mask)
+        if kl is not None:
+            metrics["objective/kl"] = masked_mean(kl, mask)
+    return loss, metrics
+
+
 def linear_ppo_loss(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -91,74 +183,27 @@ def linear_ppo_loss(
     bias: Optional[torch.Tensor] = None,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
 ):
-    """Fused PPO / GRPO clipped policy loss from hidden states.
+    """Fused PPO / GRPO clipped policy loss from hidden states: `linear_logps` + `ppo_policy_loss`.
 
     hidden: (B, T, H) or (N, H); targets, old_logps (and ref_logps): (B, T) or (N,);
     advantages: like targets, or (B,) per sequence (GRPO/RLOO), broadcast over T.
-    Per token, with ratio r = exp(logp − old_logp) and advantage A (Schulman et al. 2017, Eq. 7):
-        pg = max(−A·r, −A·clip(r, 1 − ε, 1 + ε_high))
-        dual clip c > 1 (Ye et al. 2020), for A < 0 only: pg = min(pg, −A·c)
-        loss_t = pg + kl_coef · KL_est(logp, ref) − entropy_coef · entropy
-    aggregated by `loss_agg` over tokens whose target is not ignore_index.
+    The loss and metrics are `ppo_policy_loss`'s (see there for the formula) over the tokens whose
+    target is not ignore_index, with log-probs and entropy from the fused head — no (N, V) logits.
     Returns (loss: 0-d, metrics: dict of detached 0-d tensors).
     """
-    check_positive("clip_eps", clip_eps)
-    eps_high = clip_eps if clip_eps_high is None else clip_eps_high
-    check_positive("clip_eps_high", eps_high)
-    if dual_clip is not None and not dual_clip > 1.0:
-        raise ValueError(f"dual_clip must be > 1 (it bounds −A·r for negative advantages), got {dual_clip}")
-    if kl_estimator not in KL_ESTIMATORS:
-        raise ValueError(f"kl_estimator must be one of {sorted(KL_ESTIMATORS)}, got {kl_estimator!r}")
-    if loss_agg not in LOSS_AGGS:
-        raise ValueError(f"loss_agg must be one of {LOSS_AGGS}, got {loss_agg!r}")
-    if kl_coef < 0 or entropy_coef < 0:
-        raise ValueError(f"kl_coef and entropy_coef must be >= 0, got {kl_coef} and {entropy_coef}")
-    if kl_coef > 0 and ref_logps is None:
-        raise ValueError("kl_coef > 0 needs ref_logps (the reference policy's log-probs of the same tokens)")
+    _check_ppo_options(clip_eps, clip_eps_high, dual_clip, kl_coef, kl_estimator, entropy_coef, loss_agg)
     for name, t in (("old_logps", old_logps), ("ref_logps", ref_logps)):
         if t is not None and t.shape != targets.shape:
             raise ValueError(f"{name} shape {tuple(t.shape)} must equal targets shape {tuple(targets.shape)}")
-    if advantages.shape != targets.shape:
-        if targets.dim() == 2 and tuple(advantages.shape) == (targets.shape[0],):
-            advantages = advantages.unsqueeze(1).expand_as(targets)  # one advantage per sequence
-        else:
-            raise ValueError(f"advantages shape {tuple(advantages.shape)} must equal targets shape "
-                             f"{tuple(targets.shape)} or be (B,) per sequence")
-
+    advantages = _broadcast_advantages(advantages, targets)
+    if kl_coef > 0 and ref_logps is None:
+        raise ValueError("kl_coef > 0 needs ref_logps (the reference policy's log-probs of the same tokens)")
     logps, entropy = linear_logps(hidden, weight, targets, bias=bias, temperature=temperature, softcap=softcap,
                                   ignore_index=ignore_index, return_entropy=True, backend=backend,
                                   chunk_bytes=chunk_bytes)
-    mask = targets != ignore_index
-    A = advantages.float()
-    old = old_logps.detach().float()
-    log_ratio = torch.where(mask, logps - old, 0.0)  # 0 on ignored tokens: no inf · 0 there
-    ratio = log_ratio.exp()
-    pg1 = -A * ratio
-    pg2 = -A * ratio.clamp(1.0 - clip_eps, 1.0 + eps_high)
-    pg = torch.maximum(pg1, pg2)
-    if dual_clip is not None:
-        pg = torch.where(A < 0, torch.minimum(pg, -A * dual_clip), pg)
-    per_token = pg
-    kl = None
-    if ref_logps is not None:
-        kl = kl_estimate(logps, ref_logps.detach().float(), kl_estimator)
-        if kl_coef:
-            per_token = per_token + kl_coef * kl
-    if entropy_coef:
-        per_token = per_token - entropy_coef * entropy
-    loss = aggregate(per_token, mask, loss_agg)
-
-    with torch.no_grad():
-        metrics = {
-            "policy/clipfrac": masked_mean((pg2 > pg1).float(), mask),
-            "policy/approxkl": masked_mean(0.5 * log_ratio ** 2, mask),
-            "policy/entropy": masked_mean(entropy, mask),
-            "policy/ratio_mean": masked_mean(ratio, mask),
-            "loss/policy": aggregate(pg, mask, loss_agg),
-        }
-        if kl is not None:
-            metrics["objective/kl"] = masked_mean(kl, mask)
-    return loss, metrics
+    return ppo_policy_loss(logps, entropy, old_logps, advantages, targets != ignore_index, ref_logps=ref_logps,
+                           clip_eps=clip_eps, clip_eps_high=clip_eps_high, dual_clip=dual_clip, kl_coef=kl_coef,
+                           kl_estimator=kl_estimator, entropy_coef=entropy_coef, loss_agg=loss_agg)
 
 
 def value_loss(

@@ -12,9 +12,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ._checks import check_positive, device_assert
-from .linear_logps import DEFAULT_CHUNK_BYTES, linear_logps
-from .segments import segment_sum
+from fusealign.kernels import DEFAULT_CHUNK_BYTES, linear_logps, segment_sum
+from fusealign.kernels.checks import check_positive, device_assert
 
 
 # --- per-pair losses: Δ is the (policy − reference) chosen-vs-rejected log-ratio margin --------------

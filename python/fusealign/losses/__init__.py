@@ -1,0 +1,15 @@
+"""Alignment losses on the fused core: each is `fusealign.kernels`' per-token op plus a small epilogue.
+
+Every fused loss has a tensor-level twin that reads the math on per-token / per-sequence log-probs:
+    linear_dpo_loss  = linear_logps + per-sequence sums + dpo_loss          (preference.py)
+    linear_ppo_loss  = linear_logps + ppo_policy_loss                       (policy.py)
+Only public kernel entry points are imported here (`fusealign.kernels`, `fusealign.kernels.checks`).
+"""
+
+from .policy import KL_ESTIMATORS, LOSS_AGGS, kl_estimate, linear_ppo_loss, ppo_policy_loss, value_loss
+from .preference import (PAIR_LOSSES, REFERENCE_FREE, bradley_terry_loss, dpo_loss, linear_dpo_loss,
+                         sequence_rewards)
+
+__all__ = ["dpo_loss", "linear_dpo_loss", "bradley_terry_loss", "sequence_rewards", "PAIR_LOSSES",
+           "REFERENCE_FREE", "kl_estimate", "ppo_policy_loss", "linear_ppo_loss", "value_loss", "KL_ESTIMATORS",
+           "LOSS_AGGS"]
