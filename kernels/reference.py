@@ -92,22 +92,45 @@ def linear_kl_reference(
 
 
 def dpo_loss_reference(pc, pr, rc, rr, *, beta=0.1, loss_type="sigmoid", label_smoothing=0.0, gamma=0.0):
-    """Reference DPO family on (B,) sequence log-probs, one formula per branch, as in the papers."""
-    ls = torch.nn.functional.logsigmoid
+    """Reference DPO family on (B,) sequence log-probs, written pair by pair from each paper's own form —
+    independently of the production table in `fusealign.losses.preference` (no logsigmoid, no shared Δ):
+
+      implicit rewards  r_w = β (log π(y_w) − log π_ref(y_w)),  r_l = β (log π(y_l) − log π_ref(y_l))
+      sigmoid  Rafailov et al. 2023, Eq. 7, with cDPO label smoothing ε (Mitchell 2023):
+               −(1−ε) log σ(r_w − r_l) − ε log σ(r_l − r_w),      −log σ(x) = log(1 + e^{−x})
+      robust   Chowdhury et al. 2024, Eq. 9: ((1−ε) L(y_w ≻ y_l) − ε L(y_l ≻ y_w)) / (1 − 2ε),  L = −log σ(·)
+      hinge    SLiC, Zhao et al. 2023: max(0, 1 − (r_w − r_l))
+      ipo      Azar et al. 2023, Eq. 17: (h − 1/(2τ))²,  h = log-ratio difference, τ = β
+      simpo    Meng et al. 2024, Eq. 6 (inputs already length-normalised): −log σ(β (π̄_w − π̄_l) − γ),
+               label smoothing as sigmoid.
+    Returns (B,) losses in the inputs' dtype; differentiable in pc and pr.
+    """
     eps = label_smoothing
-    if loss_type == "simpo":
-        d = pc - pr
-        return -(1 - eps) * ls(beta * d - gamma) - eps * ls(-(beta * d - gamma))
-    d = (pc - pr) - (rc - rr)
-    if loss_type == "sigmoid":
-        return -(1 - eps) * ls(beta * d) - eps * ls(-beta * d)
-    if loss_type == "robust":
-        return (-(1 - eps) * ls(beta * d) + eps * ls(-beta * d)) / (1 - 2 * eps)
-    if loss_type == "hinge":
-        return torch.clamp(1 - beta * d, min=0)
-    if loss_type == "ipo":
-        return (d - 1 / (2 * beta)) ** 2
-    raise ValueError(loss_type)
+
+    def neg_log_sigmoid(x):  # log(1 + e^{−x}), stable for either sign of x
+        return torch.log1p(torch.exp(-torch.abs(x))) + torch.clamp(-x, min=0)
+
+    out = []
+    for i in range(pc.shape[0]):
+        if loss_type == "simpo":
+            x = beta * (pc[i] - pr[i]) - gamma
+            out.append((1 - eps) * neg_log_sigmoid(x) + eps * neg_log_sigmoid(-x))
+            continue
+        log_ratio_w = pc[i] - rc[i].detach()
+        log_ratio_l = pr[i] - rr[i].detach()
+        r_w, r_l = beta * log_ratio_w, beta * log_ratio_l
+        if loss_type == "sigmoid":
+            out.append((1 - eps) * neg_log_sigmoid(r_w - r_l) + eps * neg_log_sigmoid(r_l - r_w))
+        elif loss_type == "robust":
+            out.append(((1 - eps) * neg_log_sigmoid(r_w - r_l) - eps * neg_log_sigmoid(r_l - r_w)) / (1 - 2 * eps))
+        elif loss_type == "hinge":
+            out.append(torch.clamp(1 - (r_w - r_l), min=0))
+        elif loss_type == "ipo":
+            h = log_ratio_w - log_ratio_l
+            out.append((h - 1 / (2 * beta)) ** 2)
+        else:
+            raise ValueError(loss_type)
+    return torch.stack(out)
 
 
 def linear_dpo_loss_reference(hidden, weight, targets, *, ref_chosen_logps=None, ref_rejected_logps=None,
@@ -142,15 +165,14 @@ def sequence_rewards_reference(hidden, value_weight, mask, value_bias=None):
     return torch.stack(out)
 
 
-def ppo_loss_reference(hidden, weight, targets, old_logps, advantages, *, ref_logps=None, clip_eps=0.2,
-                       clip_eps_high=None, dual_clip=None, kl_coef=0.0, kl_estimator="k3", entropy_coef=0.0,
-                       loss_agg="token-mean", temperature=1.0, ignore_index=-100, dtype=torch.float64):
-    """Reference PPO/GRPO loss on (B, T) tokens, materialised logits, written token by token."""
-    logps, entropy = linear_logps_reference(hidden, weight, targets, temperature=temperature,
-                                            ignore_index=ignore_index, return_entropy=True, dtype=dtype)
-    mask = (targets != ignore_index).to(dtype)
-    if advantages.dim() == 1 and targets.dim() == 2:
-        advantages = advantages[:, None].expand_as(targets)
+def ppo_policy_loss_reference(logps, entropy, old_logps, advantages, mask, *, ref_logps=None, clip_eps=0.2,
+                              clip_eps_high=None, dual_clip=None, kl_coef=0.0, kl_estimator="k3", entropy_coef=0.0,
+                              loss_agg="token-mean"):
+    """Reference PPO/GRPO clipped loss on per-token log-probs (B, T), written token by token."""
+    dtype = logps.dtype
+    mask = mask.to(dtype)
+    if advantages.dim() == 1 and logps.dim() == 2:
+        advantages = advantages[:, None].expand_as(logps)
     A = advantages.to(dtype)
     ratio = torch.exp((logps - old_logps.to(dtype)) * mask)
     high = clip_eps if clip_eps_high is None else clip_eps_high
@@ -161,9 +183,18 @@ def ppo_loss_reference(hidden, weight, targets, old_logps, advantages, *, ref_lo
         d = logps - ref_logps.to(dtype)
         kl = {"k1": d, "k2": 0.5 * d ** 2, "k3": torch.exp(-d) + d - 1}[kl_estimator]
         loss = loss + kl_coef * kl
-    loss = loss - entropy_coef * entropy
+    if entropy_coef:
+        loss = loss - entropy_coef * entropy
     if loss_agg == "token-mean":
         return (loss * mask).sum() / mask.sum()
     if loss_agg == "seq-mean-token-sum":
         return (loss * mask).sum(-1).mean()
     return ((loss * mask).sum(-1) / mask.sum(-1)).mean()
+
+
+def ppo_loss_reference(hidden, weight, targets, old_logps, advantages, *, temperature=1.0, ignore_index=-100,
+                       dtype=torch.float64, **loss_options):
+    """Reference fused PPO/GRPO loss on (B, T) tokens: materialised logits, then the token-by-token loss."""
+    logps, entropy = linear_logps_reference(hidden, weight, targets, temperature=temperature,
+                                            ignore_index=ignore_index, return_entropy=True, dtype=dtype)
+    return ppo_policy_loss_reference(logps, entropy, old_logps, advantages, targets != ignore_index, **loss_options)

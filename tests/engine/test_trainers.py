@@ -45,10 +45,19 @@ def test_reward_model_beats_chance(sft_run, tmp_path):
                               lr=1e-3, device="cpu", center_coef=0.01))
     # Held-out pairs labelled by Bradley-Terry sampling (β_h = 5): the Bayes accuracy is about 0.78.
     assert summary["eval/accuracy"] > 0.65, summary
+    # The checkpoint holds the trained value head: reloaded, it scores the held-out pairs exactly as evaluated.
+    from fusealign.engine import task
+    from fusealign.engine.data import load_examples
     from fusealign.engine.models import RewardModel
+    from fusealign.engine.objectives import pair_batch, rewards_of
 
-    rm = RewardModel.from_pretrained(str(latest_checkpoint(tmp_path)))
-    assert rm.value_head.weight.abs().sum() > 0
+    rm = RewardModel.from_pretrained(str(latest_checkpoint(tmp_path))).eval()
+    tok = task.tokenizer()
+    held, _ = load_examples("builtin:pairs", "pairs", tok, max_length=48, held_out=True)
+    with torch.no_grad():
+        r = torch.cat([rewards_of(rm, pair_batch(held[i:i + 64], pad_id=tok.pad_token_id, pack=True))
+                       .view(2, -1).T for i in range(0, len(held), 64)])  # (n, 2): chosen, rejected
+    assert (r[:, 0] > r[:, 1]).float().mean().item() == pytest.approx(summary["eval/accuracy"], abs=1e-9)
 
 
 def test_dpo_raises_margins_and_ground_truth_reward(sft_run, tmp_path):

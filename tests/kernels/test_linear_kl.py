@@ -101,3 +101,31 @@ def test_errors():
     with torch.no_grad():  # under no_grad a grad-requiring reference is harmless
         fa.linear_kl(h, W, hr, Wr.clone().requires_grad_())
     assert fa.LinearKL(direction="reverse")(h.detach(), W, hr, Wr).shape == (4,)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("direction", ["forward", "reverse"])
+@pytest.mark.parametrize("which", ["both", "policy", "reference"])
+def test_biased_heads(backend, direction, which):
+    """Each head may carry a bias (Phi, GPT-J-style heads); the policy's bias gets its gradient."""
+    dev = device_for(backend)
+    h, W, hr, Wr = make(16, 32, 32, 301, torch.float32, dev, scale=1.5, seed=4)
+    g = torch.Generator().manual_seed(5)
+    b = torch.randn(301, generator=g).to(dev) if which in ("both", "policy") else None
+    br = torch.randn(301, generator=g).to(dev) if which in ("both", "reference") else None
+    hg, Wg = h.clone().requires_grad_(), W.clone().requires_grad_()
+    bg = None if b is None else b.clone().requires_grad_()
+    kl = fa.linear_kl(hg, Wg, hr, Wr, bias=bg, ref_bias=br, direction=direction, softcap=4.0, temperature=0.8,
+                      backend=backend)
+    h64, W64, b64 = leaf64(h), leaf64(W), leaf64(b)
+    ref = linear_kl_reference(h64, W64, hr.double(), Wr.double(), bias=b64, ref_bias=None if br is None else br.double(),
+                              direction=direction, softcap=4.0, temperature=0.8, dtype=torch.float64)
+    assert (kl.detach().double().cpu() - ref.detach().cpu()).abs().max() < 1e-4
+    w = torch.linspace(-1, 2, 16, dtype=torch.float64)
+    (kl * w.to(dev).float()).sum().backward()
+    (ref * w).sum().backward()
+    assert rel_err(hg.grad, h64.grad) < 1e-4 and rel_err(Wg.grad, W64.grad) < 1e-4
+    if b is not None:
+        assert rel_err(bg.grad, b64.grad) < 1e-4
+    unbiased = fa.linear_kl(h, W, hr, Wr, direction=direction, softcap=4.0, temperature=0.8, backend=backend)
+    assert (unbiased - kl.detach()).abs().max() > 1e-3  # the bias changes the answer: it is not ignored

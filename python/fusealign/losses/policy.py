@@ -127,10 +127,10 @@ def ppo_policy_loss(
     for name, t in (("entropy", entropy), ("old_logps", old_logps), ("mask", mask), ("ref_logps", ref_logps)):
         if t is not None and t.shape != logps.shape:
             raise ValueError(f"{name} shape {tuple(t.shape)} must equal logps shape {tuple(logps.shape)}")
-    A = _broadcast_advantages(advantages, logps).float()
+    A = _broadcast_advantages(advantages, logps).to(logps.dtype)
     mask = mask.bool()
     eps_high = clip_eps if clip_eps_high is None else clip_eps_high
-    log_ratio = torch.where(mask, logps - old_logps.detach().float(), 0.0)  # 0 off the mask: no inf · 0 there
+    log_ratio = torch.where(mask, logps - old_logps.detach().to(logps.dtype), 0.0)  # 0 off the mask: no inf · 0 there
     ratio = log_ratio.exp()
     pg_unclipped = -A * ratio
     pg_clipped = -A * ratio.clamp(1.0 - clip_eps, 1.0 + eps_high)
@@ -140,7 +140,7 @@ def ppo_policy_loss(
     per_token = pg
     kl = None
     if ref_logps is not None:
-        kl = kl_estimate(logps, ref_logps.detach().float(), kl_estimator)
+        kl = kl_estimate(logps, ref_logps.detach().to(logps.dtype), kl_estimator)
         if kl_coef:
             per_token = per_token + kl_coef * kl
     if entropy_coef:
