@@ -18,7 +18,9 @@ setup(
         "fusealign.kernels": "kernels",
         "fusealign.engine": "engine",
     },
-    install_requires=["torch", "triton", "numpy", "safetensors", "transformers"],
-    extras_require={"test": ["pytest"]},
+    # What the commands use: tqdm (progress), matplotlib (compare's and the benchmarks' plots) — declared, so
+    # `pip install .` never leaves a command to skip its output silently.
+    install_requires=["torch", "triton", "numpy", "safetensors", "transformers", "tqdm", "matplotlib"],
+    extras_require={"test": ["pytest", "hypothesis"]},
     entry_points={"console_scripts": ["fusealign=fusealign.cli:main"]},
 )

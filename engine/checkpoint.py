@@ -1,17 +1,27 @@
-"""Atomic checkpoints: a crash mid-save never damages the last good one.
+"""Atomic checkpoints: a crash (even SIGKILL) mid-save never damages the last good one; loading one never
+executes code from it.
 
 Layout of a run directory:
   checkpoint-000100/   model (safetensors, `from_pretrained`-loadable), tokenizer, trainer_state.pt
   latest               name of the newest complete checkpoint (replaced atomically)
   metrics.jsonl        one JSON object per logged step
 A checkpoint is written to a hidden temporary directory, flushed, then renamed into place; only then
-does `latest` move (write-temp-then-`os.replace`). Older checkpoints beyond the limit are pruned last.
+does `latest` move (write-temp-then-`os.replace`). Older checkpoints beyond the limit are pruned last,
+each renamed to a hidden `.trash-*` name first so that a half-deleted one is never taken for complete.
+
+Trainer state (optimizer, scheduler, step, data position, RNG states, config) is `torch.save`d from
+plain containers, tensors and numbers only — the NumPy RNG state is stored as a tensor and a tuple, not
+as NumPy objects — so it loads with `torch.load(weights_only=True)` and an empty allow-list of extra
+globals: PyTorch's restricted unpickler refuses anything else (PyTorch's default since 2.6, and what
+Hugging Face's Trainer does). A trainer state that needs more (written by fusealign before this format,
+or crafted to run code) is refused with a message naming the fix; `--trust-checkpoint` loads it anyway.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import shutil
 from pathlib import Path
@@ -19,6 +29,11 @@ from typing import Optional
 
 import numpy as np
 import torch
+
+from .errors import CheckpointError
+
+TRAINER_STATE = "trainer_state.pt"
+STATE_FORMAT = 2  # 1: pickled NumPy RNG state (needed weights_only=False); 2: tensors and plain containers only
 
 
 def _fsync_dir(path: Path) -> None:
@@ -43,7 +58,10 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 
 def rng_state() -> dict:
-    s = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    """Python, NumPy, torch CPU (and CUDA) generator states, as tensors, numbers, strings and tuples only."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    s = {"torch": torch.get_rng_state(), "python": random.getstate(),
+         "numpy": (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached))}
     if torch.cuda.is_available():
         s["cuda"] = torch.cuda.get_rng_state_all()
     return s
@@ -52,7 +70,8 @@ def rng_state() -> dict:
 def set_rng_state(s: dict) -> None:
     torch.set_rng_state(s["torch"])
     random.setstate(s["python"])
-    np.random.set_state(s["numpy"])
+    name, keys, pos, has_gauss, cached = s["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.int64).astype(np.uint32), pos, has_gauss, cached))
     if "cuda" in s and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(s["cuda"])
 
@@ -71,7 +90,7 @@ def save_checkpoint(run_dir: Path, step: int, model, tokenizer, trainer_state: d
         tokenizer.save_pretrained(tmp)
     if extra is not None:
         extra(tmp)
-    torch.save(trainer_state, tmp / "trainer_state.pt")
+    torch.save({**trainer_state, "format": STATE_FORMAT}, tmp / TRAINER_STATE)
     for f in tmp.rglob("*"):  # flush every file before the rename makes the checkpoint visible
         if f.is_file():
             with open(f, "rb") as fh:
@@ -85,11 +104,25 @@ def save_checkpoint(run_dir: Path, step: int, model, tokenizer, trainer_state: d
         os.rename(tmp, final)
     _fsync_dir(run_dir)
     write_text_atomic(run_dir / "latest", final.name)
-    done = sorted(p for p in run_dir.glob("checkpoint-*") if (p / "trainer_state.pt").is_file())
+    done = sorted(p for p in run_dir.glob("checkpoint-*") if (p / TRAINER_STATE).is_file())
     for p in done[:-keep]:
         if p != final:
-            shutil.rmtree(p, ignore_errors=True)
+            _remove(p)
     return final
+
+
+def _remove(path: Path) -> None:
+    """Rename to a hidden name (atomic), then delete: a kill mid-delete leaves no half checkpoint in view."""
+    trash = path.parent / f".trash-{path.name}-{os.getpid()}"
+    os.rename(path, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def clean_partial_writes(run_dir: Path) -> None:
+    """Remove what an interrupted save or prune left behind (hidden .tmp-/.old-/.trash- directories)."""
+    for p in Path(run_dir).glob(".*"):
+        if p.is_dir() and p.name.startswith((".tmp-", ".old-", ".trash-")):
+            shutil.rmtree(p, ignore_errors=True)
 
 
 def latest_checkpoint(run_dir: Path) -> Optional[Path]:
@@ -98,9 +131,9 @@ def latest_checkpoint(run_dir: Path) -> Optional[Path]:
     marker = run_dir / "latest"
     if marker.is_file():
         p = run_dir / marker.read_text().strip()
-        if (p / "trainer_state.pt").is_file():
+        if (p / TRAINER_STATE).is_file():
             return p
-    done = sorted(p for p in run_dir.glob("checkpoint-*") if (p / "trainer_state.pt").is_file())
+    done = sorted(p for p in run_dir.glob("checkpoint-*") if (p / TRAINER_STATE).is_file())
     return done[-1] if done else None
 
 
@@ -108,12 +141,35 @@ def check_fresh_start(run_dir: Path) -> None:
     """A run without --resume must not mix with an earlier run's checkpoints (and must not delete them)."""
     old = latest_checkpoint(run_dir)
     if old is not None:
-        raise FileExistsError(f"{run_dir} already holds checkpoints of an earlier run ({old.name}): pass --resume to "
+        raise CheckpointError(f"{run_dir} already holds checkpoints of an earlier run ({old.name}): pass --resume to "
                               f"continue it, or choose another --output-dir")
 
 
-def load_trainer_state(ckpt: Path) -> dict:
-    return torch.load(Path(ckpt) / "trainer_state.pt", weights_only=False)
+def load_trainer_state(ckpt: Path, *, trust: bool = False) -> dict:
+    """The trainer state of a checkpoint, loaded without executing code from it (see the module docstring).
+
+    `trust=True` (`--trust-checkpoint`) also loads states that need arbitrary unpickling: only for
+    checkpoints whose origin you trust, since such a file can run any code on this machine.
+    """
+    path = Path(ckpt) / TRAINER_STATE
+    try:
+        state = torch.load(path, weights_only=True, map_location="cpu")
+    except pickle.UnpicklingError as e:
+        if trust:
+            return torch.load(path, weights_only=False, map_location="cpu")
+        reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        raise CheckpointError(
+            f"{path}: refusing to load this trainer state: it needs arbitrary unpickling, which can run code on "
+            f"this machine (it was written before fusealign's safe format, or crafted; {reason[:200]}). Start the "
+            f"run again without --resume, or pass --trust-checkpoint if you trust where the checkpoint came "
+            f"from (it may execute code)") from None
+    except (OSError, RuntimeError, EOFError) as e:
+        raise CheckpointError(f"{path}: cannot read the trainer state ({type(e).__name__}: {e}); resume from "
+                              f"another checkpoint or start again without --resume") from None
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+        raise CheckpointError(f"{path}: not a fusealign trainer state of format {STATE_FORMAT}; start again "
+                              f"without --resume")
+    return state
 
 
 def truncate_metrics(path: Path, last_step: int) -> None:

@@ -13,6 +13,7 @@ more there). The numbers are whatever the runs give.
 from __future__ import annotations
 
 import json
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -26,7 +27,7 @@ from .checkpoint import latest_checkpoint, write_text_atomic
 from .config import CompareConfig, DPOConfig, PPOConfig, RMConfig, SFTConfig
 from .data import collate
 from .models import completion_inputs, load_causal_lm
-from .recipes import load_tokenizer, run_dpo, run_ppo, run_rm, run_sft
+from .recipes import check_output_dir, load_tokenizer, run_dpo, run_ppo, run_rm, run_sft
 from .sampling import sample
 from .trainer import resolve_device
 
@@ -92,7 +93,9 @@ def plot(rows: list, path: Path) -> bool:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-    except ImportError:
+    except ImportError:  # a declared dependency; say so rather than skip the plot silently
+        print("fusealign compare: matplotlib is not installed (pip install matplotlib): no frontier plot",
+              file=sys.stderr)
         return False
     fig, ax = plt.subplots(figsize=(6, 4.2))
     for method, marker in (("PPO", "o"), ("DPO", "s"), ("SFT", "*")):
@@ -116,8 +119,8 @@ def plot(rows: list, path: Path) -> bool:
 
 def run_compare(cfg: CompareConfig) -> dict:
     p = PRESETS[cfg.preset]
+    check_output_dir(cfg.output_dir)
     out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     # resume=True: a finished stage is reused, an interrupted one continues — the study can be re-run in place.
     common = dict(seed=cfg.seed, device=cfg.device, backend=cfg.backend, resume=True)
     stages: dict = {}

@@ -42,7 +42,7 @@ class RunConfig:
 class TrainConfig(RunConfig):
     """Common to every trainer."""
 
-    model: str = opt("builtin", "local model directory (config + safetensors) or a preset: builtin, llama-1b")
+    model: str = opt("builtin", "local model directory (config + safetensors), or builtin (the built-in task's model)")
     data: str = opt("builtin", "JSONL path or built-in data: builtin, builtin:sft, builtin:pairs, builtin:pairs-ood")
     max_steps: int = opt(200, "optimizer steps")
     batch_size: int = opt(16, "examples (SFT) or preference pairs (RM/DPO) per micro-batch")
@@ -56,6 +56,10 @@ class TrainConfig(RunConfig):
     gradient_checkpointing: bool = opt(False, "recompute backbone activations in backward")
     pack: bool = opt(True, "padding-free packing (position_ids); --no-pack uses padded batches")
     resume: bool = opt(False, "continue from the latest checkpoint in --output-dir")
+    trust_checkpoint: bool = opt(False, "with --resume: also load a trainer state that needs arbitrary unpickling "
+                                        "(older fusealign checkpoints). It can run code: only for checkpoints you "
+                                        "trust")
+    log_every: int = opt(0, "without a terminal: a progress line every N steps (0: about 20 lines per run)")
     save_every: int = opt(100, "checkpoint every N steps (and at the end)")
     save_total_limit: int = opt(2, "checkpoints kept")
     temperature: float = opt(1.0, "softmax temperature of the policy's log-probs")
@@ -69,7 +73,7 @@ class TrainConfig(RunConfig):
         for name in ("lr", "temperature"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{_flag(name)} must be > 0, got {getattr(self, name)}")
-        for name in ("warmup_steps", "max_grad_norm", "weight_decay"):
+        for name in ("warmup_steps", "max_grad_norm", "weight_decay", "log_every"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{_flag(name)} must be >= 0, got {getattr(self, name)}")
         if self.schedule not in ("cosine", "linear", "constant"):

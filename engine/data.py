@@ -21,7 +21,8 @@ from typing import List, Optional
 
 import torch
 
-from .task import builtin_dataset
+from .errors import DataError  # noqa: F401  (re-exported: callers catch data.DataError)
+from .task import builtin_dataset, is_builtin_data
 
 IGNORE = -100
 
@@ -43,8 +44,33 @@ class DataStats:
     errors: list = field(default_factory=list)  # first few skip reasons
 
 
-class DataError(ValueError):
-    pass
+
+def _lines(path: Path):
+    """(line number, text) of a UTF-8 file; a byte that is not UTF-8 is a DataError naming file, line, offset."""
+    offset = 0
+    with open(path, "rb") as f:
+        for i, raw in enumerate(f, 1):
+            try:
+                yield i, raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{i}: not UTF-8 (byte 0x{raw[e.start]:02x} at byte offset {offset + e.start} "
+                                f"of the file, column {e.start + 1}); save the file as UTF-8") from None
+            offset += len(raw)
+
+
+def check_data_file(data: str) -> None:
+    """Before any model is loaded: `--data` is a built-in name, or a readable UTF-8 file (DataError if not)."""
+    if is_builtin_data(data):
+        return
+    path = Path(data)
+    if not path.is_file():
+        raise DataError(f"--data {data!r}: no such file (give a JSONL path or a built-in name: builtin, "
+                        f"builtin:sft, builtin:pairs, builtin:pairs-ood)")
+    try:
+        for _ in _lines(path):
+            pass
+    except PermissionError:
+        raise DataError(f"--data {data!r}: not readable (permission denied)") from None
 
 
 def _records(data: str, kind: str, held_out: bool):
@@ -53,19 +79,16 @@ def _records(data: str, kind: str, held_out: bool):
         for i, r in enumerate(built, 1):
             yield f"{data}:{i}", r, None
         return
+    check_data_file(data)
     path = Path(data)
-    if not path.is_file():
-        raise DataError(f"--data {data!r}: no such file (give a JSONL path or a built-in name: builtin, "
-                        f"builtin:sft, builtin:pairs, builtin:pairs-ood)")
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{i}"
-            try:
-                yield where, json.loads(line), None
-            except json.JSONDecodeError as e:
-                yield where, None, f"{where}: malformed JSON ({e.msg} at column {e.colno})"
+    for i, line in _lines(path):
+        if not line.strip():
+            continue
+        where = f"{path}:{i}"
+        try:
+            yield where, json.loads(line), None
+        except json.JSONDecodeError as e:
+            yield where, None, f"{where}: malformed JSON ({e.msg} at column {e.colno})"
 
 
 def _text(value, name, where, tok, *, prompt: bool):
@@ -148,7 +171,7 @@ def load_examples(data: str, kind: str, tok, *, max_length: int, skip_bad_lines:
 
 def load_prompts(data: str, tok, *, max_prompt_tokens: int, seed: int = 0, n_builtin: int = 4096) -> List[List[int]]:
     """Prompt token ids for RL: the built-in task's prompts, or the "prompt" field of each JSONL line."""
-    if data.startswith("builtin"):
+    if is_builtin_data(data):
         import random
 
         from .task import prompt

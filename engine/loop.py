@@ -1,29 +1,40 @@
-"""The one run loop every trainer uses: resume-or-fresh, metrics, progress, save cadence, non-finite stop.
+"""The one run loop every trainer uses: resume-or-fresh, metrics, progress, save cadence, non-finite stop,
+and safe interruption.
 
-    state = resume_or_fresh(run_dir, cfg.resume)     # trainer state of the latest checkpoint, or None
-    last = run_loop(cfg, run_dir, start, step_fn, save_fn, desc=..., postfix=...)
+    state = resume_or_fresh(run_dir, cfg)           # trainer state of the latest checkpoint, or None
+    last = run_loop(cfg, run_dir, start, step_fn, save_fn, device=..., desc=..., postfix=...)
 
 `step_fn(step)` runs optimizer step `step + 1` and returns its metrics; `check_finite` is what a step
 calls on its loss (and gradient norm) to stop cleanly, naming the last good checkpoint. The loop adds
-`step`, `peak_mem_bytes` (CUDA) and writes one JSON line per step to `metrics.jsonl`, then checkpoints
+`step` and `peak_mem_bytes` (CUDA), writes one JSON line per step to `metrics.jsonl`, and checkpoints
 every `cfg.save_every` steps and at the end through `save_fn(step)`.
+
+Interruption: on SIGINT / SIGTERM the current step finishes, a checkpoint is written (atomically, like
+every checkpoint) and `Interrupted` is raised — the CLI prints the `--resume` command and exits 130 / 143.
+A second signal exits at once: checkpoint writes are atomic, so the last complete one stays loadable.
+
+Progress: a live bar on a terminal; otherwise (a log file, a batch job) one plain line every
+`cfg.log_every` steps (default: about 20 per run) and at the end, with the same fields.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import signal
+import sys
+import threading
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
-from tqdm.auto import tqdm
 
-from .checkpoint import check_fresh_start, latest_checkpoint, load_trainer_state, truncate_metrics
+from .checkpoint import check_fresh_start, clean_partial_writes, latest_checkpoint, load_trainer_state, \
+    truncate_metrics
+from .errors import Interrupted, NonFiniteLoss
 
-
-class NonFiniteLoss(FloatingPointError):
-    pass
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 def check_finite(value, what: str, step: int, run_dir: Path) -> None:
@@ -35,14 +46,15 @@ def check_finite(value, what: str, step: int, run_dir: Path) -> None:
                             f"{good if good else 'none (no checkpoint was written yet)'}; lower --lr or check the data")
 
 
-def resume_or_fresh(run_dir: Path, resume: bool) -> Optional[dict]:
-    """The trainer state to continue from (metrics after it dropped), or None for a fresh run (which must
-    not mix with an earlier run's checkpoints; its metrics file starts empty)."""
+def resume_or_fresh(run_dir: Path, cfg) -> Optional[dict]:
+    """The trainer state to continue from (metrics after it dropped) when cfg.resume finds a checkpoint, or None
+    for a fresh run (which must not mix with an earlier run's checkpoints; its metrics file starts empty)."""
     run_dir.mkdir(parents=True, exist_ok=True)
+    clean_partial_writes(run_dir)
     metrics_path = run_dir / "metrics.jsonl"
-    ckpt = latest_checkpoint(run_dir) if resume else None
+    ckpt = latest_checkpoint(run_dir) if cfg.resume else None
     if ckpt is not None:
-        state = load_trainer_state(ckpt)
+        state = load_trainer_state(ckpt, trust=getattr(cfg, "trust_checkpoint", False))
         truncate_metrics(metrics_path, state["step"])
         return state
     check_fresh_start(run_dir)
@@ -50,23 +62,82 @@ def resume_or_fresh(run_dir: Path, resume: bool) -> Optional[dict]:
     return None
 
 
+class _StopOnSignal:
+    """First SIGINT/SIGTERM: remember it (the loop stops after the current step). Second: exit at once."""
+
+    def __init__(self):
+        self.signum = None
+        self._previous = {}
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:
+            os._exit(128 + signum)  # at once; the last complete checkpoint is intact (atomic writes)
+        self.signum = signum
+        print(f"\nfusealign: {signal.Signals(signum).name} received: finishing this step, then writing a checkpoint "
+              f"(send it again to stop at once)", file=sys.stderr, flush=True)
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for s in SIGNALS:
+                self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for s, h in self._previous.items():
+            signal.signal(s, h)
+        return False
+
+
+class _Progress:
+    """A tqdm bar on a terminal; plain lines every `every` steps (and at the end) otherwise."""
+
+    def __init__(self, cfg, start: int, desc: str, postfix: tuple):
+        self.total, self.desc, self.postfix = cfg.max_steps, desc, postfix
+        self.every = cfg.log_every or max(1, cfg.max_steps // 20)
+        self.bar = None
+        if sys.stderr.isatty():
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=cfg.max_steps, initial=start, desc=desc, dynamic_ncols=True, mininterval=0.5)
+
+    def _fields(self, metrics: dict) -> dict:
+        return {k: f"{metrics[k]:.4g}" for k in self.postfix if isinstance(metrics.get(k), float)}
+
+    def update(self, metrics: dict) -> None:
+        step = metrics["step"]
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(self._fields(metrics))
+        elif step % self.every == 0 or step == self.total:
+            fields = " ".join(f"{k}={v}" for k, v in self._fields(metrics).items())
+            print(f"{self.desc} step {step}/{self.total} {fields}".rstrip(), file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
 def run_loop(cfg, run_dir: Path, start: int, step_fn: Callable[[int], dict], save_fn: Callable[[int], Path], *,
              device: torch.device, desc: str, postfix: tuple = ("loss",)) -> dict:
     """Steps `start` … cfg.max_steps − 1; returns the last step's metrics (with "step")."""
     last = {}
-    bar = tqdm(total=cfg.max_steps, initial=start, desc=desc, dynamic_ncols=True, mininterval=0.5)
-    with open(run_dir / "metrics.jsonl", "a") as log:
-        for step in range(start, cfg.max_steps):
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-            out = step_fn(step)
-            peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-            last = {"step": step + 1, **out, "peak_mem_bytes": peak}
-            log.write(json.dumps(last) + "\n")
-            log.flush()
-            bar.update(1)
-            bar.set_postfix({k: f"{last[k]:.4g}" for k in postfix if isinstance(last.get(k), float)})
-            if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.max_steps:
-                save_fn(step + 1)
-    bar.close()
+    progress = _Progress(cfg, start, desc, postfix)
+    try:
+        with _StopOnSignal() as stop, open(run_dir / "metrics.jsonl", "a") as log:
+            for step in range(start, cfg.max_steps):
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(device)
+                out = step_fn(step)
+                peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+                last = {"step": step + 1, **out, "peak_mem_bytes": peak}
+                log.write(json.dumps(last) + "\n")
+                log.flush()
+                progress.update(last)
+                saved = None
+                if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.max_steps:
+                    saved = save_fn(step + 1)
+                if stop.signum is not None:
+                    raise Interrupted(stop.signum, step + 1, saved or save_fn(step + 1))
+    finally:
+        progress.close()
     return last

@@ -27,6 +27,8 @@ from torch import nn
 
 from fusealign.kernels import linear_logps
 
+from .errors import ModelPathError
+
 
 @dataclass
 class Head:
@@ -147,7 +149,7 @@ def load_causal_lm(path: str, *, dtype: torch.dtype = torch.float32, attn_implem
 
     p = Path(path)
     if not (p / "config.json").is_file():
-        raise FileNotFoundError(f"--model {path!r}: no config.json there (expected a local model directory or a "
+        raise ModelPathError(f"--model {path!r}: no config.json there (expected a local model directory or a "
                                 f"built-in preset name)")
     kw = dict(dtype=dtype, local_files_only=True)
     if attn_implementation:

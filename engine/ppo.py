@@ -308,7 +308,7 @@ class PPOTrainer:
 
     def train(self) -> dict:
         cfg, run_dir = self.cfg, Path(self.cfg.output_dir)
-        state = resume_or_fresh(run_dir, cfg.resume)
+        state = resume_or_fresh(run_dir, cfg)
         if state is not None:
             self.load_state_dict(state)
 

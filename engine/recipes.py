@@ -10,15 +10,18 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 from dataclasses import replace
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from . import task
 from .checkpoint import latest_checkpoint, write_text_atomic
 from .config import DPOConfig, PPOConfig, RMConfig, SFTConfig, TrainConfig
-from .data import DataStream, check_vocab, load_examples, load_prompts
+from .data import DataStream, check_data_file, check_vocab, load_examples, load_prompts
+from .errors import CheckpointError, DataError, ModelPathError, OutputDirError
 from .models import RewardModel, disable_dropout, fingerprint, load_causal_lm, model_from_config
 from .objectives import dpo_loss, pair_batch, rewards_of, rm_loss, sequence_logps, sft_loss
 from .ppo import PPOTrainer
@@ -27,7 +30,46 @@ from .trainer import autocast, resolve_device, train
 
 
 def _defaults(cfg: TrainConfig, kind: str) -> TrainConfig:
-    return replace(cfg, output_dir=cfg.output_dir or f"runs/{kind}")
+    """Fill the default output directory, then check every path the run needs — before any model loads."""
+    cfg = replace(cfg, output_dir=cfg.output_dir or f"runs/{kind}")
+    preflight(cfg)
+    return cfg
+
+
+def check_output_dir(path: str) -> None:
+    """`path` can be created and written (OutputDirError naming the fix if not)."""
+    p = Path(path)
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        probe = p / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise OutputDirError(f"--output-dir {path!r}: cannot create or write it ({e.strerror or e}); choose a "
+                             f"writable directory") from None
+
+
+def check_model_dir(path: str, flag: str, *, reward_model: bool = False) -> None:
+    """A local model directory (config.json; a reward model also value_head.safetensors)."""
+    p = Path(path)
+    if not (p / "config.json").is_file():
+        raise ModelPathError(f"{flag} {path!r}: no config.json there (expected a local model directory"
+                             f"{'' if flag != '--model' else ', or builtin'})")
+    if reward_model and not (p / "value_head.safetensors").is_file():
+        raise ModelPathError(f"{flag} {path!r}: no value_head.safetensors there (expected a reward model written "
+                             f"by `fusealign rm`)")
+
+
+def preflight(cfg: TrainConfig) -> None:
+    """Paths first: output writable, data readable and UTF-8, model directories present."""
+    check_output_dir(cfg.output_dir)
+    check_data_file(cfg.data)
+    if cfg.model != "builtin":
+        check_model_dir(cfg.model, "--model")
+    if getattr(cfg, "sft_model", ""):
+        check_model_dir(cfg.sft_model, "--sft-model")
+    if getattr(cfg, "reward_model", ""):
+        check_model_dir(cfg.reward_model, "--reward-model", reward_model=True)
 
 
 def load_tokenizer(path):
@@ -37,6 +79,14 @@ def load_tokenizer(path):
     if tok.pad_token is None:  # common for Llama tokenizers; padding positions are never targets
         tok.pad_token = tok.eos_token
     return tok
+
+
+def start_tokenizer(cfg: TrainConfig):
+    """The tokenizer of the model a run starts from, read without loading (or training) any model: data
+    errors surface before minutes of work."""
+    ckpt = latest_checkpoint(Path(cfg.output_dir)) if cfg.resume else None
+    source = ckpt or getattr(cfg, "sft_model", "") or cfg.model
+    return task.tokenizer() if source == "builtin" else load_tokenizer(source)
 
 
 def load_policy(cfg: TrainConfig, *, init: str):
@@ -78,8 +128,9 @@ def finish(cfg, summary: dict) -> dict:
 
 def run_sft(cfg: SFTConfig) -> dict:
     cfg = _defaults(cfg, "sft")
+    examples, stats = load_examples(cfg.data, "sft", start_tokenizer(cfg), max_length=cfg.max_length,
+                                    skip_bad_lines=cfg.skip_bad_lines)
     model, tok = load_policy(cfg, init=cfg.model)
-    examples, stats = load_examples(cfg.data, "sft", tok, max_length=cfg.max_length, skip_bad_lines=cfg.skip_bad_lines)
     stream = DataStream(examples, cfg.batch_size, cfg.seed)
     last = train(cfg, model, lambda ex: sft_loss(model, ex, pad_id=tok.pad_token_id, pack=cfg.pack,
                                                   temperature=cfg.temperature, backend=cfg.backend),
@@ -91,6 +142,8 @@ def run_sft(cfg: SFTConfig) -> dict:
 def run_rm(cfg: RMConfig) -> dict:
     cfg = _defaults(cfg, "rm")
     device = resolve_device(cfg.device)
+    kw = dict(max_length=cfg.max_length, skip_bad_lines=cfg.skip_bad_lines)
+    examples, stats = load_examples(cfg.data, "pairs", start_tokenizer(cfg), **kw)
     ckpt = latest_checkpoint(Path(cfg.output_dir)) if cfg.resume else None
     if ckpt is not None:
         rm, tok = RewardModel.from_pretrained(str(ckpt)), load_tokenizer(ckpt)
@@ -101,13 +154,11 @@ def run_rm(cfg: RMConfig) -> dict:
         rm = RewardModel(lm)
     rm.to(device)
     check_vocab(tok, rm.config.vocab_size)
-    kw = dict(max_length=cfg.max_length, skip_bad_lines=cfg.skip_bad_lines)
-    examples, stats = load_examples(cfg.data, "pairs", tok, **kw)
-    if cfg.data.startswith("builtin"):
+    if task.is_builtin_data(cfg.data):
         held = load_examples(cfg.data, "pairs", tok, held_out=True, **kw)[0]
     else:  # the last 10 % are held out and not trained on
         if len(examples) < 2:
-            raise ValueError(f"--data {cfg.data!r}: the reward model needs at least 2 pairs (one held out)")
+            raise DataError(f"--data {cfg.data!r}: the reward model needs at least 2 pairs (one held out)")
         cut = len(examples) - max(1, len(examples) // 10)
         examples, held = examples[:cut], examples[cut:]
 
@@ -131,7 +182,9 @@ def run_rm(cfg: RMConfig) -> dict:
 
 def reference_logps(ref, examples, *, pad_id, average: bool, temperature: float, backend: str, cache_dir: Path,
                     key_extra: str = "", cfg: TrainConfig = None) -> torch.Tensor:
-    """(n, 2) reference (chosen, rejected) log-probs in one no-grad pass, cached on disk keyed by data and model."""
+    """(n, 2) reference (chosen, rejected) log-probs in one no-grad pass, cached on disk keyed by data and model.
+
+    The cache is a safetensors file (a plain tensor: reading it cannot execute code)."""
     h = hashlib.sha256(key_extra.encode())
     for e in examples:
         h.update(repr((e.prompt, e.completions)).encode())
@@ -139,9 +192,9 @@ def reference_logps(ref, examples, *, pad_id, average: bool, temperature: float,
     amp = autocast(cfg, device) if cfg is not None else contextlib.nullcontext()
     mode = "bf16" if (cfg is not None and cfg.bf16 and device.type == "cuda") else "fp"
     key = f"{h.hexdigest()[:16]}-{fingerprint(ref)}-{'avg' if average else 'sum'}-T{temperature}-{mode}"
-    path = cache_dir / f"ref_logps-{key}.pt"
+    path = cache_dir / f"ref_logps-{key}.safetensors"
     if path.is_file():
-        return torch.load(path)
+        return load_file(str(path))["ref_logps"]
     out = []
     ref.eval()
     with torch.no_grad(), amp:  # the same precision as the policy's forward in training
@@ -152,18 +205,18 @@ def reference_logps(ref, examples, *, pad_id, average: bool, temperature: float,
             out.append(torch.stack([s[: len(chunk)], s[len(chunk):]], 1))
     table = torch.cat(out)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(table, tmp)
-    tmp.replace(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    save_file({"ref_logps": table.contiguous()}, str(tmp))
+    os.replace(tmp, path)
     return table
 
 
 def run_dpo(cfg: DPOConfig) -> dict:
     cfg = _defaults(cfg, "dpo")
+    examples, stats = load_examples(cfg.data, "pairs", start_tokenizer(cfg), max_length=cfg.max_length,
+                                    skip_bad_lines=cfg.skip_bad_lines)
     init = builtin_sft_path(cfg) if cfg.model == "builtin" else cfg.model
     policy, tok = load_policy(cfg, init=init)
-    examples, stats = load_examples(cfg.data, "pairs", tok, max_length=cfg.max_length,
-                                    skip_bad_lines=cfg.skip_bad_lines)
     disable_dropout(policy)
     ref_model, ref_table = None, None
     if cfg.needs_reference:
@@ -174,7 +227,7 @@ def run_dpo(cfg: DPOConfig) -> dict:
                                         temperature=cfg.temperature, backend=cfg.backend,
                                         cache_dir=Path(cfg.output_dir), key_extra=str(init), cfg=cfg)
             ref_model = None  # not needed any more: free it
-    builtin = cfg.data.startswith("builtin")
+    builtin = task.is_builtin_data(cfg.data)
     before = gt_reward(policy, tok, n=cfg.eval_samples, seed=cfg.seed) if builtin else None
 
     def loss_fn(ex):
@@ -196,6 +249,8 @@ def run_ppo(cfg: PPOConfig) -> dict:
     """`fusealign ppo`: defaults to the built-in task, its SFT policy and the reward model trained on it."""
     cfg = _defaults(cfg, "ppo")
     device = resolve_device(cfg.device)
+    load_prompts(cfg.data, start_tokenizer(cfg), max_prompt_tokens=cfg.max_length - cfg.max_new_tokens,
+                 seed=cfg.seed)  # data errors before any model is trained or loaded
     init = builtin_sft_path(cfg) if cfg.model == "builtin" else cfg.model
     policy, tok = load_policy(cfg, init=init)
     ref, _ = load_policy(replace(cfg, resume=False), init=init)
@@ -215,7 +270,8 @@ def run_ppo(cfg: PPOConfig) -> dict:
         ckpt = latest_checkpoint(Path(cfg.output_dir)) if cfg.resume else None
         if ckpt is not None:
             if not (ckpt / "critic").is_dir():
-                raise FileNotFoundError(f"{ckpt} has no critic/ to resume the separate critic from")
+                raise CheckpointError(f"{ckpt} has no critic/ to resume the separate critic from: resume needs the "
+                                      f"checkpoint written with the same --critic separate")
             critic = RewardModel.from_pretrained(str(ckpt / "critic"))
         elif reward_model is not None:  # initialise the critic from the reward model (Huang et al. 2024)
             critic = RewardModel.from_pretrained(rm_path)
@@ -226,7 +282,7 @@ def run_ppo(cfg: PPOConfig) -> dict:
     prompts = load_prompts(cfg.data, tok, max_prompt_tokens=cfg.max_length - cfg.max_new_tokens, seed=cfg.seed)
     trainer = PPOTrainer(cfg, policy, ref, tok, critic=critic, reward_model=reward_model, reward_fn=reward_fn,
                          prompts=prompts)
-    before = gt_reward(policy, tok, seed=cfg.seed) if cfg.data.startswith("builtin") else None
+    before = gt_reward(policy, tok, seed=cfg.seed) if task.is_builtin_data(cfg.data) else None
     summary = dict(trainer.train())
     if before is not None:
         summary["eval/gt_reward_init"] = before

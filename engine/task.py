@@ -124,6 +124,11 @@ def eval_prompts(n: int = 128, seed: int = 0) -> list:
 BUILTIN_DATA = ("builtin", "builtin:sft", "builtin:pairs", "builtin:pairs-ood")
 
 
+def is_builtin_data(name: str) -> bool:
+    """`--data` names a built-in data set (a file called e.g. "builtin_pairs.jsonl" is not one)."""
+    return name == "builtin" or name in BUILTIN_DATA
+
+
 def builtin_dataset(name: str, kind: str, *, held_out: bool = False, seed: int = 0) -> Optional[list]:
     """Records of a built-in data set name (None if `name` is not built-in)."""
     if name == "builtin":

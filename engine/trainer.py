@@ -69,7 +69,7 @@ def train(
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
-    state = resume_or_fresh(run_dir, cfg.resume)
+    state = resume_or_fresh(run_dir, cfg)
     if state is not None:  # the model itself was loaded from that checkpoint by the caller
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])

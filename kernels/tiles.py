@@ -52,7 +52,10 @@ def tile_config(H: int, V: int, dtype: torch.dtype, heads: int = 1) -> TileConfi
     sm_80/sm_90); see benchmarks/results/kernel_report.md.
     """
     if interpreting():
-        # Small tiles keep the numpy interpreter fast; several splits exercise the merge.
+        # Small tiles keep the numpy interpreter fast and, with several splits, exercise the merge; a wide
+        # vocabulary takes wide tiles (the interpreter's cost is per tile, not per element).
+        if V > 2048:
+            return TileConfig(16, 512, 32, 4096, 1, 1)
         return TileConfig(16, 32, 32, 64, 1, 1)
     if dtype == torch.float32:
         # IEEE fp32 dots run on FMA units, whose operand layouts cost more registers than MMA's: a

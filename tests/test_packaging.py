@@ -18,7 +18,13 @@ def test_wheel_maps_kernels_and_engine_into_the_package(tmp_path):
     for f in ("fusealign/__init__.py", "fusealign/kernels/reference.py", "fusealign/kernels/linear_logps.py",
               "fusealign/kernels/linear_logps_triton.py", "fusealign/engine/__init__.py"):
         assert f in names, f
+    assert "fusealign/losses/preference.py" in names and "fusealign/losses/policy.py" in names
     assert not any(n.startswith(("kernels/", "engine/")) for n in names), "bare top-level packages leaked"
+    meta = next(n for n in names if n.endswith(".dist-info/METADATA"))
+    requires = {line.split()[1].split(";")[0] for line in zipfile.ZipFile(wheel).read(meta).decode().splitlines()
+                if line.startswith("Requires-Dist:") and "extra ==" not in line}
+    # Everything the commands import is installed by `pip install .` (compare's plot needs matplotlib).
+    assert {"torch", "triton", "numpy", "safetensors", "transformers", "tqdm", "matplotlib"} <= requires, requires
 
     target = tmp_path / "site"
     inst = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target),

@@ -3,17 +3,26 @@
     fusealign dpo                          # built-in task end to end: SFT policy, then DPO; prints metrics
     fusealign sft --data my.jsonl --model ./llama --max-steps 1000 --output-dir runs/sft
     fusealign dpo --resume --output-dir runs/dpo
+
+Failing like a Unix tool: an error the user can fix (bad flag, data, path, model directory, an unsafe
+checkpoint, out of GPU memory) prints one line, `fusealign <command>: error: …`, and exits 2; `--debug`
+(or FUSEALIGN_DEBUG=1) shows the traceback. SIGINT / SIGTERM stop after the current step with a
+checkpoint, print the command that resumes, and exit 130 / 143. Anything unexpected keeps its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import shlex
+import signal
 import sys
 from dataclasses import MISSING, fields
 
 from fusealign.engine.compare import run_compare
 from fusealign.engine.config import CONFIGS
+from fusealign.engine.errors import Interrupted, UserError
 from fusealign.engine.recipes import RUNS as _TRAIN_RUNS
 
 RUNS = {**_TRAIN_RUNS, "compare": run_compare}
@@ -34,25 +43,73 @@ def _add_flags(parser: argparse.ArgumentParser, cls) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fusealign", description="Fused-head alignment: SFT, reward model, DPO.")
+    parser = argparse.ArgumentParser(prog="fusealign", description="Fused-head alignment: SFT, reward model, DPO, "
+                                                                   "PPO, and the PPO-vs-DPO study.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of expected errors too "
+                                                             "(also: FUSEALIGN_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, cls in CONFIGS.items():
         p = sub.add_parser(name, help=(cls.__doc__ or "").strip().splitlines()[0],
                            description=(cls.__doc__ or "").strip(),
                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
         _add_flags(p, cls)
     return parser
 
 
+def _quiet_libraries() -> None:
+    """No per-load progress bars from transformers (dozens in one `compare`), no hub progress either."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+    except ImportError:  # transformers is a dependency; without it the run fails later with its own message
+        pass
+
+
+def _resume_hint(command: str, argv) -> str:
+    if command == "compare":  # compare reuses finished stages and resumes interrupted ones by itself
+        return "re-run the same command to continue: " + shlex.join(["fusealign", command, *argv])
+    args = [a for a in argv if a != "--resume"]
+    return "continue with: " + shlex.join(["fusealign", command, *args, "--resume"])
+
+
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = vars(build_parser().parse_args(argv))
     command = args.pop("command")
+    debug = args.pop("debug", False) or os.environ.get("FUSEALIGN_DEBUG", "") not in ("", "0")
+    _quiet_libraries()
+
+    def fail(message: str) -> int:
+        print(f"fusealign {command}: error: {message}", file=sys.stderr)
+        return 2
+
     try:
         cfg = CONFIGS[command](**args)
     except ValueError as e:  # config validation: a flag error, not a traceback
-        print(f"fusealign {command}: error: {e}", file=sys.stderr)
-        return 2
-    summary = RUNS[command](cfg)
+        return fail(str(e))
+    try:
+        summary = RUNS[command](cfg)
+    except Interrupted as e:
+        sub_argv = argv[argv.index(command) + 1:] if command in argv else argv
+        name = signal.Signals(e.signum).name
+        print(f"fusealign {command}: stopped by {name} after step {e.step}; checkpoint {e.checkpoint}\n"
+              f"fusealign {command}: {_resume_hint(command, sub_argv)}", file=sys.stderr)
+        return 128 + e.signum
+    except UserError as e:
+        if debug:
+            raise
+        return fail(str(e))
+    except Exception as e:
+        import torch
+
+        if isinstance(e, torch.cuda.OutOfMemoryError) and not debug:
+            return fail("out of GPU memory: lower --batch-size or --max-length, or pass --gradient-checkpointing "
+                        f"({str(e).splitlines()[0][:160]})")
+        raise
     if command != "compare":  # compare prints its own table
         print(json.dumps({k: v for k, v in summary.items() if v is not None}, indent=1))
     return 0

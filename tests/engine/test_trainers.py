@@ -70,7 +70,7 @@ def test_dpo_raises_margins_and_ground_truth_reward(sft_run, tmp_path):
     assert late > early + 0.3, (early, late)
     # 256 held-out samples; rewards in [−1, 1] with sd ≈ 0.45 → standard error of a mean ≈ 0.03.
     assert summary["eval/gt_reward"] > summary["eval/gt_reward_init"] + 0.15, summary
-    cached = list(Path(tmp_path).glob("ref_logps-*.pt"))
+    cached = list(Path(tmp_path).glob("ref_logps-*.safetensors"))
     assert len(cached) == 1
     stamp = cached[0].stat().st_mtime_ns
     run_dpo(DPOConfig(output_dir=str(tmp_path), sft_model=str(latest_checkpoint(out)), device="cpu", max_steps=2,
