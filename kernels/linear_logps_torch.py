@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from .chunked import chunk_rows, final_logits, softcap_factor_
+from .chunked import autocast_off, chunk_rows, final_logits, softcap_factor_
 
 # (chunk, V) buffers alive at once, in bytes per logit (fp32 tiles are 4, bool masks 1):
 FWD_BYTES_PER_LOGIT = 8  # partial_stats: logits and their exponentials
@@ -25,6 +25,7 @@ BWD_BYTES_PER_LOGIT = 12  # logps_bwd_dz: log p, p and the entropy coefficient (
 _LOWEST = torch.finfo(torch.float32).min
 
 
+@autocast_off
 def partial_stats(hidden, weight, bias, targets, *, temperature, softcap, chunk_bytes, extra=False):
     """Statistics (1, ROWS, N) fp32 — rows m, s, a, zy, and with `extra` q, zs, mb, as in
     linear_logps_triton.py — over this weight's vocabulary; zy = 0 for targets outside [0, V) (ignored, or
@@ -102,6 +103,7 @@ def logps_fwd(hidden, weight, bias, targets, *, temperature, softcap, ignore_ind
     return combine_stats(stats, targets, ignore_index, weight.shape[0])
 
 
+@autocast_off
 def logps_bwd_dz(hidden, weight, bias, targets, lse, entropy, g_logps, g_entropy, dz, *,
                  temperature, softcap, ignore_index):
     """Write ∂L/∂(raw logits) for one chunk into `dz: (n, V)`; see linear_logps_triton.py.
