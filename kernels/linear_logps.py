@@ -179,7 +179,9 @@ def linear_logps(
         log_sum_sq_probs = log Σ_v p_v²,  mean_logits = mean over v of the final logits z,
         is_top1 = the target is the (first) argmax of z.
     The last three are forward-only (no gradient, as in TRL) and come from the same fused pass: asking
-    for any of them adds three row reductions per logit tile, nothing of size V.
+    for any of them adds three row reductions per logit tile, nothing of size V (on CUDA that forward uses
+    half-width vocabulary tiles to stay spill-free, so its logps equal a plain call's to fp32 rounding,
+    not bitwise; batch invariance holds for each).
     Every output is exactly 0 (False) where `targets == ignore_index`.
 
     Equivalent to `fusealign.kernels.reference.linear_logps_reference` without materialising the
