@@ -12,7 +12,7 @@ setup(
     version="0.1.0",
     description="Fused LM-head log-probs, entropy, KL and alignment losses without materialised logits",
     python_requires=">=3.10",
-    packages=["fusealign", "fusealign.losses", "fusealign.kernels", "fusealign.engine"],
+    packages=["fusealign", "fusealign.losses", "fusealign.integrations", "fusealign.kernels", "fusealign.engine"],
     package_dir={
         "fusealign": "python/fusealign",
         "fusealign.kernels": "kernels",

@@ -1,11 +1,9 @@
 """Hugging Face causal LMs on fused heads: backbone hidden states + head weight, never full logits.
 
-Any `transformers` causal LM works through `get_decoder()` (the backbone, final norm included) and
-`get_output_embeddings()` (the head, tied or not, with or without bias). Family quirks honoured:
-  Gemma 2/3  `final_logit_softcapping`  -> softcap c: z = c·tanh(r/c)
-  Cohere     `logit_scale` s (z = s·r)   -> folded into the temperature: T / s
-  Granite    `logits_scaling` d (z = r/d) -> folded into the temperature: T · d
-Only positions whose next token is a completion token are projected (see `select_completion`).
+The head itself (weight, bias, softcap, logit scale folded into the temperature, the compute dtype) is
+read in one place, `fusealign.integrations.hf` (`head_of`, `head_inputs`, `score_hidden`), which
+`fa.patch_model` uses too. This module adds the engine's batches: packed or padded rows, and only the
+positions whose next token is a completion token are projected (see `select_completion`).
 
 The one completion-head path: `completion_inputs(model, batch)` (backbone → completion positions →
 head, in one dtype) and `score_tokens` on top of it are what every trainer, PPO's scoring and
@@ -25,53 +23,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from fusealign.kernels import linear_logps
+from fusealign.integrations.hf import Head, backbone, head_inputs, head_of, score_hidden  # noqa: F401 (re-exported)
 
 from .errors import ModelPathError
-
-
-@dataclass
-class Head:
-    """What the fused losses need of a model's LM head."""
-
-    weight: torch.Tensor  # (V, H)
-    bias: Optional[torch.Tensor]  # (V,) or None
-    softcap: Optional[float]
-    temperature: float  # user temperature with any logit scale folded in
-
-    def kwargs(self) -> dict:
-        """The head's keyword arguments of every fused op (`fa.linear_logps`, `linear_kl`, the losses)."""
-        return dict(bias=self.bias, softcap=self.softcap, temperature=self.temperature)
-
-    def to(self, dtype: torch.dtype) -> "Head":
-        """The head in the hidden states' dtype (autocast gives bf16 states next to an fp32 weight)."""
-        cast = lambda t: t if t is None or t.dtype == dtype else t.to(dtype)  # noqa: E731
-        return Head(cast(self.weight), cast(self.bias), self.softcap, self.temperature)
-
-
-def head_of(model: nn.Module, temperature: float = 1.0) -> Head:
-    cfg = getattr(model.config, "text_config", None) or model.config
-    out = model.get_output_embeddings()
-    if out is None or not hasattr(out, "weight"):
-        raise ValueError(f"{type(model).__name__} has no output embedding (LM head); use a *ForCausalLM model")
-    T = float(temperature)
-    scale = getattr(cfg, "logit_scale", None)
-    if scale:
-        T = T / float(scale)
-    scaling = getattr(cfg, "logits_scaling", None)
-    if scaling:
-        T = T * float(scaling)
-    softcap = getattr(cfg, "final_logit_softcapping", None)
-    if softcap is not None and (scale or scaling):
-        raise ValueError("a head with both softcapping and a logit scale is not supported")
-    return Head(out.weight, getattr(out, "bias", None), float(softcap) if softcap else None, T)
-
-
-def backbone(model: nn.Module) -> nn.Module:
-    dec = model.get_decoder()
-    if dec is model:
-        raise ValueError(f"cannot find the backbone of {type(model).__name__} through get_decoder()")
-    return dec
 
 
 def hidden_states(model: nn.Module, input_ids, attention_mask=None, position_ids=None) -> torch.Tensor:
@@ -111,9 +65,8 @@ def completion_hidden(model: nn.Module, batch) -> tuple:
 def completion_inputs(model: nn.Module, batch, *, temperature: float = 1.0) -> CompletionInputs:
     """backbone → completion positions → head (weight, bias, softcap, temperature, logit scale), one dtype."""
     h_c, y_c, s_c = completion_hidden(model, batch)
-    device = h_c.device.type
-    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else head_of(model).weight.dtype
-    return CompletionInputs(h_c.to(dtype), y_c, s_c, head_of(model, temperature).to(dtype))
+    hidden, head = head_inputs(model, h_c, temperature=temperature)
+    return CompletionInputs(hidden, y_c, s_c, head)
 
 
 @dataclass
@@ -131,11 +84,10 @@ def score_tokens(model: nn.Module, batch, *, temperature: float = 1.0, backend: 
                  entropy: bool = False, value_head: Optional[nn.Linear] = None) -> TokenScores:
     """Fused per-token log-probs (and entropy, and values of a value head on the same hidden states) of a
     batch's completion tokens; the full logits are never formed. Gradients flow when grad is enabled."""
-    x = completion_inputs(model, batch, temperature=temperature)
-    logps, ent = linear_logps(x.hidden, x.head.weight, x.targets, return_entropy=True, backend=backend,
-                              **x.head.kwargs())
-    values = None if value_head is None else linear_values(x.hidden, value_head)
-    return TokenScores(logps, ent if entropy else None, values, x.seq_ids)
+    h_c, y_c, s_c = completion_hidden(model, batch)
+    logps, ent = score_hidden(model, h_c, y_c, temperature=temperature, outputs=("logps", "entropy"), backend=backend)
+    values = None if value_head is None else linear_values(head_inputs(model, h_c)[0], value_head)
+    return TokenScores(logps, ent if entropy else None, values, s_c)
 
 
 def linear_values(hidden: torch.Tensor, value_head: nn.Linear) -> torch.Tensor:

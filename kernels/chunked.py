@@ -7,6 +7,8 @@ sizes chunks from a byte budget, and `mm_f32` is the fp32-output matmul every pa
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 # `torch.mm(..., out_dtype=)` (the `aten::mm.dtype` overload, PyTorch ≥ 2.8; CUDA kernels only): bf16/fp16
@@ -51,3 +53,16 @@ def final_logits(hidden_c, weight, bias, temperature, softcap):
 def softcap_factor_(z, temperature, softcap):
     """In place: final logits z -> ∂z/∂r · T = 1 − t², with t = tanh(r/softcap) = z·T/softcap."""
     return z.mul_(temperature / softcap).square_().neg_().add_(1.0)
+
+
+def autocast_off(fn):
+    """Run a chunked-backend function with autocast off on its first argument's device: it picks every dtype
+    itself, and under autocast its fp32 `bmm` / `@` would run in bf16 (found by TRL's autocast parity test:
+    entropy off by 5e-3 under CPU bf16 autocast)."""
+
+    @functools.wraps(fn)
+    def wrapped(first, *args, **kwargs):
+        with torch.autocast(first.device.type, enabled=False):
+            return fn(first, *args, **kwargs)
+
+    return wrapped

@@ -263,6 +263,10 @@ def _run_public_ops(H: int, V: int, dtype, N: int = 32):
             (logps.sum() + (ent.sum() if entropy else 0)).backward()
         with torch.no_grad():
             fa.linear_logps(h, w, y, bias=b, softcap=softcap, temperature=temperature, backend="triton")
+        # The forward-only statistics (TRL's outputs) are a second specialisation of the forward and merge.
+        out = fa.linear_logps(h, w, y, bias=b, softcap=softcap, temperature=temperature, backend="triton",
+                              outputs=("logps", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1"))
+        (out[0].sum() + out[1].sum()).backward()
         for direction in ("forward", "reverse"):
             rh, rw = t(N, H, grad=False), t(V, H, grad=False)
             rb = t(V, grad=False) if bias else None
@@ -297,6 +301,7 @@ def _run_launchers(H: int, V: int, dtype, N: int = 256):
     f = torch.empty(N, dtype=torch.float32)
     dz = torch.empty((N, V), dtype=dtype)
     lt.logps_fwd(h, w, None, y, temperature=1.0, softcap=None, ignore_index=-100)
+    lt.logps_fwd(h, w, None, y, temperature=1.0, softcap=None, ignore_index=-100, extra=True)
     lt.logps_bwd_dz(h, w, None, y, f, f, f, f, dz, temperature=1.0, softcap=None, ignore_index=-100)
     valid = torch.ones(N, dtype=torch.uint8)
     klt.kl_fwd(h, w, h, w, valid, temperature=1.0, softcap=None)

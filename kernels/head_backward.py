@@ -16,9 +16,10 @@ from typing import Callable, Optional
 
 import torch
 
-from .chunked import chunk_rows, mm_f32
+from .chunked import autocast_off, chunk_rows, mm_f32
 
 
+@autocast_off
 def head_backward(
     hidden: torch.Tensor,
     weight: torch.Tensor,

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import torch
 
-from .chunked import chunk_rows, final_logits, softcap_factor_
+from .chunked import autocast_off, chunk_rows, final_logits, softcap_factor_
 
 FWD_BYTES_PER_LOGIT = 12  # both heads' shifted logits and P's exponentials
 BWD_BYTES_PER_LOGIT = 12  # log p, log q, p (dz excluded)
 
 
+@autocast_off
 def kl_fwd(ha, wa, hb, wb, valid, *, bias_a=None, bias_b=None, temperature, softcap, chunk_bytes):
     """KL(softmax(A)‖softmax(B)) per token -> kl, lse_a, lse_b: (N,) fp32 (kl = 0 where not valid).
 
@@ -43,6 +44,7 @@ def kl_fwd(ha, wa, hb, wb, valid, *, bias_a=None, bias_b=None, temperature, soft
     return out[0], out[1], out[2]
 
 
+@autocast_off
 def kl_bwd_dz(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, valid, lse, lse_ref, kl, g, dz, *,
               reverse, temperature, softcap):
     """Write ∂L/∂(policy raw logits) for one chunk into `dz: (n, V)`; see linear_kl_triton.py.

@@ -4,6 +4,11 @@ Math (token t, target y_t, final logits z_t = softcap(h_t Wᵀ + b) / T):
     logp_t = z_t[y_t] − lse_t,            entropy_t = −Σ_v p_tv log p_tv
     ∂L/∂z_tv = g_t (1[v = y_t] − p_tv) − e_t p_tv (log p_tv + entropy_t)   (g, e: upstream grads)
     ∂h_t = Σ_v ∂r_tv W_v,   ∂W_v = Σ_t ∂r_tv h_t,   ∂b_v = Σ_t ∂r_tv     (r: raw logits)
+Forward-only statistics on request (`outputs=`), in the same pass, with the semantics of TRL 1.16's
+`ChunkedLogProbFunction` (which gives them no gradient either; TRL's trainers log them, WPO weights with
+the first):
+    log_sum_sq_probs_t = log Σ_v p_tv²,   mean_logits_t = (1/V) Σ_v z_tv,   is_top1_t = [y_t = argmax_v z_tv]
+(argmax = the first maximum, as `torch.argmax`).
 
 Saved for backward: the inputs (no copies) and per-token `lse` and `entropy`, fp32 — O(N).
 Recomputed in backward: logits, one bounded token chunk at a time. No (N, V) tensor exists at any
@@ -34,6 +39,9 @@ from .head_backward import head_backward
 
 DEFAULT_CHUNK_BYTES = 256 * 2**20
 BACKENDS = ("auto", "triton", "torch")
+# Per-token outputs `linear_logps(outputs=...)` can return; the last three are forward-only statistics.
+OUTPUTS = ("logps", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
+STAT_OUTPUTS = OUTPUTS[2:]
 
 
 @dataclass(frozen=True)
@@ -71,14 +79,15 @@ def _impl(opts: HeadOptions):
     return _torch_impl
 
 
-def logps_forward(hidden, weight, bias, targets, opts: HeadOptions):
-    """hidden: (N, H), targets: (N,) -> logps, entropy, lse: (N,) fp32. No autograd."""
+def logps_forward(hidden, weight, bias, targets, opts: HeadOptions, extra: bool = False):
+    """hidden: (N, H), targets: (N,) -> (logps, entropy, lse, extras): (N,) fp32 each, and with `extra`
+    extras = (log_sum_sq_probs, mean_logits: (N,) fp32, is_top1: (N,) bool), else None. No autograd."""
     N = hidden.shape[0]
     if N == 0:
-        empty = hidden.new_zeros((0,), dtype=torch.float32)
-        return empty, empty.clone(), empty.clone()
+        empty = lambda dtype=torch.float32: hidden.new_zeros((0,), dtype=dtype)  # noqa: E731
+        return empty(), empty(), empty(), ((empty(), empty(), empty(torch.bool)) if extra else None)
     return _impl(opts).logps_fwd(hidden, weight, bias, targets, temperature=opts.temperature, softcap=opts.softcap,
-                                 ignore_index=opts.ignore_index, chunk_bytes=opts.chunk_bytes)
+                                 ignore_index=opts.ignore_index, chunk_bytes=opts.chunk_bytes, extra=extra)
 
 
 def logps_backward(hidden, weight, bias, targets, lse, entropy, g_logps, g_entropy, opts: HeadOptions,
@@ -105,23 +114,44 @@ def logps_backward(hidden, weight, bias, targets, lse, entropy, g_logps, g_entro
 
 
 class LinearLogpsFunction(torch.autograd.Function):
-    """Autograd over flattened inputs: hidden (N, H), weight (V, H), bias (V,)|None, targets (N,)."""
+    """Autograd over flattened inputs: hidden (N, H), weight (V, H), bias (V,)|None, targets (N,).
+
+    Returns logps, entropy (differentiable) and, with `extra`, log_sum_sq_probs, mean_logits, is_top1
+    (non-differentiable), else three None."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, opts: HeadOptions):
-        logps, entropy, lse = logps_forward(hidden, weight, bias, targets, opts)
+    def forward(ctx, hidden, weight, bias, targets, opts: HeadOptions, extra: bool = False):
+        logps, entropy, lse, extras = logps_forward(hidden, weight, bias, targets, opts, extra)
         ctx.save_for_backward(hidden, weight, bias, targets, lse, entropy)
         ctx.opts = opts
         ctx.set_materialize_grads(False)
-        return logps, entropy
+        if extras is None:
+            return logps, entropy, None, None, None
+        ctx.mark_non_differentiable(*extras)
+        return (logps, entropy) + tuple(extras)
 
     @staticmethod
     @torch.autograd.function.once_differentiable  # double backward would silently miss the softmax terms
-    def backward(ctx, g_logps, g_entropy):
+    def backward(ctx, g_logps, g_entropy, *_stats):
         hidden, weight, bias, targets, lse, entropy = ctx.saved_tensors
         dh, dW, db = logps_backward(hidden, weight, bias, targets, lse, entropy, g_logps, g_entropy,
                                     ctx.opts, needs=ctx.needs_input_grad[:3])
-        return dh, dW, db, None, None
+        return dh, dW, db, None, None, None
+
+
+def check_outputs(outputs, return_entropy: bool) -> tuple:
+    """The requested outputs as a tuple of names from OUTPUTS (no duplicates)."""
+    if outputs is None:
+        return ("logps", "entropy") if return_entropy else ("logps",)
+    if return_entropy:
+        raise ValueError("give either return_entropy=True or outputs=(…, 'entropy'), not both")
+    if isinstance(outputs, str):
+        raise TypeError(f"outputs must be a tuple of names from {OUTPUTS}, got the string {outputs!r}")
+    outputs = tuple(outputs)
+    unknown = [o for o in outputs if o not in OUTPUTS]
+    if unknown or not outputs or len(set(outputs)) != len(outputs):
+        raise ValueError(f"outputs must be distinct names from {OUTPUTS}, got {outputs!r}")
+    return outputs
 
 
 def linear_logps(
@@ -134,15 +164,25 @@ def linear_logps(
     softcap: Optional[float] = None,
     ignore_index: int = -100,
     return_entropy: bool = False,
+    outputs: Optional[tuple] = None,
     backend: str = "auto",
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
 ):
-    """Per-token log-probs (and entropy) of `targets` under the head `softcap(hidden Wᵀ + b) / T`.
+    """Per-token log-probs (and entropy, and TRL's logged statistics) of `targets` under the head
+    `softcap(hidden Wᵀ + b) / T`.
 
     hidden: (…, H) fp32/bf16/fp16, weight: (V, H) same dtype, bias: (V,) or None,
     targets: (…) int64/int32, the leading shape of `hidden`.
-    Returns logps: (…) float32, and with `return_entropy=True` also entropy: (…) float32;
-    both exactly 0 where `targets == ignore_index`.
+    Returns logps: (…) float32, and with `return_entropy=True` the pair (logps, entropy).
+    `outputs=` names any of OUTPUTS = ("logps", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1") and
+    returns a tuple of those, in that order, each (…): float32, is_top1 bool:
+        log_sum_sq_probs = log Σ_v p_v²,  mean_logits = mean over v of the final logits z,
+        is_top1 = the target is the (first) argmax of z.
+    The last three are forward-only (no gradient, as in TRL) and come from the same fused pass: asking
+    for any of them adds three row reductions per logit tile, nothing of size V (on CUDA that forward uses
+    half-width vocabulary tiles to stay spill-free, so its logps equal a plain call's to fp32 rounding,
+    not bitwise; batch invariance holds for each).
+    Every output is exactly 0 (False) where `targets == ignore_index`.
 
     Equivalent to `fusealign.kernels.reference.linear_logps_reference` without materialising the
     (N, V) logits: logits are formed and reduced in fp32 whatever the input dtype; gradients flow to
@@ -154,6 +194,8 @@ def linear_logps(
     """
     H, V = check_linear_head(hidden, weight, targets, bias, temperature, softcap)
     check_chunk_bytes(chunk_bytes)
+    names = check_outputs(outputs, return_entropy)
+    extra = any(n in STAT_OUTPUTS for n in names)
     opts = HeadOptions(float(temperature), None if softcap is None else float(softcap), int(ignore_index),
                        resolve_backend(backend, hidden.device), chunk_bytes)
     check_target_range(targets, V, ignore_index)
@@ -166,10 +208,12 @@ def linear_logps(
         hidden.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
     )
     if needs_grad:
-        logps, entropy = LinearLogpsFunction.apply(h2, weight, bias, y, opts)
+        per_token = LinearLogpsFunction.apply(h2, weight, bias, y, opts, extra)
     else:  # no-grad fast path: nothing saved
-        logps, entropy, _ = logps_forward(h2, weight, bias, y, opts)
-    logps = logps.view(shape)
-    if return_entropy:
-        return logps, entropy.view(shape)
-    return logps
+        logps, entropy, _, extras = logps_forward(h2, weight, bias, y, opts, extra)
+        per_token = (logps, entropy) + (extras or (None, None, None))
+    by_name = dict(zip(OUTPUTS, per_token))
+    result = tuple(by_name[n].view(shape) for n in names)
+    if outputs is None and not return_entropy:
+        return result[0]
+    return result

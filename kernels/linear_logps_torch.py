@@ -13,71 +13,97 @@ from __future__ import annotations
 
 import torch
 
-from .chunked import chunk_rows, final_logits, softcap_factor_
+from .chunked import autocast_off, chunk_rows, final_logits, softcap_factor_
 
 # (chunk, V) buffers alive at once, in bytes per logit (fp32 tiles are 4, bool masks 1):
 FWD_BYTES_PER_LOGIT = 8  # partial_stats: logits and their exponentials
+# With the extra statistics, before `e` exists: logits, the mask of columns before the target and the masked copy.
+FWD_EXTRA_BYTES_PER_LOGIT = 9
 BWD_BYTES_PER_LOGIT = 12  # logps_bwd_dz: log p, p and the entropy coefficient (dz excluded)
 # −inf logits (masked vocabulary) are clamped to the lowest finite float before they multiply a zero
 # probability, so 0·log 0 = 0 without a (chunk, V) bool mask; NaN passes through clamp unchanged.
 _LOWEST = torch.finfo(torch.float32).min
 
 
-def partial_stats(hidden, weight, bias, targets, *, temperature, softcap, chunk_bytes):
-    """Statistics (1, 4, N) fp32 — rows m, s, a, zy as in linear_logps_triton.py — over this weight's
-    vocabulary; zy = 0 for targets outside [0, V) (ignored, or owned by another vocabulary shard)."""
+@autocast_off
+def partial_stats(hidden, weight, bias, targets, *, temperature, softcap, chunk_bytes, extra=False):
+    """Statistics (1, ROWS, N) fp32 — rows m, s, a, zy, and with `extra` q, zs, mb, as in
+    linear_logps_triton.py — over this weight's vocabulary; zy = 0 for targets outside [0, V) (ignored, or
+    owned by another vocabulary shard); mb compares column indices with the target whatever its range."""
     N = hidden.shape[0]
     V = weight.shape[0]
-    stats = torch.empty((1, 4, N), device=hidden.device, dtype=torch.float32)
-    step = chunk_rows(N, V, chunk_bytes, FWD_BYTES_PER_LOGIT)
+    stats = torch.empty((1, 7 if extra else 4, N), device=hidden.device, dtype=torch.float32)
+    step = chunk_rows(N, V, chunk_bytes, FWD_EXTRA_BYTES_PER_LOGIT if extra else FWD_BYTES_PER_LOGIT)
+    cols = torch.arange(V, device=hidden.device) if extra else None
     for start in range(0, N, step):
         sl = slice(start, min(N, start + step))
+        y = targets[sl]
         z = final_logits(hidden[sl], weight, bias, temperature, softcap)  # (n, V) fp32
         # Shifted by the row max, as the Triton kernel does: a row holding ±inf or NaN gives NaN
         # (inf − inf), never a finite number.
         m = z.amax(dim=-1, keepdim=True)
-        zy = z.gather(1, targets[sl].clamp(0, V - 1).long().unsqueeze(1)).squeeze(1)
+        zy = z.gather(1, y.clamp(0, V - 1).long().unsqueeze(1)).squeeze(1)
+        if extra:  # from the unshifted logits, so that z_y and max_{v<y} z_v compare exactly
+            stats[0, 5, sl] = z.sum(-1)
+            stats[0, 6, sl] = torch.where(cols < y.unsqueeze(1), z, -torch.inf).amax(-1)
         z -= m
         e = z.exp()
         stats[0, 0, sl] = m.squeeze(1)
         stats[0, 1, sl] = e.sum(-1)
+        if extra:
+            stats[0, 4, sl] = torch.bmm(e.unsqueeze(1), e.unsqueeze(2)).view(-1)  # Σ e², no (n, V) temp
         z.clamp_(min=_LOWEST)  # 0·log 0 = 0 for logits at −inf (NaN rows keep NaN)
         stats[0, 2, sl] = torch.bmm(e.unsqueeze(1), z.unsqueeze(2)).view(-1)  # Σ e (z − m), no (n, V) temp
-        stats[0, 3, sl] = torch.where((targets[sl] >= 0) & (targets[sl] < V), zy, 0.0)
+        stats[0, 3, sl] = torch.where((y >= 0) & (y < V), zy, 0.0)
         del z, e
     return stats
 
 
-def combine_stats(stats, targets, ignore_index):
-    """stats: (P, 4, N) from any mix of vocabulary splits/shards -> logps, entropy, lse: (N,) fp32.
+def combine_stats(stats, targets, ignore_index, vocab_size=None):
+    """stats: (P, ROWS, N) from any mix of vocabulary splits/shards -> (logps, entropy, lse, extras).
 
     M = max m_i, S = Σ s_i e^{m_i−M}, A = Σ e^{m_i−M}(a_i + (m_i − M) s_i); lse = M + log S,
-    entropy = log S − A/S. Merged in a fixed order: deterministic whatever P is.
+    entropy = log S − A/S. With the extra rows (ROWS = 7; `vocab_size` = the whole head's V), extras =
+    (log_sum_sq_probs = log Q − 2 log S with Q = Σ q_i e^{2(m_i−M)}, mean_logits = Σ zs_i / V,
+    is_top1 = z_y ≥ M and z_y > max_i mb_i), else None. Merged in a fixed order: deterministic whatever P is.
     """
+    extra = stats.shape[1] == 7
+    if extra and vocab_size is None:
+        raise ValueError("combine_stats needs vocab_size (the whole head's V) for mean_logits")
     M = stats[:, 0].amax(0)
     S = torch.zeros_like(M)
     A = torch.zeros_like(M)
+    Q = torch.zeros_like(M)
     for i in range(stats.shape[0]):
-        m_i, s_i, a_i, _ = stats[i]
+        m_i, s_i, a_i = stats[i, 0], stats[i, 1], stats[i, 2]
         d = m_i - M
         scale = d.exp()
         S += s_i * scale
         A += scale * (a_i + d * s_i)
+        if extra:
+            Q += scale * scale * stats[i, 4]
     log_s = S.log()
     lse = M + log_s
     valid = targets != ignore_index
-    logps = torch.where(valid, stats[:, 3].sum(0) - lse, 0.0)
+    ZY = stats[:, 3].sum(0)
+    logps = torch.where(valid, ZY - lse, 0.0)
     entropy = torch.where(valid, log_s - A / S, 0.0)
-    return logps, entropy, lse
+    extras = None
+    if extra:
+        extras = (torch.where(valid, Q.log() - 2 * log_s, 0.0),
+                  torch.where(valid, stats[:, 5].sum(0) / vocab_size, 0.0),
+                  valid & (ZY >= M) & (ZY > stats[:, 6].amax(0)))
+    return logps, entropy, lse, extras
 
 
-def logps_fwd(hidden, weight, bias, targets, *, temperature, softcap, ignore_index, chunk_bytes):
-    """hidden: (N, H), weight: (V, H), targets: (N,) -> logps, entropy, lse: (N,) fp32."""
+def logps_fwd(hidden, weight, bias, targets, *, temperature, softcap, ignore_index, chunk_bytes, extra=False):
+    """hidden: (N, H), weight: (V, H), targets: (N,) -> (logps, entropy, lse, extras), as combine_stats."""
     stats = partial_stats(hidden, weight, bias, targets, temperature=temperature, softcap=softcap,
-                          chunk_bytes=chunk_bytes)
-    return combine_stats(stats, targets, ignore_index)
+                          chunk_bytes=chunk_bytes, extra=extra)
+    return combine_stats(stats, targets, ignore_index, weight.shape[0])
 
 
+@autocast_off
 def logps_bwd_dz(hidden, weight, bias, targets, lse, entropy, g_logps, g_entropy, dz, *,
                  temperature, softcap, ignore_index):
     """Write ∂L/∂(raw logits) for one chunk into `dz: (n, V)`; see linear_logps_triton.py.

@@ -45,29 +45,42 @@ def linear_logps_reference(
     softcap: Optional[float] = None,
     ignore_index: int = -100,
     return_entropy: bool = False,
+    outputs: Optional[tuple] = None,
     dtype: torch.dtype = torch.float32,
 ):
     """Reference for `fusealign.linear_logps`, with materialised logits.
 
-    hidden: (…, H), weight: (V, H), targets: (…) int  ->  logps (…) [, entropy (…)] in `dtype`.
+    hidden: (…, H), weight: (V, H), targets: (…) int  ->  logps (…) [, entropy (…)] in `dtype`, or with
+    `outputs=` (names as `linear_logps`) a tuple of those outputs in that order:
 
-    logps[i]   = z[i, targets[i]] − logsumexp(z[i])
-    entropy[i] = −Σ_v p[i, v] log p[i, v],   p = softmax(z[i])
-    Both are exactly 0 where `targets == ignore_index`. Differentiable by plain autograd.
+    logps[i]            = z[i, targets[i]] − logsumexp(z[i])
+    entropy[i]          = −Σ_v p[i, v] log p[i, v],   p = softmax(z[i])
+    log_sum_sq_probs[i] = log Σ_v p[i, v]²
+    mean_logits[i]      = (1/V) Σ_v z[i, v]
+    is_top1[i]          = argmax_v z[i, v] == targets[i]   (torch.argmax: the first maximum), bool
+    All are exactly 0 (False) where `targets == ignore_index`. Differentiable by plain autograd (TRL's
+    trainers, and `linear_logps`, treat the last three as constants).
     """
     z = head_logits(hidden, weight, bias, temperature=temperature, softcap=softcap, dtype=dtype)
     logp_all = torch.log_softmax(z, dim=-1)  # (…, V)
     valid = targets != ignore_index
     safe_targets = torch.where(valid, targets, torch.zeros_like(targets)).long()
-    logps = logp_all.gather(-1, safe_targets.unsqueeze(-1)).squeeze(-1)
-    # torch.where (not multiplication) so that an ignored row holding NaN still gives exactly 0.
-    logps = torch.where(valid, logps, torch.zeros_like(logps))
-    if not return_entropy:
+
+    def masked(x):  # torch.where (not multiplication): an ignored row holding NaN still gives exactly 0
+        return torch.where(valid, x, torch.zeros_like(x))
+
+    logps = masked(logp_all.gather(-1, safe_targets.unsqueeze(-1)).squeeze(-1))
+    if outputs is None and not return_entropy:
         return logps
     p = logp_all.exp()
-    entropy = -torch.where(p > 0, p * logp_all, 0.0).sum(-1)  # 0·log 0 = 0 (logits at −inf)
-    entropy = torch.where(valid, entropy, torch.zeros_like(entropy))
-    return logps, entropy
+    entropy = masked(-torch.where(p > 0, p * logp_all, 0.0).sum(-1))  # 0·log 0 = 0 (logits at −inf)
+    if outputs is None:
+        return logps, entropy
+    everything = dict(logps=logps, entropy=entropy,
+                      log_sum_sq_probs=masked(torch.logsumexp(2 * logp_all, -1)),
+                      mean_logits=masked(z.mean(-1)),
+                      is_top1=valid & (z.argmax(-1) == safe_targets))
+    return tuple(everything[name] for name in outputs)
 
 
 def linear_kl_reference(

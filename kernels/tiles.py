@@ -43,8 +43,9 @@ class TileConfig:
     num_stages: int
 
 
-def tile_config(H: int, V: int, dtype: torch.dtype, heads: int = 1) -> TileConfig:
-    """`heads`: logit tiles a kernel keeps live at once (2 for the KL kernels: policy and reference).
+def tile_config(H: int, V: int, dtype: torch.dtype, heads: int = 1, extra_stats: bool = False) -> TileConfig:
+    """`heads`: logit tiles a kernel keeps live at once (2 for the KL kernels: policy and reference);
+    `extra_stats`: the log-prob forward also reduces q, zs, mb (linear_logps_triton.py's EXTRA).
 
     Register budget (255 per thread): a (BLOCK_N, BLOCK_V) fp32 accumulator costs BLOCK_N·BLOCK_V /
     (32·num_warps) registers per thread, and the epilogue holds two or three tiles of that size. So a
@@ -60,9 +61,12 @@ def tile_config(H: int, V: int, dtype: torch.dtype, heads: int = 1) -> TileConfi
     if dtype == torch.float32:
         # IEEE fp32 dots run on FMA units, whose operand layouts cost more registers than MMA's: a
         # two-head kernel doubles the warps instead (64 × 32 tiles with 8 warps spilled: ptxas capped
-        # them at 128 registers).
-        return TileConfig(64, 64, 16, 4096, 4 * heads, 3)
-    return TileConfig(128, 128 // heads, 64, 4096, 8, 3)
+        # them at 128 registers). The extra statistics took the fp32 forward from 168 registers to past 255
+        # (spills): they double the warps too, with the same tile shape.
+        return TileConfig(64, 64, 16, 4096, 4 * heads * (2 if extra_stats else 1), 3)
+    # The extra statistics (three more row reductions per tile) spilled at 128 × 128 on sm_80 (bf16 already
+    # sits at 255 registers there): they halve BLOCK_V, like a second head.
+    return TileConfig(128, 128 // (heads * (2 if extra_stats else 1)), 64, 4096, 8, 3)
 
 
 def dot_precision(dtype: torch.dtype) -> str:

@@ -32,9 +32,10 @@ class LinearLogps(_Options):
     """`fa.linear_logps` as a module: `LinearLogps(temperature=0.7)(hidden, weight, targets, bias=None)`."""
 
     def __init__(self, *, temperature: float = 1.0, softcap: Optional[float] = None, ignore_index: int = -100,
-                 return_entropy: bool = False, backend: str = "auto", chunk_bytes: int = DEFAULT_CHUNK_BYTES):
+                 return_entropy: bool = False, outputs: Optional[tuple] = None, backend: str = "auto",
+                 chunk_bytes: int = DEFAULT_CHUNK_BYTES):
         super().__init__(temperature=temperature, softcap=softcap, ignore_index=ignore_index,
-                         return_entropy=return_entropy, backend=backend, chunk_bytes=chunk_bytes)
+                         return_entropy=return_entropy, outputs=outputs, backend=backend, chunk_bytes=chunk_bytes)
 
     def forward(self, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                 bias: Optional[torch.Tensor] = None):

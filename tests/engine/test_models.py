@@ -2,38 +2,11 @@
 
 import pytest
 import torch
-import transformers
+from hf_families import FAMILIES, V, build
 from helpers import rel_err
 
 from fusealign.engine.data import collate
-from fusealign.engine.models import head_of
 from fusealign.engine.models import score_tokens
-
-V, H = 97, 32
-COMMON = dict(vocab_size=V, hidden_size=H, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, max_position_embeddings=64)
-FAMILIES = {
-    "llama": ("LlamaConfig", COMMON),
-    "qwen2": ("Qwen2Config", COMMON),
-    "qwen3": ("Qwen3Config", {**COMMON, "head_dim": 8}),
-    "mistral": ("MistralConfig", COMMON),
-    "gemma2-softcap": ("Gemma2Config", {**COMMON, "head_dim": 8, "final_logit_softcapping": 2.0}),
-    "gemma3-softcap": ("Gemma3TextConfig", {**COMMON, "head_dim": 8, "final_logit_softcapping": 3.0}),
-    "gpt2-tied": ("GPT2Config", dict(vocab_size=V, n_embd=H, n_layer=2, n_head=4, n_positions=64)),
-    "phi-bias-generic": ("PhiConfig", COMMON),  # no special case: get_decoder/get_output_embeddings, head bias
-    "cohere-logit-scale": ("CohereConfig", {**COMMON, "logit_scale": 0.5}),
-}
-
-
-def build(family):
-    cls_name, kw = FAMILIES[family]
-    cfg = getattr(transformers, cls_name)(**kw)
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()  # no dropout: two runs compared
-    if family == "gemma3-softcap":  # from_config may map a text config to the causal LM; make the head non-trivial
-        assert head_of(model).softcap == 3.0
-    return model
-
 
 def batch():
     g = torch.Generator().manual_seed(1)
