@@ -6,6 +6,7 @@ whose peak resident set (VmHWM, reset through /proc/self/clear_refs once the inp
 after forward + backward with an entropy gradient. N = 8,192 × V = 65,536 is 2 GiB of fp32 logits.
 """
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -64,8 +65,11 @@ MiB = 2**20
     (2048, 16, 262144, 32 * MiB, "30"),  # small budget, wide vocabulary, softcap
 ])
 def test_peak_extra_memory_within_chunk_bytes(op, N, H, V, chunk_bytes, softcap):
+    # A fixed mmap threshold: glibc otherwise raises it after each free (up to 32 MiB), and freed buffers below
+    # it stay resident in per-thread heaps — noise of ±30 MiB that says nothing about the op's own buffers.
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
     out = subprocess.run([sys.executable, "-c", SCRIPT, op, str(N), str(H), str(V), str(chunk_bytes), softcap],
-                         capture_output=True, text=True, timeout=600)
+                         capture_output=True, text=True, timeout=600, env=env)
     assert out.returncode == 0, out.stderr
     peak_extra = int(out.stdout.split()[-1])
     # Returned ∂h, ∂W and the fp32 ∂W accumulator of a multi-chunk backward: O(N·H + V·H).
