@@ -93,6 +93,9 @@ def linear_kl(
     ref_bias: Optional[torch.Tensor] = None,
     backend: str = "auto",
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    vocab_start: Optional[int] = None,
+    vocab_size: Optional[int] = None,
+    group=None,
 ) -> torch.Tensor:
     """Exact per-token KL between the policy head and the reference head, over the whole vocabulary.
 
@@ -104,9 +107,25 @@ def linear_kl(
     `temperature` (and `softcap`) apply to both heads, as they do to two checkpoints of one model.
     Memory: peak extra memory of forward + backward ≤ 1.25 × `chunk_bytes` + O(N·H + V·H), as for
     `linear_logps` (both heads' logit tiles count against `chunk_bytes`).
+    Vocabulary-parallel heads (see `linear_logps` and vocab_parallel.py): both weights DTensors with the same
+    Shard(0) split, or this rank's rows of both with `vocab_start=`, `group=` (and `vocab_size=`).
     """
     if direction not in DIRECTIONS:
         raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
+    from .vocab_parallel import explicit_shard, is_dtensor, local_bias, shard_from_dtensor
+
+    vp = None
+    if is_dtensor(weight) or is_dtensor(ref_weight):
+        if not (is_dtensor(weight) and is_dtensor(ref_weight)):
+            raise ValueError("weight and ref_weight must both be vocabulary-sharded DTensors, or neither")
+        weight, vp = shard_from_dtensor(weight)
+        ref_weight, ref_vp = shard_from_dtensor(ref_weight, "ref_weight")
+        if (ref_vp.start, ref_vp.size) != (vp.start, vp.size):
+            raise ValueError("weight and ref_weight must be sharded over the vocabulary the same way")
+        bias, ref_bias = local_bias(bias, vp), local_bias(ref_bias, vp)
+    elif group is not None or vocab_start is not None:
+        vp = explicit_shard(weight, vocab_start, vocab_size, group)
+        bias, ref_bias = local_bias(bias, vp), local_bias(ref_bias, vp)
     H, V = check_linear_head(hidden, weight, None, bias, temperature, softcap)
     check_linear_head(ref_hidden, ref_weight, None, ref_bias, temperature, softcap,
                       names=("ref_hidden", "ref_weight", "", "ref_bias"))
@@ -138,8 +157,18 @@ def linear_kl(
     ref_bias = None if ref_bias is None else ref_bias.contiguous()
     valid = valid.reshape(-1).contiguous()
     reverse = direction == "reverse"
-    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad
-                                    or (bias is not None and bias.requires_grad)):
+    grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad
+                                        or (bias is not None and bias.requires_grad))
+    if vp is not None:
+        from .vocab_parallel import VocabParallelKLFunction
+
+        args = (h2, weight, bias, hr2, ref_weight, ref_bias, valid, reverse, vp, opts)
+        if grad:
+            kl = VocabParallelKLFunction.apply(*args)
+        else:
+            with torch.no_grad():
+                kl = VocabParallelKLFunction.apply(*args)
+    elif grad:
         kl = LinearKLFunction.apply(h2, weight, bias, hr2, ref_weight, ref_bias, valid, reverse, opts)
     else:
         kl = _forward(h2, weight, bias, hr2, ref_weight, ref_bias, valid, reverse, opts)[0]

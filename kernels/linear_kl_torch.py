@@ -15,33 +15,52 @@ BWD_BYTES_PER_LOGIT = 12  # log p, log q, p (dz excluded)
 
 
 @autocast_off
-def kl_fwd(ha, wa, hb, wb, valid, *, bias_a=None, bias_b=None, temperature, softcap, chunk_bytes):
-    """KL(softmax(A)‖softmax(B)) per token -> kl, lse_a, lse_b: (N,) fp32 (kl = 0 where not valid).
-
-    KL = Σ_v P_v (log P_v − log Q_v) = Σ_v e_v (a_v − b_v) / s_a − log s_a + log s_b, with a, b the logits
-    shifted by their row maxima, e = exp(a), s_a = Σ e, s_b = Σ exp(b).
-    """
+def kl_partial_stats(ha, wa, hb, wb, *, bias_a=None, bias_b=None, temperature, softcap, chunk_bytes):
+    """Statistics (1, 5, N) fp32 over this head's vocabulary (or vocabulary shard), as the Triton kernel's:
+    rows m_a = max a, s_a = Σ e^{a−m_a}, m_b, s_b likewise, c = Σ e^{a−m_a} (a − b) (unshifted a − b)."""
     N, V = ha.shape[0], wa.shape[0]
-    out = torch.empty((3, N), device=ha.device, dtype=torch.float32).unbind(0)
+    stats = torch.empty((1, 5, N), device=ha.device, dtype=torch.float32)
     step = chunk_rows(N, V, chunk_bytes, FWD_BYTES_PER_LOGIT)
     for start in range(0, N, step):
         rows = slice(start, min(N, start + step))
         b = final_logits(hb[rows], wb, bias_b, temperature, softcap)  # (n, V)
         m_b = b.amax(-1, keepdim=True)
         b -= m_b
-        log_s_b = b.exp().sum(-1).log()  # one transient tile
+        stats[0, 3, rows] = b.exp().sum(-1)  # one transient tile
         a = final_logits(ha[rows], wa, bias_a, temperature, softcap)  # (n, V)
         m_a = a.amax(-1, keepdim=True)
         a -= m_a
         e = a.exp()
         s_a = e.sum(-1)
-        c = torch.bmm(e.unsqueeze(1), a.sub_(b).unsqueeze(2)).view(-1)  # Σ e (a − b)
+        # Σ e (a − b) of the unshifted logits = Σ e (a' − b') + (m_a − m_b) s_a with a', b' shifted.
+        c = torch.bmm(e.unsqueeze(1), a.sub_(b).unsqueeze(2)).view(-1) + (m_a - m_b).squeeze(1) * s_a
         del a, b, e
-        log_s_a = s_a.log()
-        out[0][rows] = torch.where(valid[rows] != 0, c / s_a - log_s_a + log_s_b, 0.0)
-        out[1][rows] = m_a.squeeze(1) + log_s_a
-        out[2][rows] = m_b.squeeze(1) + log_s_b
-    return out[0], out[1], out[2]
+        stats[0, 0, rows], stats[0, 1, rows], stats[0, 2, rows] = m_a.squeeze(1), s_a, m_b.squeeze(1)
+        stats[0, 4, rows] = c
+    return stats
+
+
+def kl_combine_stats(stats, valid):
+    """stats: (P, 5, N) from any mix of vocabulary splits/shards -> kl, lse_a, lse_b: (N,) fp32.
+
+    M_a = max m_a,i, S_a = Σ s_a,i e^{m_a,i − M_a}, C = Σ c_i e^{m_a,i − M_a} (and S_b, M_b alike);
+    lse = M + log S,  KL = C / S_a − lse_a + lse_b. Merged in a fixed order (deterministic)."""
+    M_a, M_b = stats[:, 0].amax(0), stats[:, 2].amax(0)
+    S_a, S_b, C = torch.zeros_like(M_a), torch.zeros_like(M_a), torch.zeros_like(M_a)
+    for i in range(stats.shape[0]):
+        scale_a = (stats[i, 0] - M_a).exp()
+        S_a += scale_a * stats[i, 1]
+        C += scale_a * stats[i, 4]
+        S_b += (stats[i, 2] - M_b).exp() * stats[i, 3]
+    lse_a, lse_b = M_a + S_a.log(), M_b + S_b.log()
+    return torch.where(valid != 0, C / S_a - lse_a + lse_b, 0.0), lse_a, lse_b
+
+
+def kl_fwd(ha, wa, hb, wb, valid, *, bias_a=None, bias_b=None, temperature, softcap, chunk_bytes):
+    """KL(softmax(A)‖softmax(B)) per token -> kl, lse_a, lse_b: (N,) fp32 (kl = 0 where not valid)."""
+    stats = kl_partial_stats(ha, wa, hb, wb, bias_a=bias_a, bias_b=bias_b, temperature=temperature,
+                             softcap=softcap, chunk_bytes=chunk_bytes)
+    return kl_combine_stats(stats, valid)
 
 
 @autocast_off

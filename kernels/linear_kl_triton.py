@@ -156,9 +156,9 @@ def _biases(V, ba, bb, like_a, like_b):
     return True, ba, bb
 
 
-def kl_fwd(ha, wa, hb, wb, valid, *, bias_a=None, bias_b=None, temperature, softcap, chunk_bytes=None):
-    """KL(softmax(A)‖softmax(B)) per token. ha: (N, H_A), wa: (V, H_A), hb: (N, H_B), wb: (V, H_B),
-    bias_a, bias_b: (V,) or None, valid: (N,) uint8  ->  kl, lse_a, lse_b: (N,) fp32 (kl = 0 where not valid).
+def kl_partial_stats(ha, wa, hb, wb, *, bias_a=None, bias_b=None, temperature, softcap, chunk_bytes=None):
+    """Per-split statistics (SPLITS, 5, N) fp32 — rows m_a, s_a, m_b, s_b, c — of heads A and B over this
+    vocabulary (or vocabulary shard). ha: (N, H_A), wa: (V, H_A), hb: (N, H_B), wb: (V, H_B).
     `chunk_bytes` is accepted for the common launcher signature; the forward holds no (chunk, V) buffer."""
     N, H_A = ha.shape
     V, H_B = wa.shape[0], hb.shape[1]
@@ -177,9 +177,19 @@ def kl_fwd(ha, wa, hb, wb, valid, *, bias_a=None, bias_b=None, temperature, soft
         BLOCK_N=cfg.BLOCK_N, BLOCK_V=cfg.BLOCK_V, BLOCK_K=cfg.BLOCK_K,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
+    return stats
+
+
+def kl_fwd(ha, wa, hb, wb, valid, *, bias_a=None, bias_b=None, temperature, softcap, chunk_bytes=None):
+    """KL(softmax(A)‖softmax(B)) per token. ha: (N, H_A), wa: (V, H_A), hb: (N, H_B), wb: (V, H_B),
+    bias_a, bias_b: (V,) or None, valid: (N,) uint8  ->  kl, lse_a, lse_b: (N,) fp32 (kl = 0 where not valid)."""
+    N = ha.shape[0]
+    stats = kl_partial_stats(ha, wa, hb, wb, bias_a=bias_a, bias_b=bias_b, temperature=temperature,
+                             softcap=softcap)
     out = [torch.empty(N, device=ha.device, dtype=torch.float32) for _ in range(3)]  # separate: see logps_fwd
     block = 16 if interpreting() else 256
-    _kl_merge_kernel[(triton.cdiv(N, block),)](stats, valid, out[0], out[1], out[2], N, splits, BLOCK=block)
+    _kl_merge_kernel[(triton.cdiv(N, block),)](stats, valid, out[0], out[1], out[2], N, stats.shape[0],
+                                               BLOCK=block)
     return out[0], out[1], out[2]
 
 

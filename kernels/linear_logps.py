@@ -167,6 +167,9 @@ def linear_logps(
     outputs: Optional[tuple] = None,
     backend: str = "auto",
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    vocab_start: Optional[int] = None,
+    vocab_size: Optional[int] = None,
+    group=None,
 ):
     """Per-token log-probs (and entropy, and TRL's logged statistics) of `targets` under the head
     `softcap(hidden Wᵀ + b) / T`.
@@ -191,14 +194,30 @@ def linear_logps(
     Memory: peak extra memory of forward + backward ≤ 1.25 × `chunk_bytes` + O(N·H + V·H) on both
     backends: every (chunk, V) buffer (the backward's ∂logits tile, the torch backend's fp32 logit
     temporaries) fits `chunk_bytes` together; the rest is the gradients themselves.
+
+    Vocabulary-parallel (tensor-parallel) head, see vocab_parallel.py: `weight` a DTensor sharded on the
+    vocabulary (`Shard(0)` on a 1-D mesh, as ColwiseParallel on lm_head makes it; `bias` likewise, or the full
+    (V,) vector), or the explicit form — `weight` this rank's rows with `vocab_start=` and `group=` (and
+    `vocab_size=`, else read with one small all-reduce). `hidden` and `targets` are the same on every rank;
+    the outputs are the whole head's, on every rank; the shard gets its local gradient, ∂hidden is summed
+    over the group. Each rank sends R·N floats, never N·V.
     """
+    vp = None
+    from .vocab_parallel import explicit_shard, is_dtensor, local_bias, shard_from_dtensor
+
+    if is_dtensor(weight):
+        weight, vp = shard_from_dtensor(weight)
+        bias = local_bias(bias, vp)
+    elif group is not None or vocab_start is not None:
+        vp = explicit_shard(weight, vocab_start, vocab_size, group)
+        bias = local_bias(bias, vp)
     H, V = check_linear_head(hidden, weight, targets, bias, temperature, softcap)
     check_chunk_bytes(chunk_bytes)
     names = check_outputs(outputs, return_entropy)
     extra = any(n in STAT_OUTPUTS for n in names)
     opts = HeadOptions(float(temperature), None if softcap is None else float(softcap), int(ignore_index),
                        resolve_backend(backend, hidden.device), chunk_bytes)
-    check_target_range(targets, V, ignore_index)
+    check_target_range(targets, V if vp is None else vp.vocab_size, ignore_index)
     shape = targets.shape
     if bias is not None:
         bias = bias.contiguous()  # the kernels index the bias with unit stride
@@ -207,7 +226,11 @@ def linear_logps(
     needs_grad = torch.is_grad_enabled() and (
         hidden.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
     )
-    if needs_grad:
+    if vp is not None:
+        from .vocab_parallel import vocab_parallel_logps
+
+        per_token = vocab_parallel_logps(h2, weight, bias, y, vp, opts, extra)
+    elif needs_grad:
         per_token = LinearLogpsFunction.apply(h2, weight, bias, y, opts, extra)
     else:  # no-grad fast path: nothing saved
         logps, entropy, _, extras = logps_forward(h2, weight, bias, y, opts, extra)

@@ -124,7 +124,9 @@ def logps_bwd_dz(hidden, weight, bias, targets, lse, entropy, g_logps, g_entropy
         coef = logp.clamp(min=-200.0).add_(entropy.unsqueeze(1)).mul_(g_entropy.unsqueeze(1)).add_(g)
         grad.mul_(coef).neg_()
         del coef
-    grad.scatter_add_(1, torch.where(valid, targets, 0).long().unsqueeze(1), g)
+    # The one-hot term, where the target is a column of this weight (a vocabulary shard may not own it).
+    own = valid & (targets >= 0) & (targets < weight.shape[0])
+    grad.scatter_add_(1, torch.where(own, targets, 0).long().unsqueeze(1), torch.where(own.unsqueeze(1), g, 0.0))
     if softcap is not None:
         grad.mul_(softcap_factor_(logp.add_(lse.unsqueeze(1)), temperature, softcap))
     if temperature != 1.0:

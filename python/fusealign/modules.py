@@ -38,8 +38,9 @@ class LinearLogps(_Options):
                          return_entropy=return_entropy, outputs=outputs, backend=backend, chunk_bytes=chunk_bytes)
 
     def forward(self, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                bias: Optional[torch.Tensor] = None):
-        return linear_logps(hidden, weight, targets, bias=bias, **self.options)
+                bias: Optional[torch.Tensor] = None, **vocab_parallel):
+        """`vocab_parallel`: vocab_start=, vocab_size=, group= for an explicit vocabulary shard."""
+        return linear_logps(hidden, weight, targets, bias=bias, **vocab_parallel, **self.options)
 
 
 class LinearKL(_Options):
@@ -50,9 +51,9 @@ class LinearKL(_Options):
         super().__init__(temperature=temperature, direction=direction, softcap=softcap, backend=backend,
                          chunk_bytes=chunk_bytes)
 
-    def forward(self, hidden, weight, ref_hidden, ref_weight, mask=None, bias=None, ref_bias=None):
+    def forward(self, hidden, weight, ref_hidden, ref_weight, mask=None, bias=None, ref_bias=None, **vocab_parallel):
         return linear_kl(hidden, weight, ref_hidden, ref_weight, mask=mask, bias=bias, ref_bias=ref_bias,
-                         **self.options)
+                         **vocab_parallel, **self.options)
 
 
 class LinearDPOLoss(_Options):
@@ -105,8 +106,8 @@ class BradleyTerryLoss(_Options):
 
 # module -> (function, the function's keyword arguments that are per-call tensors, passed to forward)
 FUNCTIONS = {
-    LinearLogps: (linear_logps, {"bias"}),
-    LinearKL: (linear_kl, {"mask", "bias", "ref_bias"}),
+    LinearLogps: (linear_logps, {"bias", "vocab_start", "vocab_size", "group"}),
+    LinearKL: (linear_kl, {"mask", "bias", "ref_bias", "vocab_start", "vocab_size", "group"}),
     LinearDPOLoss: (linear_dpo_loss, {"ref_chosen_logps", "ref_rejected_logps", "ref_hidden", "ref_weight",
                                       "sequence_ids", "num_sequences", "bias", "ref_bias"}),
     LinearPPOLoss: (linear_ppo_loss, {"ref_logps", "bias"}),
