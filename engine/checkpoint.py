@@ -91,6 +91,11 @@ def save_checkpoint(run_dir: Path, step: int, model, tokenizer, trainer_state: d
     if extra is not None:
         extra(tmp)
     torch.save({**trainer_state, "format": STATE_FORMAT}, tmp / TRAINER_STATE)
+    return _publish(run_dir, tmp, final, keep)
+
+
+def _publish(run_dir: Path, tmp: Path, final: Path, keep: int) -> Path:
+    """Flush `tmp`, rename it to `final`, move `latest`, prune beyond `keep`: the atomic end of every save."""
     for f in tmp.rglob("*"):  # flush every file before the rename makes the checkpoint visible
         if f.is_file():
             with open(f, "rb") as fh:
@@ -109,6 +114,91 @@ def save_checkpoint(run_dir: Path, step: int, model, tokenizer, trainer_state: d
         if p != final:
             _remove(p)
     return final
+
+
+# --- sharded (FSDP2) checkpoints ----------------------------------------------------------------------------
+def _full_state(wrapper) -> tuple:
+    """(inner model's full state dict, {extra name: its state dict}) on rank 0 ({} elsewhere): collective."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    sd = get_model_state_dict(wrapper, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    inner = {k[len("inner."):]: v for k, v in sd.items() if k.startswith("inner.")}
+    extras = {}
+    for k, v in sd.items():
+        if k.startswith("extras."):
+            name, rest = k[len("extras."):].split(".", 1)
+            extras.setdefault(name, {})[rest] = v
+    return inner, extras
+
+
+def _export(model, state: dict, path: Path) -> None:
+    """A consolidated, `from_pretrained`-loadable copy of `model` with `state` (a reward model: + value head)."""
+    from safetensors.torch import save_file
+
+    path.mkdir(parents=True, exist_ok=True)
+    if hasattr(model, "value_head") and hasattr(model, "lm"):  # RewardModel
+        model.lm.save_pretrained(path, state_dict={k[3:]: v for k, v in state.items() if k.startswith("lm.")},
+                                 safe_serialization=True)
+        save_file({k[len("value_head."):]: v.contiguous() for k, v in state.items() if k.startswith("value_head.")},
+                  str(path / "value_head.safetensors"))
+    else:
+        model.save_pretrained(path, state_dict=state, safe_serialization=True)
+
+
+def save_sharded_checkpoint(run_dir: Path, step: int, models: dict, optimizer, tokenizer, trainer_state: dict, *,
+                            keep: int, info) -> Path:
+    """Every rank calls this. `models`: {"": the trained model's FSDP root, "critic": …}; each is exported
+    consolidated (rank 0: the checkpoint root, or a sub-directory named after it) so that `from_pretrained`
+    loads it, and the optimizer is saved sharded through torch.distributed.checkpoint (`dcp/`), which
+    reshards on load to any world size. The trainer state gains `extras` (the state of modules held beside a
+    model, e.g. a value head) and per-rank RNG states. Same atomicity as `save_checkpoint`."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch import nn
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    run_dir = Path(run_dir)
+    final = run_dir / f"checkpoint-{step:06d}"
+    tmp = run_dir / f".tmp-{final.name}-dist"
+    if info.main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    extras = {}
+    for name, wrapper in models.items():
+        inner, ex = _full_state(wrapper)
+        if info.main:
+            _export(wrapper.inner, inner, tmp / name if name else tmp)
+            extras.update({f"{name}.{k}" if name else k: v for k, v in ex.items()})
+    container = nn.ModuleList(list(models.values()))
+    dcp.save({"optim": get_optimizer_state_dict(container, optimizer)}, checkpoint_id=str(tmp / "dcp"))
+    torch.save(rng_state(), tmp / f"rng-rank{info.rank}.pt")
+    if info.main:
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        torch.save({**trainer_state, "extras": extras, "world_size": info.world_size, "format": STATE_FORMAT},
+                   tmp / TRAINER_STATE)
+    dist.barrier()
+    if info.main:
+        _publish(run_dir, tmp, final, keep)
+    dist.barrier()
+    return final
+
+
+def load_sharded_optimizer(ckpt: Path, models: dict, optimizer, info) -> None:
+    """Restore the optimizer of a sharded checkpoint (any world size: DCP reshards) and this rank's RNG state
+    (rank 0's when the checkpoint had fewer ranks)."""
+    import torch.distributed.checkpoint as dcp
+    from torch import nn
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    container = nn.ModuleList(list(models.values()))
+    state = {"optim": get_optimizer_state_dict(container, optimizer)}
+    dcp.load(state, checkpoint_id=str(Path(ckpt) / "dcp"))
+    set_optimizer_state_dict(container, optimizer, state["optim"])
+    rng = Path(ckpt) / f"rng-rank{info.rank}.pt"
+    rng = rng if rng.is_file() else Path(ckpt) / "rng-rank0.pt"
+    set_rng_state(torch.load(rng, weights_only=True))
 
 
 def _remove(path: Path) -> None:

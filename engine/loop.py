@@ -29,9 +29,11 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import torch
+import torch.distributed as dist
 
 from .checkpoint import check_fresh_start, clean_partial_writes, latest_checkpoint, load_trainer_state, \
     truncate_metrics
+from .distributed import DistInfo, barrier
 from .errors import Interrupted, NonFiniteLoss
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -46,19 +48,26 @@ def check_finite(value, what: str, step: int, run_dir: Path) -> None:
                             f"{good if good else 'none (no checkpoint was written yet)'}; lower --lr or check the data")
 
 
-def resume_or_fresh(run_dir: Path, cfg) -> Optional[dict]:
+def resume_or_fresh(run_dir: Path, cfg, info: DistInfo = DistInfo()) -> Optional[dict]:
     """The trainer state to continue from (metrics after it dropped) when cfg.resume finds a checkpoint, or None
-    for a fresh run (which must not mix with an earlier run's checkpoints; its metrics file starts empty)."""
+    for a fresh run (which must not mix with an earlier run's checkpoints; its metrics file starts empty).
+    With several ranks every rank reads the state; rank 0 alone edits the run directory."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    clean_partial_writes(run_dir)
+    if info.main:
+        clean_partial_writes(run_dir)
+    barrier(info)
     metrics_path = run_dir / "metrics.jsonl"
     ckpt = latest_checkpoint(run_dir) if cfg.resume else None
     if ckpt is not None:
         state = load_trainer_state(ckpt, trust=getattr(cfg, "trust_checkpoint", False))
-        truncate_metrics(metrics_path, state["step"])
+        barrier(info)
+        if info.main:
+            truncate_metrics(metrics_path, state["step"])
         return state
     check_fresh_start(run_dir)
-    metrics_path.unlink(missing_ok=True)
+    barrier(info)
+    if info.main:
+        metrics_path.unlink(missing_ok=True)
     return None
 
 
@@ -117,27 +126,43 @@ class _Progress:
             self.bar.close()
 
 
+def _stop_signal(stop: _StopOnSignal, info: DistInfo):
+    """The signal to stop on, agreed by every rank (a rank may see it a step later than another)."""
+    if not info.active:
+        return stop.signum
+    t = torch.tensor([stop.signum or 0], dtype=torch.int64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item()) or None
+
+
 def run_loop(cfg, run_dir: Path, start: int, step_fn: Callable[[int], dict], save_fn: Callable[[int], Path], *,
-             device: torch.device, desc: str, postfix: tuple = ("loss",)) -> dict:
-    """Steps `start` … cfg.max_steps − 1; returns the last step's metrics (with "step")."""
+             device: torch.device, desc: str, postfix: tuple = ("loss",), info: DistInfo = DistInfo()) -> dict:
+    """Steps `start` … cfg.max_steps − 1; returns the last step's metrics (with "step" and "world_size").
+    Metrics, progress and files are rank 0's; saving and stopping are collective."""
     last = {}
-    progress = _Progress(cfg, start, desc, postfix)
+    progress = _Progress(cfg, start, desc, postfix) if info.main else None
+    log = open(run_dir / "metrics.jsonl", "a") if info.main else None
     try:
-        with _StopOnSignal() as stop, open(run_dir / "metrics.jsonl", "a") as log:
+        with _StopOnSignal() as stop:
             for step in range(start, cfg.max_steps):
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(device)
                 out = step_fn(step)
                 peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-                last = {"step": step + 1, **out, "peak_mem_bytes": peak}
-                log.write(json.dumps(last) + "\n")
-                log.flush()
-                progress.update(last)
+                last = {"step": step + 1, **out, "peak_mem_bytes": peak, "world_size": info.world_size}
+                if log is not None:
+                    log.write(json.dumps(last) + "\n")
+                    log.flush()
+                    progress.update(last)
                 saved = None
                 if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.max_steps:
                     saved = save_fn(step + 1)
-                if stop.signum is not None:
-                    raise Interrupted(stop.signum, step + 1, saved or save_fn(step + 1))
+                signum = _stop_signal(stop, info)
+                if signum is not None:
+                    raise Interrupted(signum, step + 1, saved or save_fn(step + 1))
     finally:
-        progress.close()
+        if progress is not None:
+            progress.close()
+        if log is not None:
+            log.close()
     return last

@@ -1,6 +1,8 @@
 """Per-batch objectives on fused heads: the backbone runs, only completion positions reach the head.
 
-Each loss returns (loss, metrics, tokens). Batches of preference pairs are `[chosen; rejected]`:
+Each loss returns (loss, metrics, tokens, units): `units` is what the loss averages over (completion tokens
+for SFT, pairs for RM and DPO), so that data-parallel ranks can weight their losses into the global mean
+(distributed.py). Batches of preference pairs are `[chosen; rejected]`:
 sequences 0…B−1 are the chosen completions, B…2B−1 the rejected ones, all in one backbone forward.
 The head is assembled in one place (models.completion_inputs / score_tokens).
 """
@@ -15,6 +17,7 @@ from fusealign.kernels import segment_sum
 from fusealign.losses import REFERENCE_FREE, bradley_terry_loss, linear_dpo_loss, sequence_rewards
 
 from .data import Batch, collate
+from .distributed import InForward, run
 from .models import RewardModel, completion_inputs, hidden_states, score_tokens
 
 
@@ -31,8 +34,9 @@ def sequence_logps(model, batch: Batch, *, average: bool = False, temperature=1.
 def sft_loss(model, examples, *, pad_id, pack, temperature=1.0, backend="auto"):
     batch = collate([(e.prompt, e.completions[0]) for e in examples], pad_id=pad_id, pack=pack)
     batch = batch.to(next(model.parameters()).device)
-    nll = -score_tokens(model, batch, temperature=temperature, backend=backend).logps.mean()
-    return nll, {"nll": nll.detach()}, batch.num_tokens
+    logps = score_tokens(model, batch, temperature=temperature, backend=backend).logps
+    nll = -logps.mean()
+    return nll, {"nll": nll.detach()}, batch.num_tokens, logps.numel()
 
 
 def pair_batch(examples, *, pad_id, pack) -> Batch:
@@ -59,13 +63,14 @@ def rm_loss(rm, examples, *, pad_id, pack, margin=0.0, center_coef=0.0):
     loss = bradley_terry_loss(rc, rr, margin=margin if margin else None, center_coef=center_coef)
     metrics = {"rewards/chosen": rc.detach().mean(), "rewards/rejected": rr.detach().mean(),
                "rewards/margins": (rc - rr).detach().mean(), "rewards/accuracies": (rc > rr).float().mean()}
-    return loss, metrics, batch.num_tokens
+    return loss, metrics, batch.num_tokens, B
 
 
 def dpo_loss(policy, examples, *, pad_id, pack, beta, loss_type, label_smoothing=0.0, gamma=0.0,
              average_logps=False, nll_coef=0.0, ref_logps: Optional[torch.Tensor] = None, ref_model=None,
              temperature=1.0, backend="auto"):
-    """ref_logps: (B, 2) precomputed (chosen, rejected) sums/means, or ref_model scored on the fly."""
+    """ref_logps: (B, 2) precomputed (chosen, rejected) sums/means, or ref_model scored on the fly (its hidden
+    states go to the fused loss; an FSDP-sharded reference is scored inside its own forward instead)."""
     device = next(policy.parameters()).device
     batch = pair_batch(examples, pad_id=pad_id, pack=pack).to(device)
     B = len(examples)
@@ -74,6 +79,11 @@ def dpo_loss(policy, examples, *, pad_id, pack, beta, loss_type, label_smoothing
     if loss_type not in REFERENCE_FREE:
         if ref_logps is not None:
             refs = dict(ref_chosen_logps=ref_logps[:, 0].to(device), ref_rejected_logps=ref_logps[:, 1].to(device))
+        elif isinstance(ref_model, InForward):
+            with torch.no_grad():
+                seq = run(ref_model, sequence_logps, batch, average=average_logps, temperature=temperature,
+                          backend=backend)
+            refs = dict(ref_chosen_logps=seq[:B], ref_rejected_logps=seq[B:])
         else:
             with torch.no_grad():
                 r = completion_inputs(ref_model, batch, temperature=temperature)
@@ -82,4 +92,4 @@ def dpo_loss(policy, examples, *, pad_id, pack, beta, loss_type, label_smoothing
                                     beta=beta, loss_type=loss_type, label_smoothing=label_smoothing, gamma=gamma,
                                     average_logps=average_logps, nll_coef=nll_coef, backend=backend,
                                     **x.head.kwargs(), **refs)
-    return loss, metrics, batch.num_tokens
+    return loss, metrics, batch.num_tokens, B

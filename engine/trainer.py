@@ -15,9 +15,11 @@ from typing import Callable, Optional
 
 import torch
 
-from .checkpoint import rng_state, save_checkpoint, set_rng_state
+from .checkpoint import latest_checkpoint, load_sharded_optimizer, rng_state, save_checkpoint, \
+    save_sharded_checkpoint, set_rng_state
 from .config import SupervisedConfig, TrainConfig
 from .data import DataStream
+from .distributed import DistInfo, all_reduce_mean, all_reduce_sum, rank_slice, run, unwrap
 from .loop import NonFiniteLoss, check_finite, resume_or_fresh, run_loop
 
 __all__ = ["train", "autocast", "resolve_device", "lr_lambda", "enable_gradient_checkpointing", "NonFiniteLoss"]
@@ -62,50 +64,77 @@ def train(
     tokenizer=None,
     eval_fn: Optional[Callable[[], dict]] = None,
     desc: str = "train",
+    info: DistInfo = DistInfo(),
 ) -> dict:
-    """Run to cfg.max_steps (continuing from the latest checkpoint with cfg.resume). Returns the last metrics."""
+    """Run to cfg.max_steps (continuing from the latest checkpoint with cfg.resume). Returns the last metrics.
+
+    `loss_fn(examples)` returns (loss, metrics, tokens[, units]). With several ranks (`info`), `model` is the
+    FSDP root (distributed.InForward) and each rank takes its slice of every global batch; its loss is weighted
+    by units_rank · world / units_total, so that FSDP's gradient average is the gradient of the global batch's
+    mean, and the logged metrics are the units-weighted means over ranks.
+    """
     run_dir = Path(cfg.output_dir)
     device = next(model.parameters()).device
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
-    state = resume_or_fresh(run_dir, cfg)
+    state = resume_or_fresh(run_dir, cfg, info)
     if state is not None:  # the model itself was loaded from that checkpoint by the caller
-        optimizer.load_state_dict(state["optimizer"])
+        if info.active:
+            load_sharded_optimizer(latest_checkpoint(run_dir), {"": model}, optimizer, info)
+        else:
+            optimizer.load_state_dict(state["optimizer"])
+            set_rng_state(state["rng"])
         scheduler.load_state_dict(state["scheduler"])
         stream.load_state_dict(state["data"])
-        set_rng_state(state["rng"])
     if cfg.gradient_checkpointing:
-        enable_gradient_checkpointing(model)
+        enable_gradient_checkpointing(unwrap(model))
     model.train()
+
+    def micro_step(examples: list):
+        local = rank_slice(examples, info)
+        with autocast(cfg, device):
+            out = run(model, lambda _inner: loss_fn(local))  # inside the FSDP root's forward
+        loss, metrics, n_tok = out[:3]
+        units = float(out[3]) if len(out) > 3 else 1.0
+        total_units = all_reduce_sum(units, info)
+        weight = units * info.world_size / total_units  # 1 in a single process
+        logged = all_reduce_mean({"loss": float(loss.detach()), **{k: float(torch.as_tensor(v).detach())
+                                                                   for k, v in metrics.items()}}, info, units)
+        return loss * weight, logged, all_reduce_sum(n_tok, info)
 
     def step_fn(step: int) -> dict:
         t0 = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
         totals, tokens = {}, 0
         for _ in range(cfg.grad_accum):
-            with autocast(cfg, device):
-                loss, metrics, n_tok = loss_fn(stream.next_batch())
-            check_finite(loss, "loss", step + 1, run_dir)
+            loss, logged, n_tok = micro_step(stream.next_batch())
+            check_finite(logged["loss"], "loss", step + 1, run_dir)  # the rank-mean: every rank stops together
             (loss / cfg.grad_accum).backward()
             tokens += n_tok
-            for k, v in {"loss": loss, **metrics}.items():
-                totals[k] = totals.get(k, 0.0) + float(torch.as_tensor(v).detach()) / cfg.grad_accum
+            for k, v in logged.items():
+                totals[k] = totals.get(k, 0.0) + v / cfg.grad_accum
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
+        grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
         check_finite(grad_norm, "gradient norm", step + 1, run_dir)
         optimizer.step()
         lr = scheduler.get_last_lr()[0]
         scheduler.step()
-        out = {**totals, "lr": lr, "grad_norm": float(grad_norm), "tokens_per_s": tokens / (time.perf_counter() - t0)}
+        out = {**totals, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens / (time.perf_counter() - t0)}
         if eval_fn is not None and cfg.eval_every and (step + 1) % cfg.eval_every == 0:
             out.update(eval_fn())
             model.train()
         return out
 
     def save_fn(at: int) -> Path:
-        trainer_state = {"step": at, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                         "data": stream.state_dict(), "rng": rng_state(), "config": asdict(cfg)}
+        trainer_state = {"step": at, "scheduler": scheduler.state_dict(), "data": stream.state_dict(),
+                         "config": asdict(cfg)}
+        if info.active:
+            return save_sharded_checkpoint(run_dir, at, {"": model}, optimizer, tokenizer, trainer_state,
+                                           keep=cfg.save_total_limit, info=info)
+        trainer_state.update(optimizer=optimizer.state_dict(), rng=rng_state())
         return save_checkpoint(run_dir, at, model, tokenizer, trainer_state, keep=cfg.save_total_limit)
 
     start = state["step"] if state is not None else 0
-    return run_loop(cfg, run_dir, start, step_fn, save_fn, device=device, desc=desc, postfix=("loss", "lr"))
+    return run_loop(cfg, run_dir, start, step_fn, save_fn, device=device, desc=desc, postfix=("loss", "lr"),
+                    info=info)

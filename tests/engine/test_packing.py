@@ -18,7 +18,7 @@ def grads(model):
 
 def run(fn, model):
     model.zero_grad()
-    loss, metrics, _ = fn(model)
+    loss, metrics, *_ = fn(model)
     loss.backward()
     return loss.detach(), metrics, grads(model)
 

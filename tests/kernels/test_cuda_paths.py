@@ -96,7 +96,7 @@ def test_engine_head_path_under_bf16_autocast_matches_fp32():
 
     def run():
         model.zero_grad()
-        loss, metrics, _ = dpo_loss(model, pairs[:8], pad_id=tok.pad_token_id, pack=True, beta=0.5,
+        loss, metrics, *_ = dpo_loss(model, pairs[:8], pad_id=tok.pad_token_id, pack=True, beta=0.5,
                                     loss_type="sigmoid", ref_logps=ref_logps)
         loss.backward()
         return loss.detach().float(), metrics, {n: p.grad.clone() for n, p in model.named_parameters()}

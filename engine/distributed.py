@@ -1,0 +1,154 @@
+"""More than one process, on PyTorch's own engine: torchrun, FSDP2 (`fully_shard`) and distributed checkpoints.
+
+    torchrun --nproc-per-node N -m fusealign dpo …      # same flags as one process
+
+Data parallelism with sharded parameters: every rank reads the same global batch stream and takes its own
+slice (rank r gets examples r, r + N, …), each decoder layer and the root of every model are
+`fully_shard`ed (bf16 parameters with fp32 gradient reduction on GPU), and a rank's loss is weighted by
+its share of the global batch's units (completion tokens for SFT, pairs for RM/DPO), so that FSDP's
+gradient average equals the single-process gradient of the whole global batch.
+
+Where the fused head meets FSDP2: outside a module's forward, FSDP2 holds its parameters sharded (each rank
+has some rows); inside the root's forward they are gathered. `InForward` is that root: a module whose
+forward runs a function of the wrapped model — the backbone, the completion positions, the fused op on the
+gathered head weight (tied or not), the value head. Its backward reduce-scatters the head's gradient like any
+other. `run(model, fn, …)` is how the engine calls every model, wrapped or not.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """This process's place in the job (world_size 1: a plain single-process run)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.world_size > 1
+
+
+def init_distributed(device: str = "auto") -> DistInfo:
+    """From torchrun's environment (WORLD_SIZE, RANK, LOCAL_RANK): join the process group (NCCL on CUDA,
+    gloo on CPU) once; one process without it."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistInfo()
+    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = torch.cuda.is_available() and device != "cpu"
+    if cuda:
+        torch.cuda.set_device(local)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return DistInfo(rank, world, local)
+
+
+def device_for(info: DistInfo, device: str) -> torch.device:
+    """The device of this rank: cuda:LOCAL_RANK when CUDA is used, else the configured device."""
+    if device == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    if info.active:
+        return torch.device("cuda", info.local_rank)
+    return torch.device("cuda" if device == "auto" else device)
+
+
+class InForward(nn.Module):
+    """The FSDP2 root of one model: `wrapper(fn, *args)` runs `fn(model, *args)` inside this forward, where
+    FSDP has gathered the root's parameters (embedding, final norm, LM head, and any `extras`)."""
+
+    def __init__(self, model: nn.Module, **extras: nn.Module):
+        super().__init__()
+        self.inner = model
+        self.extras = nn.ModuleDict(extras)
+
+    def forward(self, fn, *args, **kwargs):
+        return fn(self.inner, *args, **kwargs)
+
+
+def run(model, fn, *args, **kwargs):
+    """fn(model, …) — inside the FSDP root's forward when `model` is an `InForward` wrapper."""
+    if isinstance(model, InForward):
+        return model(fn, *args, **kwargs)
+    return fn(model, *args, **kwargs)
+
+
+def unwrap(model):
+    return model.inner if isinstance(model, InForward) else model
+
+
+def decoder_layers(model: nn.Module):
+    """The repeated blocks of a causal LM's backbone (or of a reward model's)."""
+    lm = getattr(model, "lm", model)
+    dec = lm.get_decoder()
+    for name in ("layers", "h", "blocks"):
+        blocks = getattr(dec, name, None)
+        if isinstance(blocks, nn.ModuleList):
+            return list(blocks)
+    raise ValueError(f"cannot find the decoder layers of {type(lm).__name__} to shard (looked for layers, h, blocks)")
+
+
+def shard(model: nn.Module, info: DistInfo, *, bf16: bool, **extras: nn.Module):
+    """FSDP2 over `info`'s ranks: each decoder layer, then the `InForward` root (the rest, `extras` included).
+    Returns the model unchanged in a single process."""
+    if not info.active:
+        return model
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else None
+    kw = {} if mp is None else {"mp_policy": mp}
+    for layer in decoder_layers(model):
+        fully_shard(layer, **kw)
+    root = InForward(model, **extras)
+    fully_shard(root, **kw)
+    return root
+
+
+def all_reduce_mean(values: dict, info: DistInfo, weight: float = 1.0) -> dict:
+    """Weighted mean over ranks of float metrics (weights: this rank's share, e.g. its pairs); others untouched."""
+    if not info.active:
+        return values
+    keys = [k for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    t = torch.tensor([float(values[k]) * weight for k in keys] + [weight], dtype=torch.float64)
+    dist.all_reduce(t)
+    out = dict(values)
+    for i, k in enumerate(keys):
+        out[k] = (t[i] / t[-1]).item()
+    return out
+
+
+def all_reduce_sum(x: float, info: DistInfo) -> float:
+    if not info.active:
+        return x
+    t = torch.tensor([float(x)], dtype=torch.float64)
+    dist.all_reduce(t)
+    return t.item()
+
+
+def barrier(info: DistInfo) -> None:
+    if info.active:
+        dist.barrier()
+
+
+def rank_slice(items: list, info: DistInfo) -> list:
+    """This rank's examples of a global batch: r, r + N, r + 2N, … (all ranks together: the whole batch)."""
+    return items[info.rank::info.world_size] if info.active else items
+
+
+def check_world_size(command: str, info: DistInfo, supported: bool = True, why: Optional[str] = None) -> None:
+    if info.active and not supported:
+        raise ValueError(f"fusealign {command} runs in one process ({why}); launch it without torchrun")
