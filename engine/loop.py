@@ -22,6 +22,9 @@ from tqdm.auto import tqdm
 from .checkpoint import check_fresh_start, latest_checkpoint, load_trainer_state, truncate_metrics
 
 
+SHOW_PROGRESS = True  # False in `compare`'s worker processes: the parent prints one line per finished stage
+
+
 class NonFiniteLoss(FloatingPointError):
     pass
 
@@ -54,7 +57,8 @@ def run_loop(cfg, run_dir: Path, start: int, step_fn: Callable[[int], dict], sav
              device: torch.device, desc: str, postfix: tuple = ("loss",)) -> dict:
     """Steps `start` … cfg.max_steps − 1; returns the last step's metrics (with "step")."""
     last = {}
-    bar = tqdm(total=cfg.max_steps, initial=start, desc=desc, dynamic_ncols=True, mininterval=0.5)
+    bar = tqdm(total=cfg.max_steps, initial=start, desc=desc, dynamic_ncols=True, mininterval=0.5,
+               disable=not SHOW_PROGRESS)
     with open(run_dir / "metrics.jsonl", "a") as log:
         for step in range(start, cfg.max_steps):
             if device.type == "cuda":
