@@ -274,7 +274,7 @@ def plot(rows: list, path: Path) -> bool:
         return False
     styles = {"SFT": ("*", "k"), "PPO": ("o", "C0"), "GRPO": ("D", "C2"), "DPO": ("s", "C1"),
               "DPO-onpolicy": ("^", "C3"), "DPO-iterative": ("v", "C4")}
-    fig, ax = plt.subplots(figsize=(7, 4.8))
+    fig, ax = plt.subplots(figsize=(9.5, 4.8))
     for method, (marker, color) in styles.items():
         for setting, fill in (("in", True), ("ood", False)):
             pts = sorted((r["kl_to_sft"]["mean"], r["gt_reward"]["mean"], r["kl_to_sft"]["ci"] or 0.0,
@@ -284,14 +284,35 @@ def plot(rows: list, path: Path) -> bool:
             xs, ys, xe, ye = zip(*pts)
             ax.errorbar(xs, ys, xerr=xe, yerr=ye, marker=marker, color=color, linestyle="-" if len(pts) > 1 else "",
                         markersize=8, capsize=3, fillstyle="full" if fill else "none",
-                        label=method if method == "SFT" else f"{method} ({setting}-distribution pairs)")
+                        label=method if method == "SFT" else f"{method} ({setting}-distribution pairs)",
+                        clip_on=method != "SFT")  # SFT sits on the axis, at KL 0
     ax.set_xscale("function", functions=(lambda x: np.sqrt(np.maximum(x, 0)), np.square))  # the matched-KL axis
-    ax.set_xlabel("KL(π ‖ π_SFT) per completion (exact, nats; √ scale)")
+    top = max(r["kl_to_sft"]["mean"] + (r["kl_to_sft"]["ci"] or 0.0) for r in rows)
+    ax.set_xlim(0, top * 1.05)
+    ax.set_xticks([t for t in (0, 0.5, 1, 2, 4, 8, 16, 32, 64, 128) if t <= top * 1.05])
+    ax.set_xticklabels([f"{t:g}" for t in ax.get_xticks()])
+    ax.set_xlabel("KL(π ‖ π_SFT) per completion (exact, nats; √ scale: the matched-KL axis)")
     ax.set_ylabel("ground-truth reward of samples")
     ax.set_title("Reward vs KL, built-in task (mean ± 95 % interval over seeds)", fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     fig.savefig(path, dpi=120, metadata={"Software": None})
     plt.close(fig)
     return True
+
+
+def render(out_dir: Path) -> None:
+    """Re-render report.md and frontier.png of a finished study from its compare.json (the numbers are not
+    touched): `python -m fusealign.engine.report runs/compare`."""
+    import json
+
+    r = json.loads((Path(out_dir) / "compare.json").read_text())
+    plot(r["rows"], Path(out_dir) / "frontier.png")
+    (Path(out_dir) / "report.md").write_text(report_markdown(r))
+
+
+if __name__ == "__main__":
+    import sys
+
+    render(Path(sys.argv[1] if len(sys.argv) > 1 else "runs/compare"))
