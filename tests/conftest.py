@@ -5,7 +5,14 @@ The variable must be set before `triton.jit` decorates anything, i.e. before fus
 
 import os
 
-import torch
+# One intra-op thread, here and in the subprocesses tests start (the CLI, `fusealign compare`): the suite's
+# models and CPU kernels are small, and on a 2-core machine shared with other work torch's 2-thread pool
+# stalls — tests/engine/test_ppo.py took 62 s with 2 threads and 12.5 s with 1 (load average 2.5).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import torch  # noqa: E402
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
