@@ -1,23 +1,40 @@
-"""`fusealign compare`: reward-based (SFT → RM → PPO) versus reward-free (DPO) on the built-in task.
+"""`fusealign compare`: reward-based (SFT → RM → PPO / GRPO) versus reward-free (DPO) on the built-in task.
 
-Pipeline, one command: SFT → preference pairs labelled by the hidden ground-truth reward → reward
-model → PPO; and DPO from the same SFT policy on the same pairs. Every policy is then evaluated on
-held-out prompts: ground-truth reward of its samples, exact KL to the SFT reference (sum over the
-sampled completion of the full-vocabulary KL, `fa.linear_kl`), win rate against SFT samples under
-the ground-truth preference (ties count ½), wall time, tokens/s and peak memory. A sweep over β (DPO)
-and the KL coefficient (PPO) traces the reward-versus-KL frontier (Rafailov et al. 2023, Fig. 2). A
-second setting trains the RM and DPO on out-of-distribution pairs (Xu et al. 2024 claim DPO suffers
-more there). The numbers are whatever the runs give.
+Per seed, one command runs the whole pipeline: SFT → preference pairs labelled by the hidden ground-truth
+reward → reward model → PPO (critic, GAE) and GRPO (group-normalised advantages, no critic); and DPO from
+the same SFT policy — on the same labelled pairs (offline), on pairs sampled from the SFT policy and
+labelled by the reward model (on-policy), and on pairs re-sampled from the current DPO policy every K steps
+(iterative), the mitigation Xu et al. 2024 report. A second setting trains the RM and offline DPO on
+out-of-distribution pairs. Every policy is evaluated on held-out prompts: ground-truth reward of its samples,
+exact KL to the SFT reference (`fa.linear_kl` over the full vocabulary, summed over the sampled completion),
+win rate against SFT samples under the ground-truth reward (ties ½).
+
+Across seeds (`--seeds`, each re-running SFT, RM, PPO, GRPO and DPO) every number is a mean with a 95 %
+Student-t interval, and "PPO or DPO?" is answered by paired differences at matched KL (`report.py`).
+
+Every stage of every seed is a task on a pool of worker processes (`--jobs`): per seed, SFT and the reward
+models first, then each PPO / GRPO / DPO stage, trained and evaluated. Determinism: each task runs with a fixed
+thread count (`--threads`, default 1: more threads change the order of floating-point reductions and do not
+speed up a 0.1 M-parameter model) and re-seeds every global generator from its seed; every random draw derives
+from the seed (model and value-head initialisation, data order, rollouts and minibatch order, on-policy pairs,
+evaluation prompts and samples). So the results depend neither on --jobs nor on the order tasks finish in, and
+the same command twice on one machine writes a byte-identical `compare.json` apart from its last key, `timing`.
+The numbers are whatever the runs give.
 """
 
 from __future__ import annotations
 
 import json
-import sys
+import multiprocessing
+import os
+import random
 import time
-from dataclasses import asdict
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Optional
 
+import numpy as np
 import torch
 
 from fusealign.kernels import linear_kl, segment_sum
@@ -28,24 +45,57 @@ from .config import CompareConfig, DPOConfig, PPOConfig, RMConfig, SFTConfig
 from .data import collate
 from .models import completion_inputs, load_causal_lm
 from .recipes import check_output_dir, load_tokenizer, run_dpo, run_ppo, run_rm, run_sft
+from .report import MATCHED_KL, aggregate, headline, matched_differences, plot, report_markdown, sentences, table
 from .sampling import sample
-from .trainer import resolve_device
+from .trainer import resolve_device, set_threads
+
+DPO_DATA = ("offline", "onpolicy", "iterative")
 
 PRESETS = {
-    # name: stage sizes
-    "smoke": dict(sft_steps=40, rm_steps=40, dpo_steps=30, ppo_steps=6, ppo_batch=16, eval_prompts=48,
-                  betas=(0.5,), kl_coefs=(0.05,)),
-    "default": dict(sft_steps=200, rm_steps=200, dpo_steps=200, ppo_steps=60, ppo_batch=32, eval_prompts=256,  # ~1 min
-                    betas=(0.1, 0.5, 2.0), kl_coefs=(0.01, 0.05, 0.2)),
-    "gpu": dict(sft_steps=500, rm_steps=500, dpo_steps=500, ppo_steps=200, ppo_batch=64, eval_prompts=1024,
-                betas=(0.05, 0.1, 0.3, 0.5, 1.0, 2.0), kl_coefs=(0.005, 0.01, 0.03, 0.05, 0.1, 0.2)),
+    # name: stage sizes and per-setting sweeps ("in" overridden by --kl-coefs / --betas). `main_beta` is the β of
+    # the on-policy rows and of the DPO rows the findings quote: DPOConfig's default, fixed before any run rather
+    # than picked from the results. GRPO draws
+    # `grpo_generations` samples for each of ppo_batch / grpo_generations prompts: as many samples per iteration as
+    # PPO. On-policy DPO samples `onpolicy_prompts` pairs once (default: as many as the offline set holds);
+    # iterative DPO re-samples every `resample_every` steps, resample_every × 16 (the DPO batch) pairs a round, so
+    # each pair is trained on once.
+    "smoke": dict(seeds=(0, 1), sft_steps=40, rm_steps=40, dpo_steps=30, ppo_steps=6, ppo_batch=16, eval_prompts=48,
+                  ppo_kl_coefs={"in": (0.05,), "ood": (0.05,)}, grpo_kl_coefs={"in": (0.05,), "ood": ()},
+                  dpo_betas={"in": (0.5,), "ood": (0.5,)}, main_beta=0.5, grpo_generations=4,
+                  onpolicy_prompts=96, resample_every=15),
+    "default": dict(seeds=(0, 1, 2), sft_steps=200, rm_steps=200, dpo_steps=200, ppo_steps=60, ppo_batch=32,
+                    eval_prompts=256, ppo_kl_coefs={"in": (0.01, 0.05, 0.2, 0.5, 1.0), "ood": (0.05, 0.2, 0.5, 1.0)},
+                    grpo_kl_coefs={"in": (0.05,), "ood": ()},
+                    dpo_betas={"in": (0.1, 0.5, 2.0), "ood": (0.1, 0.5, 2.0)}, main_beta=0.5,
+                    grpo_generations=4, onpolicy_prompts=2000, resample_every=50),
+    "gpu": dict(seeds=(0, 1, 2, 3, 4), sft_steps=500, rm_steps=500, dpo_steps=500, ppo_steps=200, ppo_batch=64,
+                eval_prompts=1024, ppo_kl_coefs={"in": (0.005, 0.01, 0.03, 0.05, 0.1, 0.2, 0.5, 1.0),
+                                                 "ood": (0.01, 0.05, 0.2, 1.0)},
+                grpo_kl_coefs={"in": (0.01, 0.05, 0.2), "ood": (0.05,)},
+                dpo_betas={"in": (0.05, 0.1, 0.3, 0.5, 1.0, 2.0), "ood": (0.1, 0.5, 2.0)}, main_beta=0.5,
+                grpo_generations=4, onpolicy_prompts=2000, resample_every=100),
 }
+SETTINGS = (("in", "builtin:pairs"), ("ood", "builtin:pairs-ood"))
+RECIPES = {"ppo": run_ppo, "dpo": run_dpo}
+MAX_NEW_TOKENS = 24  # evaluation samples: longer than any SFT completion (≤ 11 tokens), so EOS can be missed
 
 
 def _floats(text, default):
     return tuple(float(x) for x in text.split(",")) if text else tuple(default)
 
 
+def seeds_of(cfg: CompareConfig) -> tuple:
+    return tuple(int(x) for x in cfg.seeds.split(",")) if cfg.seeds else tuple(PRESETS[cfg.preset]["seeds"])
+
+
+def make_deterministic(threads: int) -> None:
+    """Fixed intra-op threads; deterministic kernels where torch has a choice (warn where it has none)."""
+    set_threads(threads)
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS reductions on CUDA
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+# --- evaluation --------------------------------------------------------------------------------------------
 def kl_to_reference(policy, ref, batch, *, backend: str = "auto") -> torch.Tensor:
     """Exact KL(π‖π_ref) summed over each sequence's completion positions: (S,) — the whole vocabulary at
     every position (`fa.linear_kl`), each head with its own bias and the family's softcap / temperature."""
@@ -58,9 +108,10 @@ def kl_to_reference(policy, ref, batch, *, backend: str = "auto") -> torch.Tenso
 
 @torch.no_grad()
 def evaluate(policy_dir: str, sft, tok, prompts, sft_samples, *, seed: int, backend: str) -> dict:
-    """Ground-truth reward, exact KL to SFT, win rate vs SFT for one policy."""
-    policy = load_causal_lm(policy_dir).to(next(sft.parameters()).device).eval()
-    outs = sample(policy, tok, prompts, max_new_tokens=24, seed=seed + 1)
+    """Ground-truth reward, exact KL to SFT, win rate vs SFT, EOS rate of one policy on held-out prompts."""
+    device = next(sft.parameters()).device
+    policy = load_causal_lm(policy_dir).to(device).eval()
+    outs = sample(policy, tok, prompts, max_new_tokens=MAX_NEW_TOKENS, seed=seed + 1)
     rewards = [task.reward(tok.decode(ids), ended) for ids, ended in outs]
     sft_rewards = [task.reward(tok.decode(ids), ended) for ids, ended in sft_samples]
     wins = [1.0 if r > s else 0.5 if r == s else 0.0 for r, s in zip(rewards, sft_rewards)]
@@ -68,111 +119,207 @@ def evaluate(policy_dir: str, sft, tok, prompts, sft_samples, *, seed: int, back
     for i in range(0, len(prompts), 64):
         seqs = [(p, ids + ([tok.eos_token_id] if e else [])) for p, (ids, e) in zip(prompts[i:i + 64], outs[i:i + 64])]
         seqs = [s for s in seqs if s[1]] or [(prompts[i], [tok.eos_token_id])]
-        batch = collate(seqs, pad_id=tok.pad_token_id, pack=True).to(next(sft.parameters()).device)
+        batch = collate(seqs, pad_id=tok.pad_token_id, pack=True).to(device)
         kls.append(kl_to_reference(policy, sft, batch, backend=backend))
     n = len(rewards)
-    mean = sum(rewards) / n
-    sd = (sum((r - mean) ** 2 for r in rewards) / max(1, n - 1)) ** 0.5
-    return {"gt_reward": mean, "gt_reward_se": sd / n ** 0.5, "kl_to_sft": torch.cat(kls).mean().item(),
+    return {"gt_reward": sum(rewards) / n, "kl_to_sft": torch.cat(kls).mean().item(),
             "win_rate_vs_sft": sum(wins) / n, "eos_rate": sum(e for _, e in outs) / n}
 
 
-def _stage(name, fn, cfg, results: dict):
+# --- the pipeline as tasks: per seed SFT → RMs, then every policy stage (trained, then evaluated) ----------
+@dataclass
+class Stage:
+    """One policy of one seed: how to train it (a recipe and its config) and where its row goes."""
+
+    seed: int
+    method: str  # SFT, PPO, GRPO, DPO, DPO-onpolicy, DPO-iterative
+    setting: str  # in / ood: the pairs the reward model (and offline DPO) trained on
+    knob: Optional[float]  # KL coefficient (PPO, GRPO) or β (DPO)
+    name: str  # run directory under seed<k>/
+    recipe: Optional[str]  # "ppo" or "dpo" (None: the SFT policy itself)
+    cfg: object = None
+
+
+def seed_everything(seed: int) -> None:
+    """Every global generator, explicitly (the stages seed their own generators too; this makes a worker
+    process's earlier tasks irrelevant to the next one)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _timed(fn, cfg) -> dict:
     t0 = time.perf_counter()
     summary = fn(cfg)
-    wall = time.perf_counter() - t0
-    tps = summary.get("tokens_per_s") or summary.get("train_tokens_per_s")
-    results[name] = {"wall_s": wall, "tokens_per_s": tps, "peak_mem_bytes": summary.get("peak_mem_bytes"),
-                     "dir": str(latest_checkpoint(Path(cfg.output_dir)))}
-    return results[name]["dir"]
+    return {"wall_s": time.perf_counter() - t0,
+            "tokens_per_s": summary.get("tokens_per_s") or summary.get("train_tokens_per_s"),
+            "peak_mem_bytes": summary.get("peak_mem_bytes")}
 
 
-def plot(rows: list, path: Path) -> bool:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:  # a declared dependency; say so rather than skip the plot silently
-        print("fusealign compare: matplotlib is not installed (pip install matplotlib): no frontier plot",
-              file=sys.stderr)
-        return False
-    fig, ax = plt.subplots(figsize=(6, 4.2))
-    for method, marker in (("PPO", "o"), ("DPO", "s"), ("SFT", "*")):
-        for setting, fill in (("in", True), ("ood", False)):
-            pts = sorted((r["kl_to_sft"], r["gt_reward"]) for r in rows if r["method"] == method and r["setting"] == setting)
-            if not pts:
-                continue
-            xs, ys = zip(*pts)
-            ax.plot(xs, ys, marker=marker, linestyle="-" if len(pts) > 1 else "", markersize=8,
-                    fillstyle="full" if fill else "none", label=f"{method} ({setting}-distribution pairs)")
-    ax.set_xlabel("KL(π ‖ π_SFT) per completion (exact, nats)")
-    ax.set_ylabel("ground-truth reward of samples")
-    ax.set_title("Reward vs KL frontier, built-in task")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
+def prepare_seed(cfg: CompareConfig, p: dict, seed: int) -> dict:
+    """SFT, then the reward model of each setting. -> {"dirs": {stage: checkpoint}, "timing": {stage: …}}."""
+    seed_everything(seed)
+    out = Path(cfg.output_dir) / f"seed{seed}"
+    common = dict(seed=seed, device=cfg.device, backend=cfg.backend, threads=cfg.threads, resume=True)
+    sft = SFTConfig(output_dir=str(out / "sft"), max_steps=p["sft_steps"], **common)
+    timing = {"sft": _timed(run_sft, sft)}
+    dirs = {"sft": str(latest_checkpoint(Path(sft.output_dir)))}
+    for setting, data in SETTINGS[: 2 if cfg.ood else 1]:
+        rm = RMConfig(output_dir=str(out / f"rm-{setting}"), data=data, sft_model=dirs["sft"], max_steps=p["rm_steps"],
+                      center_coef=0.01, **common)
+        timing[f"rm-{setting}"] = _timed(run_rm, rm)
+        dirs[f"rm-{setting}"] = str(latest_checkpoint(Path(rm.output_dir)))
+    return {"dirs": dirs, "timing": timing}
 
 
-def run_compare(cfg: CompareConfig) -> dict:
-    p = PRESETS[cfg.preset]
-    check_output_dir(cfg.output_dir)
-    out = Path(cfg.output_dir)
-    # resume=True: a finished stage is reused, an interrupted one continues — the study can be re-run in place.
-    common = dict(seed=cfg.seed, device=cfg.device, backend=cfg.backend, resume=True)
-    stages: dict = {}
-    sft_dir = _stage("sft", run_sft, SFTConfig(output_dir=str(out / "sft"), max_steps=p["sft_steps"], **common),
-                     stages)
-    policies = [("SFT", "in", None, sft_dir)]
-    settings = [("in", "builtin:pairs")] + ([("ood", "builtin:pairs-ood")] if cfg.ood else [])
-    for setting, data in settings:
-        rm_dir = _stage(f"rm-{setting}", run_rm, RMConfig(output_dir=str(out / f"rm-{setting}"), data=data,
-                                                          sft_model=sft_dir, max_steps=p["rm_steps"], center_coef=0.01,
-                                                          **common), stages)
-        kl_coefs = _floats(cfg.kl_coefs, p["kl_coefs"]) if setting == "in" else (0.05,)
-        betas = _floats(cfg.betas, p["betas"]) if setting == "in" else (0.5,)
+def policy_stages(cfg: CompareConfig, p: dict, seed: int, dirs: dict) -> list:
+    """Every policy of one seed, in table order: SFT; per setting PPO sweep, GRPO, DPO offline / on-policy / iterative."""
+    out = Path(cfg.output_dir) / f"seed{seed}"
+    common = dict(seed=seed, device=cfg.device, backend=cfg.backend, threads=cfg.threads, resume=True)
+    dpo_data = [x for x in cfg.dpo_data.split(",") if x]
+    stages = [Stage(seed, "SFT", "in", None, "sft", None)]
+    for setting, data in SETTINGS[: 2 if cfg.ood else 1]:
+        rl = dict(sft_model=dirs["sft"], reward_model=dirs[f"rm-{setting}"], max_steps=p["ppo_steps"], **common)
+        kl_coefs = _floats(cfg.kl_coefs, p["ppo_kl_coefs"]["in"]) if setting == "in" else p["ppo_kl_coefs"][setting]
         for kc in kl_coefs:
             name = f"ppo-{setting}-kl{kc:g}"
-            d = _stage(name, run_ppo, PPOConfig(output_dir=str(out / name), sft_model=sft_dir, reward_model=rm_dir,
-                                                max_steps=p["ppo_steps"], batch_size=p["ppo_batch"], kl_coef=kc,
-                                                **common), stages)
-            policies.append(("PPO", setting, kc, d))
-        for b in betas:
+            stages.append(Stage(seed, "PPO", setting, kc, name, "ppo", PPOConfig(
+                output_dir=str(out / name), batch_size=p["ppo_batch"], kl_coef=kc, **rl)))
+        for kc in p["grpo_kl_coefs"][setting] if cfg.grpo else ():
+            name, k = f"grpo-{setting}-kl{kc:g}", p["grpo_generations"]
+            stages.append(Stage(seed, "GRPO", setting, kc, name, "ppo", PPOConfig(
+                output_dir=str(out / name), advantage="grpo", num_generations=k, batch_size=p["ppo_batch"] // k,
+                kl_coef=kc, **rl)))
+        dpo = dict(sft_model=dirs["sft"], max_steps=p["dpo_steps"], eval_samples=8, **common)
+        betas = _floats(cfg.betas, p["dpo_betas"]["in"]) if setting == "in" else p["dpo_betas"][setting]
+        for b in betas if "offline" in dpo_data else ():
             name = f"dpo-{setting}-b{b:g}"
-            d = _stage(name, run_dpo, DPOConfig(output_dir=str(out / name), data=data, sft_model=sft_dir, beta=b,
-                                                max_steps=p["dpo_steps"], eval_samples=8, **common), stages)
-            policies.append(("DPO", setting, b, d))
+            stages.append(Stage(seed, "DPO", setting, b, name, "dpo", DPOConfig(
+                output_dir=str(out / name), data=data, beta=b, **dpo)))
+        b = p["main_beta"]
+        K = p["resample_every"]
+        for kind, every, n in (("onpolicy", 0, p["onpolicy_prompts"]), ("iterative", K, K * DPOConfig.batch_size)):
+            if kind in dpo_data:
+                name = f"dpo-{kind}-{setting}-b{b:g}"
+                stages.append(Stage(seed, f"DPO-{kind}", setting, b, name, "dpo", DPOConfig(
+                    output_dir=str(out / name), data="onpolicy", reward_model=dirs[f"rm-{setting}"], beta=b,
+                    onpolicy_prompts=n, resample_every=every, **dpo)))
+    return stages
 
+
+def train_and_evaluate(cfg: CompareConfig, p: dict, stage: Stage, sft_dir: str) -> tuple:
+    """Train one stage (resumed or reused if its run directory has it), then evaluate it. -> (row, timing)."""
+    seed_everything(stage.seed)
+    timing = {}
+    policy_dir = sft_dir
+    if stage.recipe is not None:
+        timing[stage.name] = _timed(RECIPES[stage.recipe], stage.cfg)
+        policy_dir = str(latest_checkpoint(Path(stage.cfg.output_dir)))
+    t0 = time.perf_counter()
     device = resolve_device(cfg.device)
     tok = load_tokenizer(sft_dir)
     sft = load_causal_lm(sft_dir).to(device).eval()
     prompts = [[tok.bos_token_id] + tok.encode(x, add_special_tokens=False)
-               for x in task.eval_prompts(p["eval_prompts"], seed=cfg.seed + 7)]
-    sft_samples = sample(sft, tok, prompts, max_new_tokens=24, seed=cfg.seed + 2)
-    rows = []
-    for method, setting, knob, d in policies:
-        ev = evaluate(d, sft, tok, prompts, sft_samples, seed=cfg.seed, backend=cfg.backend)
-        stage = next((v for k, v in stages.items() if v["dir"] == d), {})
-        rows.append({"method": method, "setting": setting, "knob": knob, **ev,
-                     "wall_s": stage.get("wall_s"), "tokens_per_s": stage.get("tokens_per_s"),
-                     "peak_mem_bytes": stage.get("peak_mem_bytes")})
-    report = {"config": asdict(cfg), "preset": p, "device": str(device), "rows": rows, "stages": stages,
-              "knob": "PPO: KL coefficient; DPO: β"}
+               for x in task.eval_prompts(p["eval_prompts"], seed=stage.seed + 7)]
+    sft_samples = sample(sft, tok, prompts, max_new_tokens=MAX_NEW_TOKENS, seed=stage.seed + 2)
+    ev = evaluate(policy_dir, sft, tok, prompts, sft_samples, seed=stage.seed, backend=cfg.backend)
+    timing[f"eval-{stage.name}"] = {"wall_s": time.perf_counter() - t0}
+    row = {"method": stage.method, "setting": stage.setting, "knob": stage.knob, "stage": stage.name, **ev}
+    return row, timing
+
+
+def _worker_init(threads: int) -> None:
+    from transformers.utils import logging as hf_logging
+
+    from . import loop
+
+    loop.SHOW_PROGRESS = False  # the parent prints one line per finished task instead of interleaved bars
+    hf_logging.disable_progress_bar()
+    make_deterministic(threads)
+
+
+def run_graph(tasks: list, jobs: int, threads: int) -> dict:
+    """Tasks (key, fn, args, then): fn(*args) runs on one of `jobs` worker processes (in this process when jobs
+    = 1), then(result) gives follow-up tasks. -> {key: result}. Every task is seeded by its own seed and runs with
+    the same thread count, so the results depend neither on `jobs` nor on the order the tasks finish in."""
+    results, t0 = {}, time.perf_counter()
+
+    def done(key, result):
+        results[key] = result
+        print(f"[{time.perf_counter() - t0:6.1f} s] seed {key[0]}: {key[1]}", flush=True)
+
+    if jobs == 1:
+        queue = list(tasks)
+        while queue:
+            key, fn, args, then = queue.pop(0)
+            done(key, fn(*args))
+            queue.extend(then(results[key]) if then else ())
+        return results
+    ctx = multiprocessing.get_context("spawn")  # never fork a process that holds torch's thread pool
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_worker_init, initargs=(threads,)) as pool:
+        pending = {}
+
+        def submit(new):
+            for key, fn, args, then in new:
+                pending[pool.submit(fn, *args)] = (key, then)
+
+        submit(tasks)
+        try:
+            while pending:
+                finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for f in finished:
+                    key, then = pending.pop(f)
+                    done(key, f.result())
+                    submit(then(results[key]) if then else ())
+        except BaseException:
+            for f in pending:
+                f.cancel()
+            raise
+    return results
+
+
+def run_compare(cfg: CompareConfig) -> dict:
+    t_start = time.perf_counter()
+    make_deterministic(cfg.threads)
+    p = PRESETS[cfg.preset]
+    check_output_dir(cfg.output_dir)
+    out = Path(cfg.output_dir)
+    seeds = seeds_of(cfg)
+    jobs = cfg.jobs or len(os.sched_getaffinity(0))
+    stages = {}
+
+    def then_policies(seed):  # once a seed's SFT policy and reward models exist, its policy stages can start
+        def follow(prep):
+            stages[seed] = policy_stages(cfg, p, seed, prep["dirs"])
+            return [((seed, st.name), train_and_evaluate, (cfg, p, st, prep["dirs"]["sft"]), None)
+                    for st in stages[seed]]
+        return follow
+
+    # resume=True in every stage: a finished stage is reused, an interrupted one continues — re-run in place.
+    results = run_graph([((s, "sft, reward models"), prepare_seed, (cfg, p, s), then_policies(s)) for s in seeds],
+                        jobs, cfg.threads)
+    per_seed, timing = {}, {}
+    for s in seeds:  # assembled in table order, whatever order the tasks finished in
+        timing[str(s)] = dict(results[(s, "sft, reward models")]["timing"])
+        per_seed[s] = []
+        for st in stages[s]:
+            row, t = results[(s, st.name)]
+            per_seed[s].append(row)
+            timing[str(s)].update(t)
+    rows = aggregate(per_seed)
+    diffs = matched_differences(per_seed)
+    report = {"config": asdict(cfg), "preset": p, "seeds": list(seeds), "device": str(resolve_device(cfg.device)),
+              "threads": torch.get_num_threads(), "torch": torch.__version__,
+              "interval": "95 % Student-t interval across seeds: mean ± t(0.975, n−1)·s/√n",
+              "matched_kl": MATCHED_KL, "rows": rows, "differences": diffs, "headline": headline(diffs, p["main_beta"]),
+              "per_seed": {str(s): v for s, v in per_seed.items()}}
+    # the one key that differs between two runs of the same command, last in the file
+    report["timing"] = {"total_wall_s": time.perf_counter() - t_start, "jobs": jobs, "stages": timing}
     write_text_atomic(out / "compare.json", json.dumps(report, indent=1, default=str))
     report["plot"] = str(out / "frontier.png") if plot(rows, out / "frontier.png") else None
-    print(table(rows))
+    write_text_atomic(out / "report.md", report_markdown(report))
+    print(table(rows, timing))
+    print()
+    print("\n".join(sentences(report["headline"])))
+    print(f"\n{out / 'report.md'}; {time.perf_counter() - t_start:.0f} s on {jobs} worker(s) × {cfg.threads} thread(s)")
     return report
-
-
-def table(rows: list) -> str:
-    head = f"{'method':6} {'pairs':5} {'knob':>6} {'gt reward':>14} {'KL→SFT':>8} {'win vs SFT':>10} {'EOS':>5} {'wall s':>7}"
-    lines = [head, "-" * len(head)]
-    for r in rows:
-        knob = "-" if r["knob"] is None else f"{r['knob']:g}"
-        wall = "-" if r["wall_s"] is None else f"{r['wall_s']:.1f}"
-        lines.append(f"{r['method']:6} {r['setting']:5} {knob:>6} {r['gt_reward']:>7.3f} ±{r['gt_reward_se']:.3f} "
-                     f"{r['kl_to_sft']:>8.2f} {r['win_rate_vs_sft']:>10.3f} {r['eos_rate']:>5.2f} {wall:>7}")
-    return "\n".join(lines)

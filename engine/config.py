@@ -30,8 +30,12 @@ class RunConfig:
     seed: int = opt(0, "seed for initialisation, data order and sampling")
     device: str = opt("auto", "cpu, cuda, or auto (cuda when available)")
     backend: str = opt("auto", "fused-kernel backend: auto, triton or torch")
+    threads: int = opt(0, "torch intra-op CPU threads (0: torch's default, the machine's cores); results can "
+                          "depend on it, so fix it to reproduce a run on another machine")
 
     def __post_init__(self):
+        if self.threads < 0:
+            raise ValueError(f"--threads must be >= 0, got {self.threads}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"--device must be auto, cpu or cuda[:i], got {self.device!r}")
         if self.backend not in ("auto", "triton", "torch"):
@@ -43,7 +47,8 @@ class TrainConfig(RunConfig):
     """Common to every trainer."""
 
     model: str = opt("builtin", "local model directory (config + safetensors), or builtin (the built-in task's model)")
-    data: str = opt("builtin", "JSONL path or built-in data: builtin, builtin:sft, builtin:pairs, builtin:pairs-ood")
+    data: str = opt("builtin", "JSONL path or built-in data: builtin, builtin:sft, builtin:pairs, builtin:pairs-ood; "
+                               "DPO also: onpolicy (pairs sampled from the policy, labelled by --reward-model)")
     max_steps: int = opt(200, "optimizer steps")
     batch_size: int = opt(16, "examples (SFT) or preference pairs (RM/DPO) per micro-batch")
     lr: float = opt(1e-3, "peak learning rate (AdamW)")
@@ -136,10 +141,27 @@ class DPOConfig(SupervisedConfig, FromSFT):
     nll_coef: float = opt(0.0, "RPO: weight of the chosen-completion NLL")
     ref_mode: str = opt("precompute", "precompute (one pass, cached on disk) or online (frozen reference model)")
     eval_samples: int = opt(128, "held-out prompts sampled at the end to score the ground-truth reward")
+    reward_model: str = opt("", "with --data onpolicy: the reward model that labels the sampled pairs (fusealign rm); "
+                                "with --model builtin and none given, one is trained from the SFT policy")
+    onpolicy_prompts: int = opt(512, "with --data onpolicy: prompts (one pair each) sampled per round")
+    resample_every: int = opt(0, "with --data onpolicy: re-sample the pairs from the current policy every K steps "
+                                 "(iterative DPO); 0 samples them once, from the initial policy")
+    prompts: str = opt("builtin", "with --data onpolicy: where prompts come from (builtin, or JSONL with 'prompt')")
+    max_new_tokens: int = opt(16, "with --data onpolicy: tokens sampled per completion")
+    missing_eos_penalty: float = opt(1.0, "with --data onpolicy: subtracted from the reward model's score of a "
+                                          "sampled completion without EOS (as PPO does)")
 
     def __post_init__(self):
         super().__post_init__()
         from fusealign.losses import PAIR_LOSSES
+
+        if self.onpolicy_prompts <= 0 or self.resample_every < 0:
+            raise ValueError("--onpolicy-prompts must be > 0 and --resample-every >= 0")
+        if self.max_new_tokens <= 0 or self.max_new_tokens >= self.max_length:
+            raise ValueError(f"--max-new-tokens must lie in [1, --max-length={self.max_length}), "
+                             f"got {self.max_new_tokens}")
+        if self.data == "onpolicy" and not self.reward_model and self.model != "builtin":
+            raise ValueError("--data onpolicy needs --reward-model (the model that labels the sampled pairs)")
 
         if self.loss_type not in PAIR_LOSSES:
             raise ValueError(f"--loss-type must be one of {sorted(PAIR_LOSSES)}, got {self.loss_type!r}")
@@ -218,20 +240,45 @@ class PPOConfig(TrainConfig, FromSFT):
 
 @dataclass
 class CompareConfig(RunConfig):
-    """Reward-based PPO versus reward-free DPO on the built-in task (table, compare.json, frontier plot)."""
+    """Reward-based PPO and GRPO versus reward-free DPO (offline and on-policy pairs) on the built-in task, over
+    several seeds (table with 95 % intervals, compare.json, frontier plot, report.md)."""
 
     output_dir: str = opt("runs/compare", "where every stage and the report go")
-    preset: str = opt("default", "smoke (seconds), default (about a minute on a CPU) or gpu")
+    seed: int = opt(0, "unused by compare: --seeds lists the seeds")
+    threads: int = opt(1, "torch intra-op CPU threads per worker, fixed so that the numbers do not depend on the "
+                          "machine's core count (0: torch's default)")
+    jobs: int = opt(0, "worker processes, one stage at a time each (0: one per available CPU core); the numbers "
+                       "do not depend on it")
+    preset: str = opt("default", "smoke (seconds), default (a few minutes on a 2-core CPU) or gpu")
+    seeds: str = opt("", "comma-separated seeds; each re-runs the whole pipeline (default: the preset's)")
     betas: str = opt("", "comma-separated DPO β sweep (default: the preset's)")
     kl_coefs: str = opt("", "comma-separated PPO KL-coefficient sweep (default: the preset's)")
+    dpo_data: str = opt("offline,onpolicy,iterative", "comma-separated DPO rows: offline (the setting's labelled "
+                        "pairs), onpolicy (pairs sampled from the SFT policy, labelled by the setting's reward "
+                        "model), iterative (re-sampled from the current DPO policy every K steps)")
+    grpo: bool = opt(True, "also run GRPO (group-normalised advantages, no critic) beside PPO")
     ood: bool = opt(True, "also run the out-of-distribution preference setting")
 
     def __post_init__(self):
         super().__post_init__()
-        from .compare import PRESETS
+        from .compare import DPO_DATA, PRESETS
 
         if self.preset not in PRESETS:
             raise ValueError(f"--preset must be one of {sorted(PRESETS)}, got {self.preset!r}")
+        if self.jobs < 0:
+            raise ValueError(f"--jobs must be >= 0, got {self.jobs}")
+        if self.seed != 0:
+            raise ValueError("fusealign compare takes --seeds (a comma-separated list), not --seed")
+        try:
+            seeds = [int(x) for x in self.seeds.split(",")] if self.seeds else []
+        except ValueError:
+            raise ValueError(f"--seeds must be comma-separated integers, got {self.seeds!r}") from None
+        if len(set(seeds)) != len(seeds) or any(s < 0 for s in seeds):
+            raise ValueError(f"--seeds must be distinct non-negative integers, got {self.seeds!r}")
+        kinds = [x for x in self.dpo_data.split(",") if x]
+        if not kinds or any(k not in DPO_DATA for k in kinds):
+            raise ValueError(f"--dpo-data must be a comma-separated subset of {', '.join(DPO_DATA)}, "
+                             f"got {self.dpo_data!r}")
 
 
 CONFIGS = {"sft": SFTConfig, "rm": RMConfig, "dpo": DPOConfig, "ppo": PPOConfig, "compare": CompareConfig}

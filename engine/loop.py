@@ -37,6 +37,7 @@ from .distributed import DistInfo, barrier
 from .errors import Interrupted, NonFiniteLoss
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
+SHOW_PROGRESS = True  # False in `compare`'s worker processes: the parent prints one line per finished stage
 
 
 def check_finite(value, what: str, step: int, run_dir: Path) -> None:
@@ -140,7 +141,7 @@ def run_loop(cfg, run_dir: Path, start: int, step_fn: Callable[[int], dict], sav
     """Steps `start` … cfg.max_steps − 1; returns the last step's metrics (with "step" and "world_size").
     Metrics, progress and files are rank 0's; saving and stopping are collective."""
     last = {}
-    progress = _Progress(cfg, start, desc, postfix) if info.main else None
+    progress = _Progress(cfg, start, desc, postfix) if (info.main and SHOW_PROGRESS) else None
     log = open(run_dir / "metrics.jsonl", "a") if info.main else None
     try:
         with _StopOnSignal() as stop:
@@ -153,6 +154,7 @@ def run_loop(cfg, run_dir: Path, start: int, step_fn: Callable[[int], dict], sav
                 if log is not None:
                     log.write(json.dumps(last) + "\n")
                     log.flush()
+                if progress is not None:
                     progress.update(last)
                 saved = None
                 if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.max_steps:

@@ -13,6 +13,7 @@ import json
 import os
 from dataclasses import replace
 from pathlib import Path
+from typing import Optional
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -23,10 +24,11 @@ from .config import DPOConfig, PPOConfig, RMConfig, SFTConfig, TrainConfig
 from .data import DataStream, check_data_file, check_vocab, load_examples, load_prompts
 from .errors import CheckpointError, DataError, ModelPathError, OutputDirError
 from .models import RewardModel, disable_dropout, fingerprint, load_causal_lm, model_from_config
+from .onpolicy import OnPolicyPairs
 from .objectives import dpo_loss, pair_batch, rewards_of, rm_loss, sequence_logps, sft_loss
 from .ppo import PPOTrainer
 from .sampling import sample
-from .trainer import autocast, resolve_device, train
+from .trainer import autocast, resolve_device, set_threads, train
 
 
 def _defaults(cfg: TrainConfig, kind: str) -> TrainConfig:
@@ -63,7 +65,10 @@ def check_model_dir(path: str, flag: str, *, reward_model: bool = False) -> None
 def preflight(cfg: TrainConfig) -> None:
     """Paths first: output writable, data readable and UTF-8, model directories present."""
     check_output_dir(cfg.output_dir)
-    check_data_file(cfg.data)
+    if cfg.data == "onpolicy" and hasattr(cfg, "prompts"):  # DPO on pairs sampled from the policy
+        check_data_file(cfg.prompts)
+    else:
+        check_data_file(cfg.data)
     if cfg.model != "builtin":
         check_model_dir(cfg.model, "--model")
     if getattr(cfg, "sft_model", ""):
@@ -109,7 +114,8 @@ def builtin_sft_path(cfg: TrainConfig) -> str:
         return cfg.sft_model
     run = Path(cfg.output_dir) / "sft"
     if latest_checkpoint(run) is None:
-        run_sft(SFTConfig(output_dir=str(run), seed=cfg.seed, device=cfg.device, backend=cfg.backend))
+        run_sft(SFTConfig(output_dir=str(run), seed=cfg.seed, device=cfg.device, backend=cfg.backend,
+                          threads=cfg.threads))
     return str(latest_checkpoint(run))
 
 
@@ -128,6 +134,7 @@ def finish(cfg, summary: dict) -> dict:
 
 def run_sft(cfg: SFTConfig) -> dict:
     cfg = _defaults(cfg, "sft")
+    set_threads(cfg.threads)
     examples, stats = load_examples(cfg.data, "sft", start_tokenizer(cfg), max_length=cfg.max_length,
                                     skip_bad_lines=cfg.skip_bad_lines)
     model, tok = load_policy(cfg, init=cfg.model)
@@ -141,6 +148,7 @@ def run_sft(cfg: SFTConfig) -> dict:
 
 def run_rm(cfg: RMConfig) -> dict:
     cfg = _defaults(cfg, "rm")
+    set_threads(cfg.threads)
     device = resolve_device(cfg.device)
     kw = dict(max_length=cfg.max_length, skip_bad_lines=cfg.skip_bad_lines)
     examples, stats = load_examples(cfg.data, "pairs", start_tokenizer(cfg), **kw)
@@ -180,7 +188,7 @@ def run_rm(cfg: RMConfig) -> dict:
                          "data/truncated": stats.truncated})
 
 
-def reference_logps(ref, examples, *, pad_id, average: bool, temperature: float, backend: str, cache_dir: Path,
+def reference_logps(ref, examples, *, pad_id, average: bool, temperature: float, backend: str, cache_dir: Optional[Path],
                     key_extra: str = "", cfg: TrainConfig = None) -> torch.Tensor:
     """(n, 2) reference (chosen, rejected) log-probs in one no-grad pass, cached on disk keyed by data and model.
 
@@ -192,18 +200,20 @@ def reference_logps(ref, examples, *, pad_id, average: bool, temperature: float,
     amp = autocast(cfg, device) if cfg is not None else contextlib.nullcontext()
     mode = "bf16" if (cfg is not None and cfg.bf16 and device.type == "cuda") else "fp"
     key = f"{h.hexdigest()[:16]}-{fingerprint(ref)}-{'avg' if average else 'sum'}-T{temperature}-{mode}"
-    path = cache_dir / f"ref_logps-{key}.safetensors"
-    if path.is_file():
+    path = cache_dir / f"ref_logps-{key}.safetensors" if cache_dir is not None else None
+    if path is not None and path.is_file():
         return load_file(str(path))["ref_logps"]
     out = []
     ref.eval()
     with torch.no_grad(), amp:  # the same precision as the policy's forward in training
-        for i in range(0, len(examples), 64):
-            chunk = examples[i:i + 64]
+        for i in range(0, len(examples), 16):  # 32 packed sequences: the packed row's mask is quadratic in its length
+            chunk = examples[i:i + 16]
             batch = pair_batch(chunk, pad_id=pad_id, pack=True).to(next(ref.parameters()).device)
             s = sequence_logps(ref, batch, average=average, temperature=temperature, backend=backend).float().cpu()
             out.append(torch.stack([s[: len(chunk)], s[len(chunk):]], 1))
     table = torch.cat(out)
+    if path is None:  # cache_dir=None: not cached (on-policy pairs are new every round)
+        return table
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     save_file({"ref_logps": table.contiguous()}, str(tmp))
@@ -211,34 +221,69 @@ def reference_logps(ref, examples, *, pad_id, average: bool, temperature: float,
     return table
 
 
+def builtin_rm_path(cfg, init: str) -> str:
+    """--reward-model, or (with --model builtin) the reward model trained into <output_dir>/rm from the SFT policy."""
+    if cfg.reward_model:
+        return cfg.reward_model
+    rm_dir = Path(cfg.output_dir) / "rm"
+    if latest_checkpoint(rm_dir) is None:
+        run_rm(RMConfig(output_dir=str(rm_dir), sft_model=init, seed=cfg.seed, device=cfg.device, backend=cfg.backend,
+                        threads=cfg.threads, center_coef=0.01))
+    return str(latest_checkpoint(rm_dir))
+
+
 def run_dpo(cfg: DPOConfig) -> dict:
     cfg = _defaults(cfg, "dpo")
-    examples, stats = load_examples(cfg.data, "pairs", start_tokenizer(cfg), max_length=cfg.max_length,
-                                    skip_bad_lines=cfg.skip_bad_lines)
+    set_threads(cfg.threads)
+    onpolicy = cfg.data == "onpolicy"
+    examples, stats = None, None
+    if not onpolicy:  # data errors before any model is trained or loaded
+        examples, stats = load_examples(cfg.data, "pairs", start_tokenizer(cfg), max_length=cfg.max_length,
+                                        skip_bad_lines=cfg.skip_bad_lines)
     init = builtin_sft_path(cfg) if cfg.model == "builtin" else cfg.model
     policy, tok = load_policy(cfg, init=init)
     disable_dropout(policy)
-    ref_model, ref_table = None, None
+    ref_model = None
     if cfg.needs_reference:
         ref_model, _ = load_policy(replace(cfg, resume=False), init=init)  # the frozen reference: π_ref = π_init
         disable_dropout(ref_model.requires_grad_(False).eval())
-        if cfg.ref_mode == "precompute":
-            ref_table = reference_logps(ref_model, examples, pad_id=tok.pad_token_id, average=cfg.average_logps,
-                                        temperature=cfg.temperature, backend=cfg.backend,
-                                        cache_dir=Path(cfg.output_dir), key_extra=str(init), cfg=cfg)
+    precompute = ref_model is not None and cfg.ref_mode == "precompute"
+    ref_kw = dict(pad_id=tok.pad_token_id, average=cfg.average_logps, temperature=cfg.temperature,
+                  backend=cfg.backend, cfg=cfg)
+    lookup = None
+    if onpolicy:  # pairs sampled from the policy (again every K steps with --resample-every), labelled by an RM
+        reward_model = RewardModel.from_pretrained(builtin_rm_path(cfg, init)).to(next(policy.parameters()).device)
+        disable_dropout(reward_model.requires_grad_(False).eval())
+        prompts = load_prompts(cfg.prompts, tok, max_prompt_tokens=cfg.max_length - cfg.max_new_tokens, seed=cfg.seed)
+        stream = OnPolicyPairs(policy, reward_model, tok, prompts, batch_size=cfg.batch_size, seed=cfg.seed,
+                               prompts_per_round=cfg.onpolicy_prompts, resample_every=cfg.resample_every,
+                               grad_accum=cfg.grad_accum, max_new_tokens=cfg.max_new_tokens,
+                               missing_eos_penalty=cfg.missing_eos_penalty,
+                               reference=(lambda exs: reference_logps(ref_model, exs, cache_dir=None, **ref_kw))
+                               if precompute else None)
+        lookup = stream.ref_logps if precompute else None
+    else:
+        stream = DataStream(examples, cfg.batch_size, cfg.seed)
+        if precompute:
+            table = reference_logps(ref_model, examples, cache_dir=Path(cfg.output_dir), key_extra=str(init), **ref_kw)
+            lookup = lambda ex: table[[e.uid for e in ex]]  # noqa: E731
             ref_model = None  # not needed any more: free it
-    builtin = task.is_builtin_data(cfg.data)
+    online_ref = None if precompute else ref_model  # the frozen reference scored on the fly (--ref-mode online)
+    builtin = cfg.prompts == "builtin" if onpolicy else task.is_builtin_data(cfg.data)
     before = gt_reward(policy, tok, n=cfg.eval_samples, seed=cfg.seed) if builtin else None
 
     def loss_fn(ex):
-        rows = ref_table[[e.uid for e in ex]] if ref_table is not None else None
         return dpo_loss(policy, ex, pad_id=tok.pad_token_id, pack=cfg.pack, beta=cfg.beta, loss_type=cfg.loss_type,
                         label_smoothing=cfg.label_smoothing, gamma=cfg.gamma, average_logps=cfg.average_logps,
-                        nll_coef=cfg.nll_coef, ref_logps=rows, ref_model=ref_model, temperature=cfg.temperature,
-                        backend=cfg.backend)
+                        nll_coef=cfg.nll_coef, ref_logps=lookup(ex) if lookup is not None else None,
+                        ref_model=online_ref, temperature=cfg.temperature, backend=cfg.backend)
 
-    last = train(cfg, policy, loss_fn, DataStream(examples, cfg.batch_size, cfg.seed), tokenizer=tok, desc="dpo")
-    summary = {**last, "data/lines": stats.lines, "data/skipped": stats.skipped, "data/truncated": stats.truncated}
+    last = train(cfg, policy, loss_fn, stream, tokenizer=tok, desc="dpo")
+    summary = dict(last)
+    if stats is not None:
+        summary.update({"data/lines": stats.lines, "data/skipped": stats.skipped, "data/truncated": stats.truncated})
+    else:
+        summary.update({"data/rounds": stream.round + 1, "data/pairs": len(stream.examples)})
     if builtin:
         summary["eval/gt_reward_init"] = before
         summary["eval/gt_reward"] = gt_reward(policy, tok, n=cfg.eval_samples, seed=cfg.seed)
@@ -248,6 +293,7 @@ def run_dpo(cfg: DPOConfig) -> dict:
 def run_ppo(cfg: PPOConfig) -> dict:
     """`fusealign ppo`: defaults to the built-in task, its SFT policy and the reward model trained on it."""
     cfg = _defaults(cfg, "ppo")
+    set_threads(cfg.threads)
     device = resolve_device(cfg.device)
     load_prompts(cfg.data, start_tokenizer(cfg), max_prompt_tokens=cfg.max_length - cfg.max_new_tokens,
                  seed=cfg.seed)  # data errors before any model is trained or loaded
@@ -258,12 +304,7 @@ def run_ppo(cfg: PPOConfig) -> dict:
     if cfg.reward_fn == "builtin":
         reward_fn = task.reward
     else:
-        if not rm_path:
-            rm_dir = Path(cfg.output_dir) / "rm"
-            if latest_checkpoint(rm_dir) is None:
-                run_rm(RMConfig(output_dir=str(rm_dir), sft_model=init, seed=cfg.seed, device=cfg.device,
-                                backend=cfg.backend, center_coef=0.01))
-            rm_path = str(latest_checkpoint(rm_dir))
+        rm_path = builtin_rm_path(cfg, init)
         reward_model = RewardModel.from_pretrained(rm_path).to(device)
     critic = None
     if cfg.advantage == "gae" and cfg.critic == "separate":

@@ -22,13 +22,20 @@ from .data import DataStream
 from .distributed import DistInfo, all_reduce_mean, all_reduce_sum, rank_slice, run, unwrap
 from .loop import NonFiniteLoss, check_finite, resume_or_fresh, run_loop
 
-__all__ = ["train", "autocast", "resolve_device", "lr_lambda", "enable_gradient_checkpointing", "NonFiniteLoss"]
+__all__ = ["train", "autocast", "resolve_device", "set_threads", "lr_lambda", "enable_gradient_checkpointing", "NonFiniteLoss"]
 
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def set_threads(n: int) -> None:
+    """torch's intra-op CPU threads (0: leave torch's default). CPU kernels may split a reduction by thread, so
+    the count is part of what makes a run reproducible."""
+    if n and torch.get_num_threads() != n:
+        torch.set_num_threads(n)
 
 
 def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:

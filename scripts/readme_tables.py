@@ -1,6 +1,10 @@
-"""Regenerate the README's result tables from committed raw results (never typed by hand).
+"""Regenerate the README's result sections from committed raw results (never typed by hand).
 
     python scripts/readme_tables.py      # rewrites the sections between <!-- compare:begin/end --> markers
+
+The compare section is the committed default-preset report, `benchmarks/results/compare/report.md`, rendered
+again from its `compare.json` by the same function (`report_markdown`) with the plot's path from the repository
+root and headings one level down.
 """
 
 import json
@@ -9,17 +13,15 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+RESULTS = ROOT / "benchmarks" / "results" / "compare"
 
 
 def compare_section() -> str:
-    from fusealign.engine.compare import table
+    from fusealign.engine.report import report_markdown
 
-    path = ROOT / "benchmarks" / "results" / "compare" / "compare.json"
-    r = json.loads(path.read_text())
-    head = (f"From `{path.relative_to(ROOT)}` (preset `{r['config']['preset']}`, device {r['device']}, "
-            f"seed {r['config']['seed']}); knob = KL coefficient for PPO, β for DPO; ± is the standard error "
-            f"over {r['preset']['eval_prompts']} held-out prompts.\n")
-    return head + "\n```\n" + table(r["rows"]) + "\n```\n\n![reward vs KL](benchmarks/results/compare/frontier.png)\n"
+    r = json.loads((RESULTS / "compare.json").read_text())
+    image = (RESULTS / "frontier.png").relative_to(ROOT).as_posix()
+    return report_markdown(r, image=image, level=3)
 
 
 def replace(text: str, name: str, body: str) -> str:

@@ -7,6 +7,12 @@ import os
 
 import torch
 
+# One intra-op thread in the test process: its models and CPU kernels are small, and on a 2-core machine shared
+# with other work torch's 2-thread pool stalls — tests/engine/test_ppo.py took 62 s with 2 threads and 12.5 s
+# with 1 (load average 2.5). Subprocesses keep torch's default (the memory tests measure it; `fusealign compare`
+# fixes its own, --threads 1).
+torch.set_num_threads(1)
+
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
