@@ -153,9 +153,6 @@ def save_sharded_checkpoint(run_dir: Path, step: int, models: dict, optimizer, t
     reshards on load to any world size. The trainer state gains `extras` (the state of modules held beside a
     model, e.g. a value head) and per-rank RNG states. Same atomicity as `save_checkpoint`."""
     import torch.distributed as dist
-    import torch.distributed.checkpoint as dcp
-    from torch import nn
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
     run_dir = Path(run_dir)
     final = run_dir / f"checkpoint-{step:06d}"
@@ -170,9 +167,7 @@ def save_sharded_checkpoint(run_dir: Path, step: int, models: dict, optimizer, t
         if info.main:
             _export(wrapper.inner, inner, tmp / name if name else tmp)
             extras.update({f"{name}.{k}" if name else k: v for k, v in ex.items()})
-    container = nn.ModuleList(list(models.values()))
-    dcp.save({"optim": get_optimizer_state_dict(container, optimizer)}, checkpoint_id=str(tmp / "dcp"))
-    torch.save(rng_state(), tmp / f"rng-rank{info.rank}.pt")
+    save_optimizer_and_rng(tmp, models, optimizer, info.rank)
     if info.main:
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
@@ -185,19 +180,46 @@ def save_sharded_checkpoint(run_dir: Path, step: int, models: dict, optimizer, t
     return final
 
 
-def load_sharded_optimizer(ckpt: Path, models: dict, optimizer, info) -> None:
-    """Restore the optimizer of a sharded checkpoint (any world size: DCP reshards) and this rank's RNG state
-    (rank 0's when the checkpoint had fewer ranks)."""
+def _distributed() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
+def save_optimizer_and_rng(ckpt_dir: Path, models: dict, optimizer, rank: int = 0) -> None:
+    """The optimizer through torch.distributed.checkpoint (`dcp/`: sharded, keyed by parameter names, reshardable
+    to any world size on load — one process included) and this rank's RNG states (`rng-rank{r}.pt`).
+    Collective when a process group exists."""
+    import torch.distributed.checkpoint as dcp
+    from torch import nn
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    container = nn.ModuleList(list(models.values()))
+    dcp.save({"optim": get_optimizer_state_dict(container, optimizer)}, checkpoint_id=str(Path(ckpt_dir) / "dcp"),
+             no_dist=not _distributed())
+    torch.save(rng_state(), Path(ckpt_dir) / f"rng-rank{rank}.pt")
+
+
+def load_optimizer_and_rng(ckpt: Path, models: dict, optimizer, rank: int = 0) -> None:
+    """Restore what save_optimizer_and_rng wrote, whatever the world size then and now (DCP reshards); this
+    rank's RNG state, or rank 0's when the checkpoint had fewer ranks."""
     import torch.distributed.checkpoint as dcp
     from torch import nn
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
+    ckpt = Path(ckpt)
+    if not (ckpt / "dcp").is_dir():
+        raise CheckpointError(f"{ckpt} has no dcp/ optimizer state (written by an older fusealign); start again "
+                              f"without --resume")
     container = nn.ModuleList(list(models.values()))
     state = {"optim": get_optimizer_state_dict(container, optimizer)}
-    dcp.load(state, checkpoint_id=str(Path(ckpt) / "dcp"))
+    # Partial: a parameter that never had a gradient (e.g. an unused head) has no saved moments; it keeps the
+    # fresh state, as in the uninterrupted run.
+    dcp.load(state, checkpoint_id=str(ckpt / "dcp"), planner=dcp.DefaultLoadPlanner(allow_partial_load=True),
+             no_dist=not _distributed())
     set_optimizer_state_dict(container, optimizer, state["optim"])
-    rng = Path(ckpt) / f"rng-rank{info.rank}.pt"
-    rng = rng if rng.is_file() else Path(ckpt) / "rng-rank0.pt"
+    rng = ckpt / f"rng-rank{rank}.pt"
+    rng = rng if rng.is_file() else ckpt / "rng-rank0.pt"
     set_rng_state(torch.load(rng, weights_only=True))
 
 

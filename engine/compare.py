@@ -41,6 +41,7 @@ from fusealign.kernels import linear_kl, segment_sum
 
 from . import task
 from .checkpoint import latest_checkpoint, write_text_atomic
+from .errors import UserError
 from .config import CompareConfig, DPOConfig, PPOConfig, RMConfig, SFTConfig
 from .data import collate
 from .models import completion_inputs, load_causal_lm
@@ -282,6 +283,9 @@ def run_compare(cfg: CompareConfig) -> dict:
     t_start = time.perf_counter()
     make_deterministic(cfg.threads)
     p = PRESETS[cfg.preset]
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UserError("fusealign compare runs in one process (its stages run in worker processes of their own); "
+                        "launch it without torchrun")
     check_output_dir(cfg.output_dir)
     out = Path(cfg.output_dir)
     seeds = seeds_of(cfg)

@@ -81,10 +81,17 @@ class InForward(nn.Module):
 
 
 def run(model, fn, *args, **kwargs):
-    """fn(model, …) — inside the FSDP root's forward when `model` is an `InForward` wrapper."""
-    if isinstance(model, InForward):
-        return model(fn, *args, **kwargs)
-    return fn(model, *args, **kwargs)
+    """fn(model, …) — inside the FSDP root's forward when `model` is an `InForward` wrapper.
+
+    The root keeps its gathered parameters after forward (FSDP2 frees them in backward); a forward without
+    grad has no backward, so they are resharded here — else the next step's optimizer would see (and update)
+    the gathered copies instead of the shards."""
+    if not isinstance(model, InForward):
+        return fn(model, *args, **kwargs)
+    out = model(fn, *args, **kwargs)
+    if not torch.is_grad_enabled() and hasattr(model, "reshard"):
+        model.reshard()
+    return out
 
 
 def unwrap(model):
@@ -151,4 +158,6 @@ def rank_slice(items: list, info: DistInfo) -> list:
 
 def check_world_size(command: str, info: DistInfo, supported: bool = True, why: Optional[str] = None) -> None:
     if info.active and not supported:
-        raise ValueError(f"fusealign {command} runs in one process ({why}); launch it without torchrun")
+        from .errors import UserError
+
+        raise UserError(f"fusealign {command} runs in one process ({why}); launch it without torchrun")

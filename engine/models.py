@@ -130,6 +130,10 @@ class RewardModel(nn.Module):
         self.value_head = nn.Linear(H, 1)
         nn.init.normal_(self.value_head.weight, std=1.0 / (H + 1) ** 0.5)
         nn.init.zeros_(self.value_head.bias)
+        # The LM head is never used here: frozen (no optimizer state), unless tied to the input embedding.
+        out, inp = lm.get_output_embeddings(), lm.get_input_embeddings()
+        if out is not None and inp is not None and out.weight is not inp.weight:
+            out.weight.requires_grad_(False)
 
     @property
     def config(self):

@@ -26,7 +26,10 @@ import torch
 
 from fusealign.losses import ppo_policy_loss, value_loss
 
-from .checkpoint import rng_state, save_checkpoint, set_rng_state
+from .checkpoint import latest_checkpoint, load_optimizer_and_rng, load_trainer_state, save_checkpoint, \
+    save_optimizer_and_rng, save_sharded_checkpoint
+from .distributed import DistInfo, all_reduce_mean, rank_slice, run, shard
+from .errors import UserError
 from .config import PPOConfig
 from .data import collate, load_prompts
 from .loop import check_finite, resume_or_fresh, run_loop
@@ -131,19 +134,35 @@ class PPOTrainer:
     """Holds the four roles (policy, reference, critic, reward) and runs iterations; `train()` loops."""
 
     def __init__(self, cfg: PPOConfig, policy, ref, tok, *, critic=None, reward_model=None,
-                 reward_fn: Optional[Callable[[str, bool], float]] = None, prompts: Optional[List[List[int]]] = None):
-        self.cfg, self.policy, self.ref, self.tok = cfg, policy, ref, tok
+                 reward_fn: Optional[Callable[[str, bool], float]] = None, prompts: Optional[List[List[int]]] = None,
+                 info: DistInfo = DistInfo()):
+        """With several ranks (`info`) every model is FSDP2-sharded here (the policy's value head inside the
+        policy's root), and each rank rolls out its own slice of every iteration's prompts."""
+        self.cfg, self.tok, self.info = cfg, tok, info
         for m in (policy, ref, critic, reward_model):
             if m is not None:
                 disable_dropout(m)
         self.device = next(policy.parameters()).device
-        self.ref.requires_grad_(False).eval()
+        self.policy_model = policy  # the unwrapped policy (gradient checkpointing, config)
+        ref.requires_grad_(False).eval()
         H = (getattr(policy.config, "text_config", None) or policy.config).hidden_size
-        self.critic = critic if critic is not None else (ValueHead(H).to(self.device) if cfg.advantage == "gae" else None)
+        value_head = ValueHead(H).to(self.device) if critic is None and cfg.advantage == "gae" else None
+        if value_head is not None and info.active and cfg.resume:
+            # Sharded below: restore its weights first, from the checkpoint's trainer state.
+            ckpt = latest_checkpoint(Path(cfg.output_dir))
+            if ckpt is not None:
+                s = load_trainer_state(ckpt, trust=cfg.trust_checkpoint)
+                value_head.load_state_dict(s.get("critic") or s["extras"]["value_head"])
+        bf16 = self.device.type == "cuda" and cfg.bf16
+        extras = {"value_head": value_head} if value_head is not None else {}
+        self.policy = shard(policy, info, bf16=bf16, **extras)
+        self.ref = shard(ref, info, bf16=bf16)
+        self.critic = value_head if critic is None else shard(critic, info, bf16=bf16)
         self.reward_model, self.reward_fn = reward_model, reward_fn
         if reward_model is not None:
             reward_model.requires_grad_(False).eval()
-        params = list(policy.parameters()) + (list(self.critic.parameters()) if self.critic is not None else [])
+            self.reward_model = shard(reward_model, info, bf16=bf16)
+        params = list(self.policy.parameters()) + (list(self.critic.parameters()) if self.critic is not None else [])
         self.params = [p for p in dict.fromkeys(params) if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
@@ -151,16 +170,21 @@ class PPOTrainer:
         self.prompts = prompts or load_prompts("builtin", tok, max_prompt_tokens=cfg.max_length, seed=cfg.seed)
         if cfg.gradient_checkpointing:
             enable_gradient_checkpointing(policy)
+        if info.active and (cfg.batch_size % info.world_size or
+                            (cfg.batch_size // info.world_size * cfg.num_generations) % cfg.num_minibatches):
+            raise UserError(f"--batch-size {cfg.batch_size} must split evenly over {info.world_size} ranks, and each "
+                            f"rank's samples ({cfg.batch_size} / {info.world_size} × --num-generations) over "
+                            f"--num-minibatches {cfg.num_minibatches}")
         self.step = 0
 
     # --- the one forward: scoring (no grad) and update (grad) -------------------------------------------
     def _forward(self, model, batch, *, critic=None) -> TokenScores:
         """Fused per-token log-probs and entropy of `model` on the completion tokens, with the critic's values."""
         value_head = critic.value_head if isinstance(critic, ValueHead) else None
-        s = score_tokens(model, batch, temperature=self.cfg.temperature, backend=self.cfg.backend, entropy=True,
-                         value_head=value_head)
+        s = run(model, score_tokens, batch, temperature=self.cfg.temperature, backend=self.cfg.backend, entropy=True,
+                value_head=value_head)  # inside the FSDP root's forward when sharded (the value head is in it)
         if critic is not None and value_head is None:  # a separate critic: its own backbone
-            s.values = critic_values(critic, batch)
+            s.values = run(critic, critic_values, batch)
         return s
 
     def _minibatches(self, S: int, epoch: int) -> List[List[int]]:
@@ -185,7 +209,7 @@ class PPOTrainer:
         # A Python reward function sees `ended` and judges it itself; the penalty is for reward-model scores.
         if self.reward_fn is not None:
             return torch.tensor([self.reward_fn(ro.texts[i], bool(ro.ended[i])) for i in idx], device=self.device)
-        s = rewards_of(self.reward_model, batch)
+        s = run(self.reward_model, rewards_of, batch)
         return s - self.cfg.missing_eos_penalty * (~ro.ended[idx]).float().to(self.device)
 
     @torch.no_grad()
@@ -293,28 +317,39 @@ class PPOTrainer:
 
     # --- state and the run loop --------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {"step": self.step, "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "kl_coef": self.kl_ctl.beta, "rng": rng_state(), "config": asdict(self.cfg),
-                "critic": self.critic.state_dict() if isinstance(self.critic, ValueHead) else None}
+        """The trainer state (the optimizer and RNG states go beside it: checkpoint.save_optimizer_and_rng)."""
+        value_head = isinstance(self.critic, ValueHead) and not self.info.active  # sharded: in "extras"
+        return {"step": self.step, "scheduler": self.scheduler.state_dict(), "kl_coef": self.kl_ctl.beta,
+                "config": asdict(self.cfg), "critic": self.critic.state_dict() if value_head else None}
 
     def load_state_dict(self, s: dict) -> None:
         self.step = s["step"]
-        self.optimizer.load_state_dict(s["optimizer"])
         self.scheduler.load_state_dict(s["scheduler"])
         self.kl_ctl.beta = s["kl_coef"]
-        if s.get("critic") is not None:
-            self.critic.load_state_dict(s["critic"])
-        set_rng_state(s["rng"])
+        value_head = s.get("critic") or s.get("extras", {}).get("value_head")  # from one process / from several
+        if value_head is not None and not self.info.active:  # sharded: restored before sharding (__init__)
+            self.critic.load_state_dict(value_head)
+        load_optimizer_and_rng(latest_checkpoint(Path(self.cfg.output_dir)), self._optimized_models(),
+                               self.optimizer, self.info.rank)
+
+    def _optimized_models(self) -> dict:
+        """The modules whose parameters the optimizer holds (DCP keys its state by their parameter names)."""
+        if isinstance(self.critic, ValueHead) and not self.info.active:
+            return {"": self.policy, "value_head": self.critic}
+        separate = self.critic is not None and not isinstance(self.critic, ValueHead)
+        return {"": self.policy, **({"critic": self.critic} if separate else {})}
 
     def train(self) -> dict:
-        cfg, run_dir = self.cfg, Path(self.cfg.output_dir)
-        state = resume_or_fresh(run_dir, cfg)
+        cfg, run_dir, info = self.cfg, Path(self.cfg.output_dir), self.info
+        state = resume_or_fresh(run_dir, cfg, info)
         if state is not None:
             self.load_state_dict(state)
 
         def step_fn(step: int) -> dict:
             start = (step * cfg.batch_size) % len(self.prompts)
-            out = self.iteration([self.prompts[(start + i) % len(self.prompts)] for i in range(cfg.batch_size)])
+            prompts = [self.prompts[(start + i) % len(self.prompts)] for i in range(cfg.batch_size)]
+            out = self.iteration(rank_slice(prompts, info))  # each rank: its own prompts
+            out = all_reduce_mean(out, info)
             check_finite(out["loss/policy_avg"], "PPO loss", step + 1, run_dir)
             out["lr"] = self.scheduler.get_last_lr()[0]
             self.scheduler.step()
@@ -322,9 +357,20 @@ class PPOTrainer:
             return out
 
         def save_fn(at: int) -> Path:
+            if info.active:
+                state = {"step": at, "scheduler": self.scheduler.state_dict(), "kl_coef": self.kl_ctl.beta,
+                         "config": asdict(cfg)}
+                return save_sharded_checkpoint(run_dir, at, self._optimized_models(), self.optimizer, self.tok, state,
+                                               keep=cfg.save_total_limit, info=info)
             separate = self.critic is not None and not isinstance(self.critic, ValueHead)
+
+            def extra(d: Path) -> None:
+                if separate:
+                    self.critic.save_pretrained(d / "critic")
+                save_optimizer_and_rng(d, self._optimized_models(), self.optimizer)
+
             return save_checkpoint(run_dir, at, self.policy, self.tok, self.state_dict(), keep=cfg.save_total_limit,
-                                   extra=(lambda d: self.critic.save_pretrained(d / "critic")) if separate else None)
+                                   extra=extra)
 
         return run_loop(cfg, run_dir, self.step, step_fn, save_fn, device=self.device, desc="ppo",
-                        postfix=("objective/scores", "objective/kl"))
+                        postfix=("objective/scores", "objective/kl"), info=info)

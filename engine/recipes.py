@@ -28,6 +28,7 @@ from .onpolicy import OnPolicyPairs
 from .objectives import dpo_loss, pair_batch, rewards_of, rm_loss, sequence_logps, sft_loss
 from .ppo import PPOTrainer
 from .sampling import sample
+from .distributed import check_world_size, init_distributed, run, shard
 from .trainer import autocast, resolve_device, set_threads, train
 
 
@@ -120,16 +121,23 @@ def builtin_sft_path(cfg: TrainConfig) -> str:
 
 
 def gt_reward(model, tok, *, n: int = 128, seed: int = 0, max_new_tokens: int = 24) -> float:
-    """Mean ground-truth reward of sampled completions on held-out prompts of the built-in task."""
+    """Mean ground-truth reward of sampled completions on held-out prompts of the built-in task (with several
+    ranks every rank samples the same prompts: the same number of generate steps on each, as FSDP needs)."""
     prompts = [[tok.bos_token_id] + tok.encode(p, add_special_tokens=False) for p in task.eval_prompts(n, seed)]
     outs = sample(model, tok, prompts, max_new_tokens=max_new_tokens, seed=seed)
     return sum(task.reward(tok.decode(ids), ended) for ids, ended in outs) / len(outs)
 
 
 def finish(cfg, summary: dict) -> dict:
-    """Write final_metrics.json atomically beside the run; returns the summary."""
-    write_text_atomic(Path(cfg.output_dir) / "final_metrics.json", json.dumps(summary, indent=1))
+    """Write final_metrics.json atomically beside the run (rank 0); returns the summary."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        write_text_atomic(Path(cfg.output_dir) / "final_metrics.json", json.dumps(summary, indent=1))
     return summary
+
+
+def _bf16_params(cfg: TrainConfig, device: torch.device) -> bool:
+    """FSDP2's bf16 parameters with fp32 gradient reduction: on CUDA with --bf16, as autocast alone would be."""
+    return device.type == "cuda" and cfg.bf16
 
 
 def run_sft(cfg: SFTConfig) -> dict:
@@ -137,11 +145,14 @@ def run_sft(cfg: SFTConfig) -> dict:
     set_threads(cfg.threads)
     examples, stats = load_examples(cfg.data, "sft", start_tokenizer(cfg), max_length=cfg.max_length,
                                     skip_bad_lines=cfg.skip_bad_lines)
+    info = init_distributed(cfg.device)
     model, tok = load_policy(cfg, init=cfg.model)
+    inner = model
+    model = shard(model, info, bf16=_bf16_params(cfg, resolve_device(cfg.device)))
     stream = DataStream(examples, cfg.batch_size, cfg.seed)
-    last = train(cfg, model, lambda ex: sft_loss(model, ex, pad_id=tok.pad_token_id, pack=cfg.pack,
+    last = train(cfg, model, lambda ex: sft_loss(inner, ex, pad_id=tok.pad_token_id, pack=cfg.pack,
                                                   temperature=cfg.temperature, backend=cfg.backend),
-                 stream, tokenizer=tok, desc="sft")
+                 stream, tokenizer=tok, desc="sft", info=info)
     return finish(cfg, {**last, "data/lines": stats.lines, "data/skipped": stats.skipped,
                          "data/truncated": stats.truncated})
 
@@ -162,6 +173,9 @@ def run_rm(cfg: RMConfig) -> dict:
         rm = RewardModel(lm)
     rm.to(device)
     check_vocab(tok, rm.config.vocab_size)
+    info = init_distributed(cfg.device)
+    inner = rm
+    rm = shard(rm, info, bf16=_bf16_params(cfg, device))
     if task.is_builtin_data(cfg.data):
         held = load_examples(cfg.data, "pairs", tok, held_out=True, **kw)[0]
     else:  # the last 10 % are held out and not trained on
@@ -176,30 +190,33 @@ def run_rm(cfg: RMConfig) -> dict:
             acc = []
             for i in range(0, len(held), 64):
                 batch = pair_batch(held[i:i + 64], pad_id=tok.pad_token_id, pack=cfg.pack).to(device)
-                r = rewards_of(rm, batch)
+                r = run(rm, rewards_of, batch)  # every rank scores every held-out pair (FSDP: same steps)
                 B = batch.num_sequences // 2
                 acc.append((r[:B] > r[B:]).float())
         return {"eval/accuracy": torch.cat(acc).mean().item()}
 
-    last = train(cfg, rm, lambda ex: rm_loss(rm, ex, pad_id=tok.pad_token_id, pack=cfg.pack, margin=cfg.margin,
+    last = train(cfg, rm, lambda ex: rm_loss(inner, ex, pad_id=tok.pad_token_id, pack=cfg.pack, margin=cfg.margin,
                                              center_coef=cfg.center_coef),
-                 DataStream(examples, cfg.batch_size, cfg.seed), tokenizer=tok, eval_fn=evaluate, desc="rm")
+                 DataStream(examples, cfg.batch_size, cfg.seed), tokenizer=tok, eval_fn=evaluate, desc="rm",
+                 info=info)
     return finish(cfg, {**last, **evaluate(), "data/lines": stats.lines, "data/skipped": stats.skipped,
                          "data/truncated": stats.truncated})
 
 
 def reference_logps(ref, examples, *, pad_id, average: bool, temperature: float, backend: str, cache_dir: Optional[Path],
-                    key_extra: str = "", cfg: TrainConfig = None) -> torch.Tensor:
+                    key_extra: str = "", cfg: TrainConfig = None, ref_key: Optional[str] = None) -> torch.Tensor:
     """(n, 2) reference (chosen, rejected) log-probs in one no-grad pass, cached on disk keyed by data and model.
 
-    The cache is a safetensors file (a plain tensor: reading it cannot execute code)."""
+    The cache is a safetensors file (a plain tensor: reading it cannot execute code). `ref_key`: the reference
+    weights' fingerprint when `ref` is FSDP-sharded (taken before sharding); with several ranks every rank
+    scores every pair (the same forward steps on each, as FSDP needs) and holds the whole table."""
     h = hashlib.sha256(key_extra.encode())
     for e in examples:
         h.update(repr((e.prompt, e.completions)).encode())
     device = next(ref.parameters()).device
     amp = autocast(cfg, device) if cfg is not None else contextlib.nullcontext()
     mode = "bf16" if (cfg is not None and cfg.bf16 and device.type == "cuda") else "fp"
-    key = f"{h.hexdigest()[:16]}-{fingerprint(ref)}-{'avg' if average else 'sum'}-T{temperature}-{mode}"
+    key = f"{h.hexdigest()[:16]}-{ref_key or fingerprint(ref)}-{'avg' if average else 'sum'}-T{temperature}-{mode}"
     path = cache_dir / f"ref_logps-{key}.safetensors" if cache_dir is not None else None
     if path is not None and path.is_file():
         return load_file(str(path))["ref_logps"]
@@ -209,7 +226,7 @@ def reference_logps(ref, examples, *, pad_id, average: bool, temperature: float,
         for i in range(0, len(examples), 16):  # 32 packed sequences: the packed row's mask is quadratic in its length
             chunk = examples[i:i + 16]
             batch = pair_batch(chunk, pad_id=pad_id, pack=True).to(next(ref.parameters()).device)
-            s = sequence_logps(ref, batch, average=average, temperature=temperature, backend=backend).float().cpu()
+            s = run(ref, sequence_logps, batch, average=average, temperature=temperature, backend=backend).float().cpu()
             out.append(torch.stack([s[: len(chunk)], s[len(chunk):]], 1))
     table = torch.cat(out)
     if path is None:  # cache_dir=None: not cached (on-policy pairs are new every round)
@@ -240,16 +257,22 @@ def run_dpo(cfg: DPOConfig) -> dict:
     if not onpolicy:  # data errors before any model is trained or loaded
         examples, stats = load_examples(cfg.data, "pairs", start_tokenizer(cfg), max_length=cfg.max_length,
                                         skip_bad_lines=cfg.skip_bad_lines)
+    info = init_distributed(cfg.device)
+    check_world_size("dpo --data onpolicy", info, not onpolicy, "on-policy pairs are sampled in one process for now")
     init = builtin_sft_path(cfg) if cfg.model == "builtin" else cfg.model
     policy, tok = load_policy(cfg, init=init)
     disable_dropout(policy)
-    ref_model = None
+    bf16 = _bf16_params(cfg, next(policy.parameters()).device)
+    inner_policy, policy = policy, shard(policy, info, bf16=bf16)
+    ref_model, ref_key = None, None
     if cfg.needs_reference:
         ref_model, _ = load_policy(replace(cfg, resume=False), init=init)  # the frozen reference: π_ref = π_init
         disable_dropout(ref_model.requires_grad_(False).eval())
+        ref_key = fingerprint(ref_model) if info.active else None  # before sharding splits its weights
+        ref_model = shard(ref_model, info, bf16=bf16)
     precompute = ref_model is not None and cfg.ref_mode == "precompute"
     ref_kw = dict(pad_id=tok.pad_token_id, average=cfg.average_logps, temperature=cfg.temperature,
-                  backend=cfg.backend, cfg=cfg)
+                  backend=cfg.backend, cfg=cfg, ref_key=ref_key)
     lookup = None
     if onpolicy:  # pairs sampled from the policy (again every K steps with --resample-every), labelled by an RM
         reward_model = RewardModel.from_pretrained(builtin_rm_path(cfg, init)).to(next(policy.parameters()).device)
@@ -273,12 +296,12 @@ def run_dpo(cfg: DPOConfig) -> dict:
     before = gt_reward(policy, tok, n=cfg.eval_samples, seed=cfg.seed) if builtin else None
 
     def loss_fn(ex):
-        return dpo_loss(policy, ex, pad_id=tok.pad_token_id, pack=cfg.pack, beta=cfg.beta, loss_type=cfg.loss_type,
+        return dpo_loss(inner_policy, ex, pad_id=tok.pad_token_id, pack=cfg.pack, beta=cfg.beta, loss_type=cfg.loss_type,
                         label_smoothing=cfg.label_smoothing, gamma=cfg.gamma, average_logps=cfg.average_logps,
                         nll_coef=cfg.nll_coef, ref_logps=lookup(ex) if lookup is not None else None,
                         ref_model=online_ref, temperature=cfg.temperature, backend=cfg.backend)
 
-    last = train(cfg, policy, loss_fn, stream, tokenizer=tok, desc="dpo")
+    last = train(cfg, policy, loss_fn, stream, tokenizer=tok, desc="dpo", info=info)
     summary = dict(last)
     if stats is not None:
         summary.update({"data/lines": stats.lines, "data/skipped": stats.skipped, "data/truncated": stats.truncated})
@@ -297,6 +320,7 @@ def run_ppo(cfg: PPOConfig) -> dict:
     device = resolve_device(cfg.device)
     load_prompts(cfg.data, start_tokenizer(cfg), max_prompt_tokens=cfg.max_length - cfg.max_new_tokens,
                  seed=cfg.seed)  # data errors before any model is trained or loaded
+    info = init_distributed(cfg.device)
     init = builtin_sft_path(cfg) if cfg.model == "builtin" else cfg.model
     policy, tok = load_policy(cfg, init=init)
     ref, _ = load_policy(replace(cfg, resume=False), init=init)
@@ -322,12 +346,12 @@ def run_ppo(cfg: PPOConfig) -> dict:
         critic = critic.to(device)
     prompts = load_prompts(cfg.data, tok, max_prompt_tokens=cfg.max_length - cfg.max_new_tokens, seed=cfg.seed)
     trainer = PPOTrainer(cfg, policy, ref, tok, critic=critic, reward_model=reward_model, reward_fn=reward_fn,
-                         prompts=prompts)
-    before = gt_reward(policy, tok, seed=cfg.seed) if task.is_builtin_data(cfg.data) else None
+                         prompts=prompts, info=info)
+    before = gt_reward(trainer.policy, tok, seed=cfg.seed) if task.is_builtin_data(cfg.data) else None
     summary = dict(trainer.train())
     if before is not None:
         summary["eval/gt_reward_init"] = before
-        summary["eval/gt_reward"] = gt_reward(policy, tok, seed=cfg.seed)
+        summary["eval/gt_reward"] = gt_reward(trainer.policy, tok, seed=cfg.seed)
     return finish(cfg, summary)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -15,8 +16,8 @@ from typing import Callable, Optional
 
 import torch
 
-from .checkpoint import latest_checkpoint, load_sharded_optimizer, rng_state, save_checkpoint, \
-    save_sharded_checkpoint, set_rng_state
+from .checkpoint import latest_checkpoint, load_optimizer_and_rng, save_checkpoint, save_optimizer_and_rng, \
+    save_sharded_checkpoint
 from .config import SupervisedConfig, TrainConfig
 from .data import DataStream
 from .distributed import DistInfo, all_reduce_mean, all_reduce_sum, rank_slice, run, unwrap
@@ -26,6 +27,9 @@ __all__ = ["train", "autocast", "resolve_device", "set_threads", "lr_lambda", "e
 
 
 def resolve_device(name: str) -> torch.device:
+    """cpu, cuda[:i] or auto; under torchrun with CUDA, each rank's own GPU (cuda:LOCAL_RANK)."""
+    if name in ("auto", "cuda") and torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
@@ -87,11 +91,8 @@ def train(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     state = resume_or_fresh(run_dir, cfg, info)
     if state is not None:  # the model itself was loaded from that checkpoint by the caller
-        if info.active:
-            load_sharded_optimizer(latest_checkpoint(run_dir), {"": model}, optimizer, info)
-        else:
-            optimizer.load_state_dict(state["optimizer"])
-            set_rng_state(state["rng"])
+        # The optimizer through DCP: a run may resume on another number of ranks than it was saved from.
+        load_optimizer_and_rng(latest_checkpoint(run_dir), {"": model}, optimizer, info.rank)
         scheduler.load_state_dict(state["scheduler"])
         stream.load_state_dict(state["data"])
     if cfg.gradient_checkpointing:
@@ -139,8 +140,8 @@ def train(
         if info.active:
             return save_sharded_checkpoint(run_dir, at, {"": model}, optimizer, tokenizer, trainer_state,
                                            keep=cfg.save_total_limit, info=info)
-        trainer_state.update(optimizer=optimizer.state_dict(), rng=rng_state())
-        return save_checkpoint(run_dir, at, model, tokenizer, trainer_state, keep=cfg.save_total_limit)
+        return save_checkpoint(run_dir, at, model, tokenizer, trainer_state, keep=cfg.save_total_limit,
+                               extra=lambda d: save_optimizer_and_rng(d, {"": model}, optimizer))
 
     start = state["step"] if state is not None else 0
     return run_loop(cfg, run_dir, start, step_fn, save_fn, device=device, desc=desc, postfix=("loss", "lr"),

@@ -110,7 +110,7 @@ def main(argv=None) -> int:
             return fail("out of GPU memory: lower --batch-size or --max-length, or pass --gradient-checkpointing "
                         f"({str(e).splitlines()[0][:160]})")
         raise
-    if command != "compare":  # compare prints its own table
+    if command != "compare" and int(os.environ.get("RANK", "0")) == 0:  # compare prints its own table
         print(json.dumps({k: v for k, v in summary.items() if v is not None}, indent=1))
     return 0
 
