@@ -186,15 +186,33 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
+def _optimizer_container(models: dict):
+    """One module holding every optimised module under a name that does not depend on the world size: DCP keys
+    optimizer state by parameter name, and a 2-rank checkpoint must resume in 1 process (and back). The FSDP root
+    wrapper (`InForward`) is looked through: its model under the model's own key, its extras (e.g. PPO's value
+    head) under theirs, as one process holds them."""
+    from torch import nn
+
+    from .distributed import InForward
+
+    flat = {}
+    for name, module in models.items():
+        if isinstance(module, InForward):
+            flat[name or "model"] = module.inner
+            flat.update(module.extras.items())
+        else:
+            flat[name or "model"] = module
+    return nn.ModuleDict(flat)
+
+
 def save_optimizer_and_rng(ckpt_dir: Path, models: dict, optimizer, rank: int = 0) -> None:
     """The optimizer through torch.distributed.checkpoint (`dcp/`: sharded, keyed by parameter names, reshardable
     to any world size on load — one process included) and this rank's RNG states (`rng-rank{r}.pt`).
     Collective when a process group exists."""
     import torch.distributed.checkpoint as dcp
-    from torch import nn
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
-    container = nn.ModuleList(list(models.values()))
+    container = _optimizer_container(models)
     dcp.save({"optim": get_optimizer_state_dict(container, optimizer)}, checkpoint_id=str(Path(ckpt_dir) / "dcp"),
              no_dist=not _distributed())
     torch.save(rng_state(), Path(ckpt_dir) / f"rng-rank{rank}.pt")
@@ -204,14 +222,13 @@ def load_optimizer_and_rng(ckpt: Path, models: dict, optimizer, rank: int = 0) -
     """Restore what save_optimizer_and_rng wrote, whatever the world size then and now (DCP reshards); this
     rank's RNG state, or rank 0's when the checkpoint had fewer ranks."""
     import torch.distributed.checkpoint as dcp
-    from torch import nn
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
     ckpt = Path(ckpt)
     if not (ckpt / "dcp").is_dir():
         raise CheckpointError(f"{ckpt} has no dcp/ optimizer state (written by an older fusealign); start again "
                               f"without --resume")
-    container = nn.ModuleList(list(models.values()))
+    container = _optimizer_container(models)
     state = {"optim": get_optimizer_state_dict(container, optimizer)}
     # Partial: a parameter that never had a gradient (e.g. an unused head) has no saved moments; it keeps the
     # fresh state, as in the uninterrupted run.

@@ -67,6 +67,17 @@ def device_for(info: DistInfo, device: str) -> torch.device:
     return torch.device("cuda" if device == "auto" else device)
 
 
+def shutdown(clean: bool = True) -> None:
+    """Leave the process group, if this process joined one. After a finished run, behind a barrier: a rank that
+    exits while its peer still holds the gloo connection can make the peer abort (SIGABRT) as it tears down.
+    After an error, at once (the other ranks may be gone)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if clean:
+        dist.barrier()
+    dist.destroy_process_group()
+
+
 class InForward(nn.Module):
     """The FSDP2 root of one model: `wrapper(fn, *args)` runs `fn(model, *args)` inside this forward, where
     FSDP has gathered the root's parameters (embedding, final norm, LM head, and any `extras`)."""

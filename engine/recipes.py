@@ -187,13 +187,14 @@ def run_rm(cfg: RMConfig) -> dict:
     def evaluate() -> dict:
         rm.eval()
         with torch.no_grad():
-            acc = []
+            margins = []
             for i in range(0, len(held), 64):
                 batch = pair_batch(held[i:i + 64], pad_id=tok.pad_token_id, pack=cfg.pack).to(device)
                 r = run(rm, rewards_of, batch)  # every rank scores every held-out pair (FSDP: same steps)
                 B = batch.num_sequences // 2
-                acc.append((r[:B] > r[B:]).float())
-        return {"eval/accuracy": torch.cat(acc).mean().item()}
+                margins.append((r[:B] - r[B:]).float())
+        m = torch.cat(margins)
+        return {"eval/accuracy": (m > 0).float().mean().item(), "eval/margin": m.mean().item()}
 
     last = train(cfg, rm, lambda ex: rm_loss(inner, ex, pad_id=tok.pad_token_id, pack=cfg.pack, margin=cfg.margin,
                                              center_coef=cfg.center_coef),

@@ -22,6 +22,7 @@ from dataclasses import MISSING, fields
 
 from fusealign.engine.compare import run_compare
 from fusealign.engine.config import CONFIGS
+from fusealign.engine.distributed import shutdown
 from fusealign.engine.errors import Interrupted, UserError
 from fusealign.engine.recipes import RUNS as _TRAIN_RUNS
 
@@ -93,6 +94,7 @@ def main(argv=None) -> int:
         return fail(str(e))
     try:
         summary = RUNS[command](cfg)
+        shutdown(clean=True)
     except Interrupted as e:
         sub_argv = argv[argv.index(command) + 1:] if command in argv else argv
         name = signal.Signals(e.signum).name
@@ -110,6 +112,8 @@ def main(argv=None) -> int:
             return fail("out of GPU memory: lower --batch-size or --max-length, or pass --gradient-checkpointing "
                         f"({str(e).splitlines()[0][:160]})")
         raise
+    finally:
+        shutdown(clean=False)  # no-op after the clean shutdown above
     if command != "compare" and int(os.environ.get("RANK", "0")) == 0:  # compare prints its own table
         print(json.dumps({k: v for k, v in summary.items() if v is not None}, indent=1))
     return 0
