@@ -233,9 +233,11 @@ def run_dpo(cfg: DPOConfig) -> dict:
     def loss_fn(ex):
         rows = ref_table[[e.uid for e in ex]] if ref_table is not None else None
         return dpo_loss(policy, ex, pad_id=tok.pad_token_id, pack=cfg.pack, beta=cfg.beta, loss_type=cfg.loss_type,
-                        label_smoothing=cfg.label_smoothing, gamma=cfg.gamma, average_logps=cfg.average_logps,
-                        nll_coef=cfg.nll_coef, ref_logps=rows, ref_model=ref_model, temperature=cfg.temperature,
-                        backend=cfg.backend)
+                        loss_weights=cfg.loss_weights, label_smoothing=cfg.label_smoothing, gamma=cfg.gamma,
+                        f_divergence_type=cfg.f_divergence_type, f_alpha_divergence_coef=cfg.f_alpha_divergence_coef,
+                        discopop_tau=cfg.discopop_tau, use_weighting=cfg.use_weighting,
+                        average_logps=cfg.average_logps, nll_coef=cfg.nll_coef, ref_logps=rows, ref_model=ref_model,
+                        temperature=cfg.temperature, backend=cfg.backend)
 
     last = train(cfg, policy, loss_fn, DataStream(examples, cfg.batch_size, cfg.seed), tokenizer=tok, desc="dpo")
     summary = {**last, "data/lines": stats.lines, "data/skipped": stats.skipped, "data/truncated": stats.truncated}
