@@ -205,6 +205,14 @@ def test_batch_sorted_losses_permute_only_the_pair_order(loss_type):
     assert not torch.allclose(losses.mean(), paired.mean())
 
 
+def test_readme_lists_every_loss_type():
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    missing = [t for t in fa.losses.LOSS_TYPES if f"| `{t}`" not in readme]
+    assert not missing, f"README's DPO table lacks {missing}"
+
+
 def test_pair_losses_are_per_pair():
     """Every PAIR_LOSSES entry depends on its own pair only: a sub-batch gives the sub-batch's losses."""
     pc, pr, rc, rr, n = random_pairs(seed=1)

@@ -440,6 +440,9 @@ def linear_dpo_loss(
     Returns (loss: 0-d, metrics: dict of detached 0-d tensors with TRL's names: rewards/{chosen, rejected,
     margins, accuracies}, logps/{chosen, rejected}, and with `token_metrics` (the fused pass's extra row
     statistics) entropy, logits/{chosen, rejected}, mean_token_accuracy; plus nll, the chosen token-mean NLL).
+    `token_metrics=False` skips those statistics (on CUDA the statistics pass tiles the vocabulary differently,
+    so its log-probs equal a plain `linear_logps` call's to fp32 rounding, not bitwise — as in TRL, whose
+    reference is scored without them).
     """
     types, weights = check_dpo_options(beta=beta, loss_type=loss_type, loss_weights=loss_weights,
                                        label_smoothing=label_smoothing, gamma=gamma,
