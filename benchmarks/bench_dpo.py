@@ -38,7 +38,8 @@ def impls(variant):
     def ours(h, W, y, hr, Wr, rc, rr):
         refs = dict(ref_chosen_logps=rc, ref_rejected_logps=rr) if variant == "precomputed_ref" else \
             dict(ref_hidden=hr, ref_weight=Wr)
-        return fa.linear_dpo_loss(h, W, y, **refs)[0]
+        # token_metrics=False: the peers compute no entropy / mean-logit / top-1 statistics either
+        return fa.linear_dpo_loss(h, W, y, token_metrics=False, **refs)[0]
 
     def naive(h, W, y, hr, Wr, rc, rr):
         def seq_logps(hh, ww):

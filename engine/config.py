@@ -128,17 +128,30 @@ class RMConfig(SupervisedConfig, FromSFT):
 
 @dataclass
 class DPOConfig(SupervisedConfig, FromSFT):
-    """Direct preference optimisation (and IPO, hinge, robust, SimPO).
+    """Direct preference optimisation and its family: every TRL 1.16 DPO loss type, f-divergences, WPO, SimPO.
 
     Defaults suit the built-in task (sequence log-ratios of ~10 tokens); TRL's usual β is 0.1.
     """
 
-    beta: float = opt(0.5, "β: strength of the implicit KL to the reference")
-    loss_type: str = opt("sigmoid", "sigmoid, robust, hinge, ipo or simpo")
-    label_smoothing: float = opt(0.0, "ε for conservative/robust DPO, in [0, 0.5)")
+    beta: float = opt(0.5, "β: strength of the implicit KL to the reference (τ of IPO)")
+    loss_type: list[str] = field(default_factory=lambda: ["sigmoid"], metadata={"help": (
+        "one or more DPO losses, summed with --loss-weights (TRL 1.16's names): sigmoid, hinge, ipo (length-"
+        "normalised), exo_pair, nca_pair, robust, bco_pair, sppo_hard, aot, aot_unpaired, apo_zero, apo_down, "
+        "discopop, sft, sigmoid_norm; and cdpo (conservative DPO), ipo_sum (IPO on sums), simpo")})
+    loss_weights: Optional[list[float]] = opt(None, "one weight per --loss-type (default 1 each), e.g. MPO: "
+                                                    "--loss-type sigmoid bco_pair sft --loss-weights 0.8 0.2 1.0")
+    label_smoothing: float = opt(0.0, "ε in [0, 0.5): flip probability of robust; cdpo, exo_pair, aot, "
+                                      "aot_unpaired and simpo smoothing")
+    f_divergence_type: str = opt("reverse_kl", "reverse_kl, forward_kl, js_divergence or alpha_divergence "
+                                               "(f-DPO; for the losses on the chosen−rejected score difference)")
+    f_alpha_divergence_coef: float = opt(0.5, "α of alpha_divergence (TRL's parametrisation; 1 = reverse KL)")
+    discopop_tau: float = opt(0.05, "τ of the discopop loss")
+    use_weighting: bool = opt(False, "WPO: weight each pair by the policy's length-normalised probabilities "
+                                     "(from the fused pass's log Σp², no logits)")
     gamma: float = opt(0.0, "SimPO target margin γ")
-    average_logps: Optional[bool] = opt(None, "length-normalise log-probs (default: on for ipo and simpo)")
-    nll_coef: float = opt(0.0, "RPO: weight of the chosen-completion NLL")
+    average_logps: Optional[bool] = opt(None, "length-normalise log-probs before the loss (default: on for simpo "
+                                              "alone; ipo and sigmoid_norm normalise by themselves)")
+    nll_coef: float = opt(0.0, "RPO: weight of the chosen-completion NLL (= adding sft with this weight)")
     ref_mode: str = opt("precompute", "precompute (one pass, cached on disk) or online (frozen reference model)")
     eval_samples: int = opt(128, "held-out prompts sampled at the end to score the ground-truth reward")
     reward_model: str = opt("", "with --data onpolicy: the reward model that labels the sampled pairs (fusealign rm); "
@@ -153,7 +166,7 @@ class DPOConfig(SupervisedConfig, FromSFT):
 
     def __post_init__(self):
         super().__post_init__()
-        from fusealign.losses import PAIR_LOSSES
+        from fusealign.losses import LOSS_TYPES, check_dpo_options
 
         if self.onpolicy_prompts <= 0 or self.resample_every < 0:
             raise ValueError("--onpolicy-prompts must be > 0 and --resample-every >= 0")
@@ -163,22 +176,38 @@ class DPOConfig(SupervisedConfig, FromSFT):
         if self.data == "onpolicy" and not self.reward_model and self.model != "builtin":
             raise ValueError("--data onpolicy needs --reward-model (the model that labels the sampled pairs)")
 
-        if self.loss_type not in PAIR_LOSSES:
-            raise ValueError(f"--loss-type must be one of {sorted(PAIR_LOSSES)}, got {self.loss_type!r}")
+        if isinstance(self.loss_type, str):  # as TRL: one name is a list of one
+            self.loss_type = [self.loss_type]
+        self.loss_type = list(self.loss_type)
+        for t in self.loss_type:
+            if t not in LOSS_TYPES:
+                raise ValueError(f"--loss-type must be among {sorted(LOSS_TYPES)}, got {t!r}")
         if not self.beta > 0:
             raise ValueError(f"--beta must be > 0, got {self.beta}")
-        if not 0 <= self.label_smoothing < 0.5:
-            raise ValueError(f"--label-smoothing must lie in [0, 0.5), got {self.label_smoothing}")
         if self.ref_mode not in ("precompute", "online"):
             raise ValueError(f"--ref-mode must be precompute or online, got {self.ref_mode!r}")
         if self.average_logps is None:
-            self.average_logps = self.loss_type in ("ipo", "simpo")
+            self.average_logps = self.loss_type == ["simpo"]
+        if self.nll_coef < 0:
+            raise ValueError(f"--nll-coef must be >= 0, got {self.nll_coef}")
+        try:
+            check_dpo_options(beta=self.beta, loss_type=self.loss_type, loss_weights=self.loss_weights,
+                              label_smoothing=self.label_smoothing, gamma=self.gamma,
+                              f_divergence_type=self.f_divergence_type,
+                              f_alpha_divergence_coef=self.f_alpha_divergence_coef, discopop_tau=self.discopop_tau,
+                              use_weighting=self.use_weighting, average_logps=self.average_logps)
+        except (ValueError, TypeError) as e:  # the same message, in flag spelling
+            msg = str(e)
+            for name in ("loss_weights", "label_smoothing", "f_divergence_type", "f_alpha_divergence_coef",
+                         "discopop_tau", "use_weighting", "average_logps", "loss_type", "gamma", "beta"):
+                msg = msg.replace(name, "--" + name.replace("_", "-"))
+            raise ValueError(msg) from None
 
     @property
     def needs_reference(self) -> bool:
         from fusealign.losses import REFERENCE_FREE
 
-        return self.loss_type not in REFERENCE_FREE
+        return not set(self.loss_type) <= REFERENCE_FREE
 
 
 @dataclass

@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 
 from fusealign.kernels import segment_sum
-from fusealign.losses import REFERENCE_FREE, bradley_terry_loss, linear_dpo_loss, sequence_rewards
+from fusealign.losses import bradley_terry_loss, linear_dpo_loss, sequence_rewards
 
 from .data import Batch, collate
 from .distributed import InForward, run
@@ -66,30 +66,28 @@ def rm_loss(rm, examples, *, pad_id, pack, margin=0.0, center_coef=0.0):
     return loss, metrics, batch.num_tokens, B
 
 
-def dpo_loss(policy, examples, *, pad_id, pack, beta, loss_type, label_smoothing=0.0, gamma=0.0,
-             average_logps=False, nll_coef=0.0, ref_logps: Optional[torch.Tensor] = None, ref_model=None,
-             temperature=1.0, backend="auto"):
+def dpo_loss(policy, examples, *, pad_id, pack, beta, loss_type, ref_logps: Optional[torch.Tensor] = None,
+             ref_model=None, temperature=1.0, backend="auto", **loss_options):
     """ref_logps: (B, 2) precomputed (chosen, rejected) sums/means, or ref_model scored on the fly (its hidden
-    states go to the fused loss; an FSDP-sharded reference is scored inside its own forward instead)."""
+    states go to the fused loss; an FSDP-sharded reference is scored inside its own forward instead);
+    loss_options: `fa.linear_dpo_loss`'s (loss_weights, label_smoothing, f_divergence_type, use_weighting, …)."""
     device = next(policy.parameters()).device
     batch = pair_batch(examples, pad_id=pad_id, pack=pack).to(device)
     B = len(examples)
     x = completion_inputs(policy, batch, temperature=temperature)
     refs = {}
-    if loss_type not in REFERENCE_FREE:
-        if ref_logps is not None:
-            refs = dict(ref_chosen_logps=ref_logps[:, 0].to(device), ref_rejected_logps=ref_logps[:, 1].to(device))
-        elif isinstance(ref_model, InForward):
-            with torch.no_grad():
-                seq = run(ref_model, sequence_logps, batch, average=average_logps, temperature=temperature,
-                          backend=backend)
-            refs = dict(ref_chosen_logps=seq[:B], ref_rejected_logps=seq[B:])
-        else:
-            with torch.no_grad():
-                r = completion_inputs(ref_model, batch, temperature=temperature)
-            refs = dict(ref_hidden=r.hidden, ref_weight=r.head.weight, ref_bias=r.head.bias)
+    if ref_logps is not None:
+        refs = dict(ref_chosen_logps=ref_logps[:, 0].to(device), ref_rejected_logps=ref_logps[:, 1].to(device))
+    elif isinstance(ref_model, InForward):
+        with torch.no_grad():
+            seq = run(ref_model, sequence_logps, batch, average=loss_options.get("average_logps", False),
+                      temperature=temperature, backend=backend)
+        refs = dict(ref_chosen_logps=seq[:B], ref_rejected_logps=seq[B:])
+    elif ref_model is not None:
+        with torch.no_grad():
+            r = completion_inputs(ref_model, batch, temperature=temperature)
+        refs = dict(ref_hidden=r.hidden, ref_weight=r.head.weight, ref_bias=r.head.bias)
     loss, metrics = linear_dpo_loss(x.hidden, x.head.weight, x.targets, sequence_ids=x.seq_ids, num_sequences=2 * B,
-                                    beta=beta, loss_type=loss_type, label_smoothing=label_smoothing, gamma=gamma,
-                                    average_logps=average_logps, nll_coef=nll_coef, backend=backend,
+                                    beta=beta, loss_type=loss_type, backend=backend, **loss_options,
                                     **x.head.kwargs(), **refs)
     return loss, metrics, batch.num_tokens, B

@@ -298,9 +298,12 @@ def run_dpo(cfg: DPOConfig) -> dict:
 
     def loss_fn(ex):
         return dpo_loss(inner_policy, ex, pad_id=tok.pad_token_id, pack=cfg.pack, beta=cfg.beta, loss_type=cfg.loss_type,
-                        label_smoothing=cfg.label_smoothing, gamma=cfg.gamma, average_logps=cfg.average_logps,
-                        nll_coef=cfg.nll_coef, ref_logps=lookup(ex) if lookup is not None else None,
-                        ref_model=online_ref, temperature=cfg.temperature, backend=cfg.backend)
+                        loss_weights=cfg.loss_weights, label_smoothing=cfg.label_smoothing, gamma=cfg.gamma,
+                        f_divergence_type=cfg.f_divergence_type, f_alpha_divergence_coef=cfg.f_alpha_divergence_coef,
+                        discopop_tau=cfg.discopop_tau, use_weighting=cfg.use_weighting,
+                        average_logps=cfg.average_logps, nll_coef=cfg.nll_coef,
+                        ref_logps=lookup(ex) if lookup is not None else None, ref_model=online_ref,
+                        temperature=cfg.temperature, backend=cfg.backend)
 
     last = train(cfg, policy, loss_fn, stream, tokenizer=tok, desc="dpo", info=info)
     summary = dict(last)

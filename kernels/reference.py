@@ -104,68 +104,168 @@ def linear_kl_reference(
     return kl
 
 
-def dpo_loss_reference(pc, pr, rc, rr, *, beta=0.1, loss_type="sigmoid", label_smoothing=0.0, gamma=0.0):
+def dpo_loss_reference(pc, pr, rc, rr, *, beta=0.1, loss_type="sigmoid", loss_weights=None, label_smoothing=0.0,
+                       gamma=0.0, f_divergence_type="reverse_kl", f_alpha_divergence_coef=0.5, discopop_tau=0.05,
+                       chosen_lengths=None, rejected_lengths=None, average_logps=False, chosen_wpo_logps=None,
+                       rejected_wpo_logps=None):
     """Reference DPO family on (B,) sequence log-probs, written pair by pair from each paper's own form —
-    independently of the production table in `fusealign.losses.preference` (no logsigmoid, no shared Δ):
+    independently of the production table in `fusealign.losses.preference` (no logsigmoid, no shared
+    helpers, the batch sorted with Python's `sorted`):
 
-      implicit rewards  r_w = β (log π(y_w) − log π_ref(y_w)),  r_l = β (log π(y_l) − log π_ref(y_l))
-      sigmoid  Rafailov et al. 2023, Eq. 7, with cDPO label smoothing ε (Mitchell 2023):
-               −(1−ε) log σ(r_w − r_l) − ε log σ(r_l − r_w),      −log σ(x) = log(1 + e^{−x})
-      robust   Chowdhury et al. 2024, Eq. 9: ((1−ε) L(y_w ≻ y_l) − ε L(y_l ≻ y_w)) / (1 − 2ε),  L = −log σ(·)
-      hinge    SLiC, Zhao et al. 2023: max(0, 1 − (r_w − r_l))
-      ipo      Azar et al. 2023, Eq. 17: (h − 1/(2τ))²,  h = log-ratio difference, τ = β
-      simpo    Meng et al. 2024, Eq. 6 (inputs already length-normalised): −log σ(β (π̄_w − π̄_l) − γ),
-               label smoothing as sigmoid.
-    Returns (B,) losses in the inputs' dtype; differentiable in pc and pr.
+      ρ = log π(y) − log π_ref(y) (reference detached),  r = β ρ,  u = e^{ρ} = π/π_ref,
+      s = f′-score of u: reverse KL log u · forward KL 1 − 1/u · JS log(2u/(1+u)) · α (u^{α−1} − 1)/(α − 1)
+          (TRL's parametrisation; exponent capped at 80 as TRL; α = 1 is log u),  h = s_w − s_l
+      sigmoid       Rafailov et al. 2023, Eq. 7: −log σ(β h),  −log σ(x) = log(1 + e^{−x})
+      cdpo          Mitchell 2023: −(1−ε) log σ(β h) − ε log σ(−β h)
+      robust        Chowdhury et al. 2024, Eq. 9: ((1−ε) L(y_w ≻ y_l) − ε L(y_l ≻ y_w)) / (1 − 2ε),  L = −log σ(·)
+      hinge         SLiC-HF, Zhao et al. 2023: max(0, 1 − β h)
+      ipo           Azar et al. 2023, Eq. 17, length-normalised (TRL): (s_w/n_w − s_l/n_l − 1/(2β))²
+      ipo_sum       Eq. 17 on sums: (h − 1/(2β))²
+      sigmoid_norm  −log σ(β (s_w/n_w − s_l/n_l))
+      exo_pair      Ji et al. 2024, Eq. 16: Σ_{i∈{w,l}} q_i log(q_i / p_i),  q_w = σ(β h) = 1 − q_l,  p = (1−ε, ε)
+      nca_pair      Chen et al. 2024: −log σ(r_w) − ½ log σ(−r_w) − ½ log σ(−r_l)
+      bco_pair      Jung et al. 2024: −log σ(r_w) − log σ(−r_l)
+      sppo_hard     Wu et al. 2024: (ρ_w − 1/(2β))² + (ρ_l + 1/(2β))²
+      apo_zero      D'Oosterlinck et al. 2024, Eq. 7: (1 − σ(r_w)) + σ(r_l)
+      apo_down      Eq. 8: σ(r_w) + (1 − σ(r_w − r_l))
+      discopop      Lu et al. 2024, Eq. 5: x = β h, m = σ(x/τ): (1 − m) log(1 + e^{−x}) + m e^{−x}
+      simpo         Meng et al. 2024, Eq. 6 (inputs already length-normalised): smoothed −log σ(β (π_w − π_l) − γ)
+      aot           Melnyk et al. 2024: k-th smallest of (π_w − π_l) minus k-th smallest of (ref_w − ref_l), δ_k;
+                    smoothed −log σ(β δ_k)
+      aot_unpaired  δ_k = k-th smallest ρ_w − k-th smallest ρ_l
+      sft           −(Σ_b log π(y_w,b)) / (Σ_b n_w,b) in every entry (log-probs times n if they are means)
+    A list of types is summed with `loss_weights`; WPO (`chosen_wpo_logps`/`rejected_wpo_logps` given) multiplies
+    pair b by e^{a_w,b} e^{a_l,b} (constants). Returns (B,) losses in the inputs' dtype; differentiable in pc and pr.
     """
-    eps = label_smoothing
+    eps, B = label_smoothing, pc.shape[0]
+    types = [loss_type] if isinstance(loss_type, str) else list(loss_type)
+    weights = [1.0] * len(types) if loss_weights is None else list(loss_weights)
 
-    def neg_log_sigmoid(x):  # log(1 + e^{−x}), stable for either sign of x
-        return torch.log1p(torch.exp(-torch.abs(x))) + torch.clamp(-x, min=0)
+    def softplus(x):  # log(1 + e^x), stable for either sign of x
+        return torch.log1p(torch.exp(-torch.abs(x))) + torch.clamp(x, min=0)
+
+    def nls(x):  # −log σ(x)
+        return softplus(-x)
+
+    def sig(x):
+        return 1 / (1 + torch.exp(-x))
+
+    def smoothed(x):
+        return (1 - eps) * nls(x) + eps * nls(-x)
+
+    def f_score(rho):
+        if f_divergence_type == "reverse_kl" or (f_divergence_type == "alpha_divergence"
+                                                 and abs(f_alpha_divergence_coef - 1) < 1e-6):
+            return rho
+        if f_divergence_type == "forward_kl":
+            return 1 - 1 / torch.exp(rho)
+        if f_divergence_type == "js_divergence":
+            u = torch.exp(rho)
+            return torch.log(2 * u / (1 + u))
+        a = f_alpha_divergence_coef
+        return (torch.exp(torch.clamp((a - 1) * rho, max=80.0)) - 1) / (a - 1)
+
+    def kth_smallest(values, k):
+        return values[sorted(range(B), key=lambda i: values[i].item())[k]]
 
     out = []
-    for i in range(pc.shape[0]):
-        if loss_type == "simpo":
-            x = beta * (pc[i] - pr[i]) - gamma
-            out.append((1 - eps) * neg_log_sigmoid(x) + eps * neg_log_sigmoid(-x))
-            continue
-        log_ratio_w = pc[i] - rc[i].detach()
-        log_ratio_l = pr[i] - rr[i].detach()
-        r_w, r_l = beta * log_ratio_w, beta * log_ratio_l
-        if loss_type == "sigmoid":
-            out.append((1 - eps) * neg_log_sigmoid(r_w - r_l) + eps * neg_log_sigmoid(r_l - r_w))
-        elif loss_type == "robust":
-            out.append(((1 - eps) * neg_log_sigmoid(r_w - r_l) - eps * neg_log_sigmoid(r_l - r_w)) / (1 - 2 * eps))
-        elif loss_type == "hinge":
-            out.append(torch.clamp(1 - (r_w - r_l), min=0))
-        elif loss_type == "ipo":
-            h = log_ratio_w - log_ratio_l
-            out.append((h - 1 / (2 * beta)) ** 2)
-        else:
-            raise ValueError(loss_type)
+    for b in range(B):
+        total = 0.0
+        for t, w in zip(types, weights):
+            if t == "simpo":
+                value = smoothed(beta * (pc[b] - pr[b]) - gamma)
+            elif t == "sft":
+                n = chosen_lengths.to(pc.dtype)
+                value = -sum(pc[i] * (n[i] if average_logps else 1) for i in range(B)) / n.sum()
+            else:
+                rho_w, rho_l = pc[b] - rc[b].detach(), pr[b] - rr[b].detach()
+                r_w, r_l = beta * rho_w, beta * rho_l
+                s_w, s_l = f_score(rho_w), f_score(rho_l)
+                h = s_w - s_l
+                if t in ("ipo", "sigmoid_norm"):
+                    n_w = max(int(chosen_lengths[b]), 1)
+                    n_l = max(int(rejected_lengths[b]), 1)
+                    h_norm = s_w / n_w - s_l / n_l
+                if t == "sigmoid":
+                    value = nls(beta * h)
+                elif t == "cdpo":
+                    value = smoothed(beta * h)
+                elif t == "robust":
+                    value = ((1 - eps) * nls(beta * h) - eps * nls(-beta * h)) / (1 - 2 * eps)
+                elif t == "hinge":
+                    value = torch.clamp(1 - beta * h, min=0)
+                elif t == "ipo":
+                    value = (h_norm - 1 / (2 * beta)) ** 2
+                elif t == "ipo_sum":
+                    value = (h - 1 / (2 * beta)) ** 2
+                elif t == "sigmoid_norm":
+                    value = nls(beta * h_norm)
+                elif t == "exo_pair":
+                    q_w, q_l = sig(beta * h), sig(-beta * h)
+                    value = q_w * torch.log(q_w / (1 - eps)) + q_l * torch.log(q_l / eps)
+                elif t == "nca_pair":
+                    value = nls(r_w) + 0.5 * nls(-r_w) + 0.5 * nls(-r_l)
+                elif t == "bco_pair":
+                    value = nls(r_w) + nls(-r_l)
+                elif t == "sppo_hard":
+                    value = (rho_w - 1 / (2 * beta)) ** 2 + (rho_l + 1 / (2 * beta)) ** 2
+                elif t == "apo_zero":
+                    value = (1 - sig(r_w)) + sig(r_l)
+                elif t == "apo_down":
+                    value = sig(r_w) + (1 - sig(r_w - r_l))
+                elif t == "discopop":
+                    x = beta * h
+                    m = sig(x / discopop_tau)
+                    value = (1 - m) * nls(x) + m * torch.exp(-x)
+                elif t == "aot":
+                    margins = [pc[i] - pr[i] for i in range(B)]
+                    ref_margins = [(rc[i] - rr[i]).detach() for i in range(B)]
+                    value = smoothed(beta * (kth_smallest(margins, b) - kth_smallest(ref_margins, b)))
+                elif t == "aot_unpaired":
+                    rho_ws = [pc[i] - rc[i].detach() for i in range(B)]
+                    rho_ls = [pr[i] - rr[i].detach() for i in range(B)]
+                    value = smoothed(beta * (kth_smallest(rho_ws, b) - kth_smallest(rho_ls, b)))
+                else:
+                    raise ValueError(t)
+            total = total + w * value
+        if chosen_wpo_logps is not None:
+            total = total * torch.exp(chosen_wpo_logps[b].detach()) * torch.exp(rejected_wpo_logps[b].detach())
+        out.append(total)
     return torch.stack(out)
 
 
 def linear_dpo_loss_reference(hidden, weight, targets, *, ref_chosen_logps=None, ref_rejected_logps=None,
                               ref_hidden=None, ref_weight=None, beta=0.1, loss_type="sigmoid",
                               label_smoothing=0.0, average_logps=False, nll_coef=0.0, ignore_index=-100,
-                              gamma=0.0, dtype=torch.float64):
-    """Reference fused DPO on the padded layout hidden (2B, T, H): materialised logits, plain sums."""
-    def seq_logps(h, w):
-        lp = linear_logps_reference(h, w, targets, ignore_index=ignore_index, dtype=dtype)  # (2B, T)
-        n = (targets != ignore_index).sum(-1)
-        s = lp.sum(-1)
-        return (s / n if average_logps else s), lp
+                              use_weighting=False, dtype=torch.float64, **loss_options):
+    """Reference fused DPO on the padded layout hidden (2B, T, H): materialised logits, plain sums; the
+    other `loss_options` (loss_weights, gamma, f_divergence_type, …) go to `dpo_loss_reference`."""
+    n = (targets != ignore_index).sum(-1)
 
-    pol, tok = seq_logps(hidden, weight)
+    def seq_logps(h, w):
+        lp, lssp = linear_logps_reference(h, w, targets, ignore_index=ignore_index, dtype=dtype,
+                                          outputs=("logps", "log_sum_sq_probs"))  # (2B, T) each
+        s = lp.sum(-1)
+        return (s / n if average_logps else s), lp, lssp
+
+    pol, tok, lssp = seq_logps(hidden, weight)
     B = hidden.shape[0] // 2
     if ref_hidden is not None:
-        ref, _ = seq_logps(ref_hidden, ref_weight)
+        ref, _, _ = seq_logps(ref_hidden, ref_weight)
         ref_chosen_logps, ref_rejected_logps = ref[:B].detach(), ref[B:].detach()
+    types = [loss_type] if isinstance(loss_type, str) else list(loss_type)
+    weights = loss_options.pop("loss_weights", None) or [1.0] * len(types)
+    if nll_coef:
+        types, weights = types + ["sft"], list(weights) + [nll_coef]
+    wpo = {}
+    if use_weighting:  # WPO: e^{mean over completion tokens of (log p − log Σ p²)}, a constant
+        a = ((tok - lssp).detach().sum(-1) / n)
+        wpo = dict(chosen_wpo_logps=a[:B], rejected_wpo_logps=a[B:])
     losses = dpo_loss_reference(pol[:B], pol[B:], ref_chosen_logps, ref_rejected_logps, beta=beta,
-                                loss_type=loss_type, label_smoothing=label_smoothing, gamma=gamma)
-    nll = -tok[:B].sum() / (targets[:B] != ignore_index).sum()
-    return losses.mean() + nll_coef * nll
+                                loss_type=types, loss_weights=weights, label_smoothing=label_smoothing,
+                                chosen_lengths=n[:B], rejected_lengths=n[B:], average_logps=average_logps,
+                                **wpo, **loss_options)
+    return losses.mean()
 
 
 def sequence_rewards_reference(hidden, value_weight, mask, value_bias=None):

@@ -29,16 +29,21 @@ from fusealign.engine.recipes import RUNS as _TRAIN_RUNS
 RUNS = {**_TRAIN_RUNS, "compare": run_compare}
 
 _TYPES = {"int": int, "float": float, "str": str, "Optional[str]": str, "Optional[float]": float}
+_LISTS = {"list[str]": str, "Optional[list[float]]": float}  # space-separated values: --loss-type sigmoid sft
 
 
 def _add_flags(parser: argparse.ArgumentParser, cls) -> None:
     for f in fields(cls):
         flag = "--" + f.name.replace("_", "-")
         help_ = f.metadata.get("help", "")
-        default = f.default if f.default is not MISSING else None
+        default = (f.default if f.default is not MISSING
+                   else f.default_factory() if f.default_factory is not MISSING else None)
         if f.type in ("bool", "Optional[bool]"):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default,
                                 help=f"{help_} (default: {default})")
+        elif f.type in _LISTS:
+            parser.add_argument(flag, type=_LISTS[f.type], nargs="+", default=default,
+                                help=f"{help_} (default: {' '.join(map(str, default)) if default else None})")
         else:
             parser.add_argument(flag, type=_TYPES[f.type], default=default, help=f"{help_} (default: {default!r})")
 

@@ -63,12 +63,16 @@ class LinearDPOLoss(_Options):
     sequence_ids / num_sequences (packed input), bias / ref_bias.
     """
 
-    def __init__(self, *, beta: float = 0.1, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
-                 average_logps: bool = False, nll_coef: float = 0.0, ignore_index: int = -100,
-                 backend: str = "auto", gamma: float = 0.0, temperature: float = 1.0,
-                 softcap: Optional[float] = None, chunk_bytes: int = DEFAULT_CHUNK_BYTES):
-        super().__init__(beta=beta, loss_type=loss_type, label_smoothing=label_smoothing,
-                         average_logps=average_logps, nll_coef=nll_coef, ignore_index=ignore_index, backend=backend,
+    def __init__(self, *, beta: float = 0.1, loss_type="sigmoid", loss_weights=None, label_smoothing: float = 0.0,
+                 f_divergence_type: str = "reverse_kl", f_alpha_divergence_coef: float = 0.5,
+                 discopop_tau: float = 0.05, use_weighting: bool = False, average_logps: bool = False,
+                 nll_coef: float = 0.0, token_metrics: bool = True, ignore_index: int = -100, backend: str = "auto",
+                 gamma: float = 0.0, temperature: float = 1.0, softcap: Optional[float] = None,
+                 chunk_bytes: int = DEFAULT_CHUNK_BYTES):
+        super().__init__(beta=beta, loss_type=loss_type, loss_weights=loss_weights, label_smoothing=label_smoothing,
+                         f_divergence_type=f_divergence_type, f_alpha_divergence_coef=f_alpha_divergence_coef,
+                         discopop_tau=discopop_tau, use_weighting=use_weighting, average_logps=average_logps,
+                         nll_coef=nll_coef, token_metrics=token_metrics, ignore_index=ignore_index, backend=backend,
                          gamma=gamma, temperature=temperature, softcap=softcap, chunk_bytes=chunk_bytes)
 
     def forward(self, hidden, weight, targets, **tensors):

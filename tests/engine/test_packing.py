@@ -23,7 +23,7 @@ def run(fn, model):
     return loss.detach(), metrics, grads(model)
 
 
-@pytest.mark.parametrize("objective", ["sft", "rm", "dpo", "dpo-online"])
+@pytest.mark.parametrize("objective", ["sft", "rm", "dpo", "dpo-online", "dpo-mpo-wpo"])
 def test_packed_equals_padded(objective):
     pairs, _ = load_examples("builtin:pairs", "pairs", TOK, max_length=48)
     sft, _ = load_examples("builtin:sft", "sft", TOK, max_length=48)
@@ -38,8 +38,11 @@ def test_packed_equals_padded(objective):
         if objective == "rm":
             return lambda m: rm_loss(m, pairs[:8], pad_id=TOK.pad_token_id, pack=pack, center_coef=0.1)
         kw = dict(ref_model=ref) if objective == "dpo-online" else dict(ref_logps=ref_logps)
-        return lambda m: dpo_loss(m, pairs[:8], pad_id=TOK.pad_token_id, pack=pack, beta=0.5, loss_type="sigmoid",
-                                  nll_coef=0.1, **kw)
+        if objective == "dpo-mpo-wpo":  # several losses and WPO weights from the packed fused pass
+            kw.update(loss_type=["sigmoid", "bco_pair", "sft", "ipo"], loss_weights=[0.8, 0.2, 1.0, 0.1],
+                      use_weighting=True)
+        return lambda m: dpo_loss(m, pairs[:8], pad_id=TOK.pad_token_id, pack=pack, beta=0.5,
+                                  **{"loss_type": "sigmoid", "nll_coef": 0.1, **kw})
 
     l1, m1, g1 = run(fn(False), model)
     l2, m2, g2 = run(fn(True), model)

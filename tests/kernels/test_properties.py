@@ -150,11 +150,12 @@ def dpo_case(draw):
     B, T = draw(st.integers(1, 3)), draw(st.integers(2, 7))
     # Each sequence keeps at least one completion token (a prompt prefix of random length is ignored).
     prompt_lens = draw(st.lists(st.integers(0, T - 1), min_size=2 * B, max_size=2 * B))
-    loss_type = draw(st.sampled_from(["sigmoid", "robust", "hinge", "ipo"]))
+    loss_type = draw(st.sampled_from(["sigmoid", "cdpo", "robust", "hinge", "ipo", "ipo_sum", "apo_zero", "aot"]))
     return dict(B=B, T=T, H=draw(st.integers(2, 24)), V=draw(st.integers(2, 400)), prompt_lens=prompt_lens,
                 loss_type=loss_type, beta=draw(st.sampled_from([0.1, 0.5, 2.0])),
-                label_smoothing=draw(st.sampled_from([0.0, 0.2])) if loss_type in ("sigmoid", "robust") else 0.0,
-                average_logps=draw(st.booleans()), nll_coef=draw(st.sampled_from([0.0, 0.3])),
+                label_smoothing=draw(st.sampled_from([0.0, 0.2])) if loss_type in ("cdpo", "robust", "aot") else 0.0,
+                average_logps=draw(st.booleans()) and loss_type != "ipo",  # ipo normalises by itself
+                use_weighting=draw(st.booleans()) and loss_type != "aot", nll_coef=draw(st.sampled_from([0.0, 0.3])),
                 dtype=draw(st.sampled_from(["fp32", "bf16"])), seed=draw(st.integers(0, 2**31 - 1)))
 
 
@@ -173,7 +174,7 @@ def test_linear_dpo_loss_property(backend, c):
     y = y.to(dev)
     rc, rr = -torch.rand(c["B"], generator=g) * 10, -torch.rand(c["B"], generator=g) * 10
     opts = dict(beta=c["beta"], loss_type=c["loss_type"], label_smoothing=c["label_smoothing"],
-                average_logps=c["average_logps"], nll_coef=c["nll_coef"])
+                average_logps=c["average_logps"], nll_coef=c["nll_coef"], use_weighting=c["use_weighting"])
     hg, Wg = h.clone().requires_grad_(), W.clone().requires_grad_()
     loss, _ = fa.linear_dpo_loss(hg, Wg, y, ref_chosen_logps=rc.to(dev), ref_rejected_logps=rr.to(dev),
                                  backend=backend, **opts)

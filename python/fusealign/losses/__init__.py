@@ -7,9 +7,9 @@ Only public kernel entry points are imported here (`fusealign.kernels`, `fuseali
 """
 
 from .policy import KL_ESTIMATORS, LOSS_AGGS, kl_estimate, linear_ppo_loss, ppo_policy_loss, value_loss
-from .preference import (PAIR_LOSSES, REFERENCE_FREE, bradley_terry_loss, dpo_loss, linear_dpo_loss,
-                         sequence_rewards)
+from .preference import (BATCH_LOSSES, F_DIVERGENCES, LOSS_TYPES, PAIR_LOSSES, REFERENCE_FREE, bradley_terry_loss,
+                         check_dpo_options, dpo_loss, linear_dpo_loss, sequence_rewards)
 
-__all__ = ["dpo_loss", "linear_dpo_loss", "bradley_terry_loss", "sequence_rewards", "PAIR_LOSSES",
-           "REFERENCE_FREE", "kl_estimate", "ppo_policy_loss", "linear_ppo_loss", "value_loss", "KL_ESTIMATORS",
+__all__ = ["dpo_loss", "linear_dpo_loss", "bradley_terry_loss", "sequence_rewards", "LOSS_TYPES", "PAIR_LOSSES",
+           "BATCH_LOSSES", "F_DIVERGENCES", "REFERENCE_FREE", "check_dpo_options", "kl_estimate", "ppo_policy_loss", "linear_ppo_loss", "value_loss", "KL_ESTIMATORS",
            "LOSS_AGGS"]

@@ -1,13 +1,19 @@
 """Preference losses on the fused core: the DPO family, fused DPO from hidden states, Bradley-Terry.
 
-Each loss is the fused log-prob core plus an elementwise epilogue on (B,) sequence log-probs, so no
-(N, V) tensor exists and gradients reach `hidden`/`weight` only through linear_logps's backward.
+Each loss is the fused log-prob core plus a small epilogue on (B,) sequence log-probs, so no (N, V)
+tensor exists and gradients reach `hidden`/`weight` only through linear_logps's backward. The DPO family
+is a table of functions of one `Pairs` batch: PAIR_LOSSES (entry b depends on pair b only) and
+BATCH_LOSSES (`aot`, `aot_unpaired` sort across the batch; `sft` is a token mean over it), with TRL 1.16's
+names, options and numbers; f-divergence scores, several losses at once and WPO weights are applied
+around the table, once, in `dpo_loss`.
 Metrics are returned as detached 0-d tensors (no `.item()`, no host sync); log them when you like.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+import functools
+import math
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -16,47 +22,267 @@ from fusealign.kernels import DEFAULT_CHUNK_BYTES, linear_logps, segment_sum
 from fusealign.kernels.checks import check_positive, device_assert
 
 
-# --- per-pair losses: Δ is the (policy − reference) chosen-vs-rejected log-ratio margin --------------
-def _sigmoid(delta, beta, eps, gamma):
-    """DPO, Eq. 7 of Rafailov et al. 2023, with conservative label smoothing ε (cDPO, as TRL):
-    −(1−ε) log σ(βΔ) − ε log σ(−βΔ)."""
-    return -(1 - eps) * F.logsigmoid(beta * delta) - eps * F.logsigmoid(-beta * delta)
+# --- what every DPO-family loss reads ---------------------------------------------------------------
+# Notation (TRL 1.16's, `trl/trainer/dpo_trainer.py`): for pair b, π_w = log π(y_w|x), π_l = log π(y_l|x)
+# (sums over completion tokens), ref_w / ref_l the reference's, ρ = π − ref the log-ratios, r = β·ρ the
+# implicit rewards, s = f′-score of ρ (= ρ under the default reverse KL), Δs = s_w − s_l, and
+# |y| the completion-token count.
+class Pairs(NamedTuple):
+    """A batch of B preference pairs as the loss table reads it; every field (B,) or None."""
+
+    chosen_logps: torch.Tensor                   # π_w (sums; per-token means with average_logps)
+    rejected_logps: torch.Tensor                 # π_l
+    ref_chosen_logps: Optional[torch.Tensor]     # ref_w, detached (None when every loss is reference-free)
+    ref_rejected_logps: Optional[torch.Tensor]   # ref_l
+    chosen_scores: Optional[torch.Tensor]        # s_w = f′-score of ρ_w (ρ_w under reverse KL)
+    rejected_scores: Optional[torch.Tensor]      # s_l
+    chosen_lengths: Optional[torch.Tensor]       # |y_w| (completion tokens), when given
+    rejected_lengths: Optional[torch.Tensor]     # |y_l|
 
 
-def _robust(delta, beta, eps, gamma):
-    """Robust DPO (Chowdhury et al. 2024, Eq. 9): [−(1−ε) log σ(βΔ) + ε log σ(−βΔ)] / (1 − 2ε),
-    unbiased under preference-label flips with probability ε."""
-    return (-(1 - eps) * F.logsigmoid(beta * delta) + eps * F.logsigmoid(-beta * delta)) / (1 - 2 * eps)
+class LossOptions(NamedTuple):
+    beta: float              # β (τ of IPO, 1/margin of the hinge)
+    label_smoothing: float   # ε: flip probability (robust), EXO's target, cDPO/AOT/SimPO smoothing
+    gamma: float             # SimPO's target margin γ
+    discopop_tau: float      # DiscoPOP's τ
+    average_logps: bool      # chosen/rejected_logps are per-token means (only `sft` needs to know)
 
 
-def _hinge(delta, beta, eps, gamma):
-    """SLiC hinge (Zhao et al. 2023): max(0, 1 − βΔ)."""
-    return torch.relu(1 - beta * delta)
+def _logratios(p: Pairs):
+    return p.chosen_logps - p.ref_chosen_logps, p.rejected_logps - p.ref_rejected_logps
 
 
-def _ipo(delta, beta, eps, gamma):
-    """IPO (Azar et al. 2023, Eq. 17): (Δ − 1/(2β))², β playing the role of τ."""
-    return (delta - 1 / (2 * beta)) ** 2
+def _smoothed_logistic(x, eps):
+    """−(1−ε) log σ(x) − ε log σ(−x): the logistic loss on a preference whose label is flipped w.p. ε."""
+    return -(1 - eps) * F.logsigmoid(x) - eps * F.logsigmoid(-x)
 
 
-def _simpo(delta, beta, eps, gamma):
-    """SimPO (Meng et al. 2024, Eq. 6): −log σ(βΔ − γ), Δ = difference of the caller's length-normalised
-    policy log-probs (no reference); label smoothing as in `sigmoid`."""
-    return -(1 - eps) * F.logsigmoid(beta * delta - gamma) - eps * F.logsigmoid(gamma - beta * delta)
+def _length_normalised_margin(p: Pairs):
+    """s_w/|y_w| − s_l/|y_l| (a count of 0 is read as 1, as TRL's clamp)."""
+    return (p.chosen_scores / p.chosen_lengths.clamp(min=1).to(p.chosen_scores.dtype)
+            - p.rejected_scores / p.rejected_lengths.clamp(min=1).to(p.rejected_scores.dtype))
 
 
-PAIR_LOSSES = {"sigmoid": _sigmoid, "robust": _robust, "hinge": _hinge, "ipo": _ipo, "simpo": _simpo}
-REFERENCE_FREE = {"simpo"}
+# --- per-pair losses: loss_b depends on pair b only -----------------------------------------------------
+def _sigmoid(p: Pairs, o: LossOptions):
+    """DPO (Rafailov et al. 2023, Eq. 7): −log σ(β Δs). TRL 1.16's `sigmoid` reads no label smoothing
+    (its conservative form is `cdpo`)."""
+    return -F.logsigmoid(o.beta * (p.chosen_scores - p.rejected_scores))
 
 
-def _check_dpo_options(beta, loss_type, label_smoothing, gamma):
-    if loss_type not in PAIR_LOSSES:
-        raise ValueError(f"loss_type must be one of {sorted(PAIR_LOSSES)}, got {loss_type!r}")
+def _cdpo(p: Pairs, o: LossOptions):
+    """Conservative DPO (Mitchell 2023, "A note on DPO with noisy preferences"; TRL ≤ 0.19's `sigmoid` with
+    label_smoothing, fusealign's `sigmoid` before TRL 1.16 parity): −(1−ε) log σ(βΔs) − ε log σ(−βΔs)."""
+    return _smoothed_logistic(o.beta * (p.chosen_scores - p.rejected_scores), o.label_smoothing)
+
+
+def _robust(p: Pairs, o: LossOptions):
+    """Robust DPO (Chowdhury et al. 2024, Eq. 9): [−(1−ε) log σ(βΔs) + ε log σ(−βΔs)] / (1 − 2ε), an
+    unbiased estimate of the clean loss when each label is flipped with probability ε."""
+    eps, x = o.label_smoothing, o.beta * (p.chosen_scores - p.rejected_scores)
+    return (-(1 - eps) * F.logsigmoid(x) + eps * F.logsigmoid(-x)) / (1 - 2 * eps)
+
+
+def _hinge(p: Pairs, o: LossOptions):
+    """SLiC-HF calibration hinge (Zhao et al. 2023, §2; on policy/reference log-ratios as in RSO, Liu et al.
+    2023): max(0, 1 − βΔs), i.e. a margin of 1/β on Δs."""
+    return torch.relu(1 - o.beta * (p.chosen_scores - p.rejected_scores))
+
+
+def _ipo(p: Pairs, o: LossOptions):
+    """IPO (Azar et al. 2023, Eq. 17, τ = β) on length-normalised scores, TRL's documented choice:
+    (s_w/|y_w| − s_l/|y_l| − 1/(2β))². The unnormalised form is `ipo_sum`."""
+    return (_length_normalised_margin(p) - 1 / (2 * o.beta)) ** 2
+
+
+def _ipo_sum(p: Pairs, o: LossOptions):
+    """IPO, Eq. 17 of Azar et al. 2023 as written, on sequence sums (no length normalisation; fusealign's
+    `ipo` before TRL 1.16 parity): (Δs − 1/(2β))²."""
+    return (p.chosen_scores - p.rejected_scores - 1 / (2 * o.beta)) ** 2
+
+
+def _sigmoid_norm(p: Pairs, o: LossOptions):
+    """Length-normalised DPO (as in Tülu 3, Lambert et al. 2024, on Eq. 7 of Rafailov et al.):
+    −log σ(β (s_w/|y_w| − s_l/|y_l|))."""
+    return -F.logsigmoid(o.beta * _length_normalised_margin(p))
+
+
+def _exo_pair(p: Pairs, o: LossOptions):
+    """EXO-pref with K = 2 (Ji et al. 2024, Eq. 16): KL(q ‖ p_ε) between q = (σ(βΔs), σ(−βΔs)) and the
+    ε-smoothed label p_ε = (1−ε, ε): q_w (log q_w − log(1−ε)) + q_l (log q_l − log ε). Needs ε > 0
+    (the paper uses 1e-3)."""
+    eps, x = o.label_smoothing, o.beta * (p.chosen_scores - p.rejected_scores)
+    return (torch.sigmoid(x) * (F.logsigmoid(x) - math.log1p(-eps))
+            + torch.sigmoid(-x) * (F.logsigmoid(-x) - math.log(eps)))
+
+
+def _nca_pair(p: Pairs, o: LossOptions):
+    """NCA on a pair (Chen et al. 2024, §4.1): −log σ(r_w) − ½ log σ(−r_w) − ½ log σ(−r_l), r = β ρ —
+    absolute likelihoods, so the chosen log-ratio is pushed up rather than only the margin."""
+    rho_w, rho_l = _logratios(p)
+    r_w, r_l = o.beta * rho_w, o.beta * rho_l
+    return -F.logsigmoid(r_w) - 0.5 * F.logsigmoid(-r_w) - 0.5 * F.logsigmoid(-r_l)
+
+
+def _bco_pair(p: Pairs, o: LossOptions):
+    """BCO on a pair (Jung et al. 2024, the binary cross-entropy of their Theorem 1, without the reward
+    shift, as TRL 1.16): −log σ(r_w) − log σ(−r_l), r = β ρ."""
+    rho_w, rho_l = _logratios(p)
+    return -F.logsigmoid(o.beta * rho_w) - F.logsigmoid(-o.beta * rho_l)
+
+
+def _sppo_hard(p: Pairs, o: LossOptions):
+    """SPPO with hard preferences (Wu et al. 2024, Eq. 4.7 with P(y_w ≻ y_l) = 1, P(y_l ≻ y_w) = 0):
+    (ρ_w − 1/(2β))² + (ρ_l + 1/(2β))²."""
+    rho_w, rho_l = _logratios(p)
+    return (rho_w - 0.5 / o.beta) ** 2 + (rho_l + 0.5 / o.beta) ** 2
+
+
+def _apo_zero(p: Pairs, o: LossOptions):
+    """APO-zero (D'Oosterlinck et al. 2024, Eq. 7): 1 − σ(r_w) + σ(r_l) — raise the winner, lower the loser."""
+    rho_w, rho_l = _logratios(p)
+    return 1 - torch.sigmoid(o.beta * rho_w) + torch.sigmoid(o.beta * rho_l)
+
+
+def _apo_down(p: Pairs, o: LossOptions):
+    """APO-down (D'Oosterlinck et al. 2024, Eq. 8): σ(r_w) + 1 − σ(r_w − r_l) — lower both, the loser more."""
+    rho_w, rho_l = _logratios(p)
+    return torch.sigmoid(o.beta * rho_w) + 1 - torch.sigmoid(o.beta * (rho_w - rho_l))
+
+
+def _discopop(p: Pairs, o: LossOptions):
+    """DiscoPOP, the log-ratio modulated loss (Lu et al. 2024, Eq. 5): with x = βΔs and m = σ(x/τ),
+    (1 − m)·(−log σ(x)) + m·e^{−x} — logistic for x ≪ 0, exponential for x ≫ 0."""
+    x = o.beta * (p.chosen_scores - p.rejected_scores)
+    m = torch.sigmoid(x / o.discopop_tau)
+    return -F.logsigmoid(x) * (1 - m) + torch.exp(-x) * m
+
+
+def _simpo(p: Pairs, o: LossOptions):
+    """SimPO (Meng et al. 2024, Eq. 6): −log σ(β(π_w − π_l) − γ) on the caller's length-normalised policy
+    log-probs (no reference); label smoothing as in `cdpo`."""
+    return _smoothed_logistic(o.beta * (p.chosen_logps - p.rejected_logps) - o.gamma, o.label_smoothing)
+
+
+PAIR_LOSSES = {
+    "sigmoid": _sigmoid, "cdpo": _cdpo, "robust": _robust, "hinge": _hinge, "ipo": _ipo, "ipo_sum": _ipo_sum,
+    "sigmoid_norm": _sigmoid_norm, "exo_pair": _exo_pair, "nca_pair": _nca_pair, "bco_pair": _bco_pair,
+    "sppo_hard": _sppo_hard, "apo_zero": _apo_zero, "apo_down": _apo_down, "discopop": _discopop, "simpo": _simpo,
+}
+
+
+# --- batch losses: entry b depends on the whole batch ------------------------------------------------------
+def _aot(p: Pairs, o: LossOptions):
+    """AOT, paired (Melnyk et al. 2024, §3): first-order stochastic dominance of the policy's chosen-vs-rejected
+    margin over the reference's, through their sorted quantiles: δ_(k) = sort(π_w − π_l)_k − sort(ref_w − ref_l)_k,
+    loss_k = −(1−ε) log σ(βδ_(k)) − ε log σ(−βδ_(k)). Entry k is the k-th quantile, not pair k."""
+    margin, _ = torch.sort(p.chosen_logps - p.rejected_logps, dim=0)
+    ref_margin, _ = torch.sort(p.ref_chosen_logps - p.ref_rejected_logps, dim=0)
+    return _smoothed_logistic(o.beta * (margin - ref_margin), o.label_smoothing)
+
+
+def _aot_unpaired(p: Pairs, o: LossOptions):
+    """AOT, unpaired (Melnyk et al. 2024, §3): dominance of the chosen log-ratios over the rejected ones,
+    δ_(k) = sort(ρ_w)_k − sort(ρ_l)_k, with the smoothed logistic loss of `aot`."""
+    rho_w, rho_l = _logratios(p)
+    delta = torch.sort(rho_w, dim=0)[0] - torch.sort(rho_l, dim=0)[0]
+    return _smoothed_logistic(o.beta * delta, o.label_smoothing)
+
+
+def _sft(p: Pairs, o: LossOptions):
+    """NLL of the chosen completions, a token mean over the batch: −Σ_b π_w,b / Σ_b |y_w,b|, the same value in
+    every entry. With `loss_type=["sigmoid", "sft"], loss_weights=[1, α]` it is RPO (Pang et al. 2024), and
+    with ["sigmoid", "bco_pair", "sft"] MPO (Wang et al. 2024)."""
+    lengths = p.chosen_lengths.to(p.chosen_logps.dtype)
+    total = (p.chosen_logps * lengths if o.average_logps else p.chosen_logps).sum()
+    return (-total / lengths.sum().clamp(min=1)).expand(p.chosen_logps.shape[0])
+
+
+BATCH_LOSSES = {"aot": _aot, "aot_unpaired": _aot_unpaired, "sft": _sft}
+LOSS_TYPES = {**PAIR_LOSSES, **BATCH_LOSSES}
+
+REFERENCE_FREE = frozenset({"simpo", "sft"})
+BATCH_SORTED = frozenset({"aot", "aot_unpaired"})           # per-pair (WPO) weights would be misaligned
+LENGTH_NORMALISED = frozenset({"ipo", "sigmoid_norm"})      # divide the scores by |y| themselves
+NEEDS_LENGTHS = LENGTH_NORMALISED | {"sft"}
+LABEL_SMOOTHED = frozenset({"cdpo", "robust", "exo_pair", "aot", "aot_unpaired", "simpo"})  # read ε
+
+
+# --- f-divergence scores (f-DPO, Wang et al. 2024): s = f′(π/π_ref) as a function of ρ = log(π/π_ref) -----
+def _reverse_kl(rho, alpha):
+    """f(u) = u log u: s = ρ (DPO)."""
+    return rho
+
+
+def _forward_kl(rho, alpha):
+    """f(u) = −log u: s = 1 − e^{−ρ} (f′ = −1/u, shifted by 1 as TRL)."""
+    return 1 - torch.exp(-rho)
+
+
+def _js_divergence(rho, alpha):
+    """Jensen-Shannon: f′(u) = log(2u/(1+u)), s = log 2 + log σ(ρ)."""
+    return math.log(2) + F.logsigmoid(rho)
+
+
+def _alpha_divergence(rho, alpha):
+    """α-divergence in TRL's parametrisation: s = (e^{(α−1)ρ} − 1)/(α − 1) (f′(u) = (1 − u^{−a})/a of Wang et al.
+    with a = 1 − α): α → 1 is reverse KL (s = ρ), α = 0 forward KL. As TRL, the exponent is clamped at 80
+    (11 in fp16) and e^{·} taken in fp32 for 16-bit inputs."""
+    if abs(alpha - 1.0) < 1e-6:
+        return rho
+    t = (alpha - 1.0) * rho
+    t_wide = torch.clamp(t.to(torch.promote_types(t.dtype, torch.float32)),  # fp32 (fp64 stays fp64)
+                         max=11.0 if t.dtype == torch.float16 else 80.0)
+    return (torch.exp(t_wide) - 1.0).to(t.dtype) / (alpha - 1.0)
+
+
+F_DIVERGENCES = {"reverse_kl": _reverse_kl, "forward_kl": _forward_kl, "js_divergence": _js_divergence,
+                 "alpha_divergence": _alpha_divergence}
+# TRL 1.16's rule: only the losses built on s_w − s_l generalise (the β log Z(x) term cancels in it).
+F_DIVERGENCE_LOSSES = frozenset({"sigmoid", "cdpo", "robust", "hinge", "ipo", "ipo_sum", "sigmoid_norm", "exo_pair",
+                                 "discopop", "sft"})
+
+
+def check_dpo_options(*, beta=0.1, loss_type="sigmoid", loss_weights=None, label_smoothing=0.0, gamma=0.0,
+                      f_divergence_type="reverse_kl", f_alpha_divergence_coef=0.5, discopop_tau=0.05,
+                      use_weighting=False, average_logps=False):
+    """Validate DPO options; returns (loss types, weights) as tuples. A list of types is summed with the
+    weights (default 1 each), as TRL's `loss_type=[...]`, `loss_weights=[...]`."""
+    types = (loss_type,) if isinstance(loss_type, str) else tuple(loss_type)
+    if not types:
+        raise ValueError("loss_type must name at least one loss")
+    for t in types:
+        if t not in LOSS_TYPES:
+            raise ValueError(f"loss_type must be one of {sorted(LOSS_TYPES)} (or a list of them), got {t!r}")
+    weights = (1.0,) * len(types) if loss_weights is None else tuple(float(w) for w in loss_weights)
+    if len(weights) != len(types):
+        raise ValueError(f"loss_weights must have one weight per loss type: {len(weights)} weights for "
+                         f"{len(types)} types {list(types)}")
     check_positive("beta", beta)
     if not 0.0 <= label_smoothing < 0.5:
         raise ValueError(f"label_smoothing must lie in [0, 0.5), got {label_smoothing}")
-    if gamma != 0.0 and loss_type != "simpo":
-        raise ValueError(f"gamma (the SimPO target margin) is only used by loss_type='simpo', got loss_type={loss_type!r}")
+    if label_smoothing and not LABEL_SMOOTHED & set(types):
+        raise ValueError(f"label_smoothing={label_smoothing} is read by none of {list(types)} (only by "
+                         f"{sorted(LABEL_SMOOTHED)}; TRL 1.16's sigmoid ignores it: conservative DPO is 'cdpo')")
+    if "exo_pair" in types and not label_smoothing > 0:
+        raise ValueError("loss_type 'exo_pair' needs label_smoothing > 0 (the EXO paper uses 1e-3)")
+    if gamma != 0.0 and "simpo" not in types:
+        raise ValueError(f"gamma (the SimPO target margin) is only used by loss_type='simpo', got {list(types)}")
+    check_positive("discopop_tau", discopop_tau)
+    if f_divergence_type not in F_DIVERGENCES:
+        raise ValueError(f"f_divergence_type must be one of {sorted(F_DIVERGENCES)}, got {f_divergence_type!r}")
+    if f_divergence_type != "reverse_kl" and not set(types) <= F_DIVERGENCE_LOSSES:
+        raise ValueError(f"f_divergence_type={f_divergence_type!r} applies only to {sorted(F_DIVERGENCE_LOSSES)} "
+                         f"(losses on the chosen−rejected score difference), got {list(types)}")
+    if not math.isfinite(f_alpha_divergence_coef):
+        raise ValueError(f"f_alpha_divergence_coef must be finite, got {f_alpha_divergence_coef}")
+    if use_weighting and BATCH_SORTED & set(types):
+        raise ValueError(f"use_weighting (WPO) cannot combine with {sorted(BATCH_SORTED & set(types))}: they sort "
+                         f"the batch, so per-pair weights would be misaligned")
+    if average_logps and LENGTH_NORMALISED & set(types):
+        raise ValueError(f"{sorted(LENGTH_NORMALISED & set(types))} normalise by completion length themselves; "
+                         f"pass summed log-probs (average_logps=False), or use 'ipo_sum' on averaged ones")
+    return types, weights
 
 
 def dpo_loss(
@@ -66,37 +292,82 @@ def dpo_loss(
     ref_rejected_logps: Optional[torch.Tensor],
     *,
     beta: float = 0.1,
-    loss_type: str = "sigmoid",
+    loss_type="sigmoid",
+    loss_weights=None,
     label_smoothing: float = 0.0,
     gamma: float = 0.0,
+    f_divergence_type: str = "reverse_kl",
+    f_alpha_divergence_coef: float = 0.5,
+    discopop_tau: float = 0.05,
+    chosen_lengths: Optional[torch.Tensor] = None,
+    rejected_lengths: Optional[torch.Tensor] = None,
+    average_logps: bool = False,
+    use_weighting: bool = False,
+    chosen_wpo_logps: Optional[torch.Tensor] = None,
+    rejected_wpo_logps: Optional[torch.Tensor] = None,
 ):
-    """DPO-family loss per pair, drop-in for TRL's (≤ 0.19) `DPOTrainer.dpo_loss`.
+    """DPO-family loss per pair: TRL 1.16 `DPOTrainer`'s loss on the same sequence log-probs.
 
-    All log-probs: (B,) sequence log-probs (sums, or means for IPO/SimPO as the caller chooses).
-    Returns (losses (B,), chosen_rewards (B,), rejected_rewards (B,)); rewards are β·(policy − ref)
-    log-ratios (β·policy for the reference-free `simpo`), detached.
-    Δ = (π_c − π_r) − (ref_c − ref_r); loss types in PAIR_LOSSES.
+    policy_/ref_ chosen/rejected logps: (B,) sequence log-probs — sums over completion tokens, as TRL
+    (`average_logps=True`: you pass per-token means, for SimPO-style losses). `loss_type`: a name in
+    LOSS_TYPES or a list of them, summed with `loss_weights` (default 1 each), e.g. MPO =
+    ["sigmoid", "bco_pair", "sft"] with [0.8, 0.2, 1.0]. `chosen_lengths`/`rejected_lengths` (B,): completion
+    token counts, needed by `ipo`, `sigmoid_norm` and `sft`. `f_divergence_type` (+ `f_alpha_divergence_coef`)
+    replaces the log-ratios ρ by f′-scores for the losses in F_DIVERGENCE_LOSSES. `use_weighting` (WPO, Zhou et
+    al. 2024, Eq. 2) multiplies each pair's loss by w_w·w_l, w = exp(`chosen_wpo_logps` / `rejected_wpo_logps`):
+    (B,) means over completion tokens of log p(y_t) − log Σ_v p_v², constants (per-token from
+    `fa.linear_logps(..., outputs=("logps", "log_sum_sq_probs"))`).
+    Returns (losses (B,), chosen_rewards (B,), rejected_rewards (B,)): losses.mean() is TRL's loss (for the
+    batch-sorted `aot`/`aot_unpaired`, entry k belongs to the k-th quantile, not pair k); rewards are
+    β·(policy − ref) log-ratios (β·policy for reference-free losses given no reference), detached.
     """
-    _check_dpo_options(beta, loss_type, label_smoothing, gamma)
+    types, weights = check_dpo_options(beta=beta, loss_type=loss_type, loss_weights=loss_weights,
+                                       label_smoothing=label_smoothing, gamma=gamma,
+                                       f_divergence_type=f_divergence_type,
+                                       f_alpha_divergence_coef=f_alpha_divergence_coef, discopop_tau=discopop_tau,
+                                       use_weighting=use_weighting, average_logps=average_logps)
     shape = policy_chosen_logps.shape
     if policy_rejected_logps.shape != shape:
         raise ValueError(f"policy_rejected_logps shape {tuple(policy_rejected_logps.shape)} differs from "
                          f"policy_chosen_logps shape {tuple(shape)}: chosen and rejected must pair up (same B)")
-    if loss_type in REFERENCE_FREE:
-        delta = policy_chosen_logps - policy_rejected_logps
-        chosen_rewards = beta * policy_chosen_logps.detach()
-        rejected_rewards = beta * policy_rejected_logps.detach()
-    else:
-        if ref_chosen_logps is None or ref_rejected_logps is None:
-            raise ValueError(f"loss_type={loss_type!r} needs ref_chosen_logps and ref_rejected_logps")
-        for name, t in (("ref_chosen_logps", ref_chosen_logps), ("ref_rejected_logps", ref_rejected_logps)):
-            if t.shape != shape:
+
+    def check_pair(names, needed, why, hint=""):
+        given = [t is not None for t in names.values()]
+        if needed and not all(given):
+            raise ValueError(f"{why} needs {' and '.join(names)}{hint}")
+        for name, t in names.items():
+            if t is not None and t.shape != shape:
                 raise ValueError(f"{name} shape {tuple(t.shape)} differs from policy_chosen_logps {tuple(shape)}")
+
+    needs_ref = not set(types) <= REFERENCE_FREE
+    check_pair(dict(ref_chosen_logps=ref_chosen_logps, ref_rejected_logps=ref_rejected_logps), needs_ref,
+               f"loss_type={list(types) if len(types) > 1 else types[0]!r}")
+    check_pair(dict(chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths),
+               bool(NEEDS_LENGTHS & set(types)), f"loss_type {sorted(NEEDS_LENGTHS & set(types))}",
+               " (completion-token counts: TRL's ipo and sigmoid_norm divide by them, sft averages over them; "
+               "'ipo_sum' is IPO on sums)")
+    check_pair(dict(chosen_wpo_logps=chosen_wpo_logps, rejected_wpo_logps=rejected_wpo_logps), use_weighting,
+               "use_weighting (WPO)")
+    if not use_weighting and (chosen_wpo_logps is not None or rejected_wpo_logps is not None):
+        raise ValueError("chosen_wpo_logps/rejected_wpo_logps are WPO's weights: pass use_weighting=True as well")
+
+    if needs_ref or (ref_chosen_logps is not None and ref_rejected_logps is not None):  # rewards: vs the reference
         ref_chosen_logps, ref_rejected_logps = ref_chosen_logps.detach(), ref_rejected_logps.detach()
-        delta = (policy_chosen_logps - policy_rejected_logps) - (ref_chosen_logps - ref_rejected_logps)
+        score = functools.partial(F_DIVERGENCES[f_divergence_type], alpha=f_alpha_divergence_coef)
+        chosen_scores = score(policy_chosen_logps - ref_chosen_logps)
+        rejected_scores = score(policy_rejected_logps - ref_rejected_logps)
         chosen_rewards = beta * (policy_chosen_logps.detach() - ref_chosen_logps)
         rejected_rewards = beta * (policy_rejected_logps.detach() - ref_rejected_logps)
-    losses = PAIR_LOSSES[loss_type](delta, beta, label_smoothing, gamma)
+    else:
+        ref_chosen_logps = ref_rejected_logps = chosen_scores = rejected_scores = None
+        chosen_rewards = beta * policy_chosen_logps.detach()
+        rejected_rewards = beta * policy_rejected_logps.detach()
+    pairs = Pairs(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
+                  chosen_scores, rejected_scores, chosen_lengths, rejected_lengths)
+    options = LossOptions(float(beta), float(label_smoothing), float(gamma), float(discopop_tau), bool(average_logps))
+    losses = sum(w * LOSS_TYPES[t](pairs, options) for t, w in zip(types, weights))
+    if use_weighting:  # WPO: the policy's own (length-normalised) probability of each pair, a constant
+        losses = losses * torch.exp(chosen_wpo_logps.detach() + rejected_wpo_logps.detach())
     return losses, chosen_rewards, rejected_rewards
 
 
@@ -132,10 +403,16 @@ def linear_dpo_loss(
     ref_hidden: Optional[torch.Tensor] = None,
     ref_weight: Optional[torch.Tensor] = None,
     beta: float = 0.1,
-    loss_type: str = "sigmoid",
+    loss_type="sigmoid",
+    loss_weights=None,
     label_smoothing: float = 0.0,
+    f_divergence_type: str = "reverse_kl",
+    f_alpha_divergence_coef: float = 0.5,
+    discopop_tau: float = 0.05,
+    use_weighting: bool = False,
     average_logps: bool = False,
     nll_coef: float = 0.0,
+    token_metrics: bool = True,
     ignore_index: int = -100,
     backend: str = "auto",
     sequence_ids: Optional[torch.Tensor] = None,
@@ -153,14 +430,29 @@ def linear_dpo_loss(
     targets = ignore_index. Packed (padding-free): hidden (N, H), targets (N,), sequence_ids (N,) in
     [0, 2B) with chosen sequences first; pass `num_sequences=2B` to avoid a host sync reading it.
     Reference log-probs: precomputed `ref_chosen_logps`/`ref_rejected_logps` (B,), or `ref_hidden`
-    (same layout, any H_ref) with `ref_weight` (V, H_ref), scored under no_grad with the fused path.
-    `average_logps` divides each sequence sum by its completion-token count (IPO, SimPO);
-    `nll_coef` adds the token-mean NLL of the chosen completions (RPO).
-    Returns (loss: 0-d, metrics: dict of detached 0-d tensors with TRL's names).
+    (same layout, any H_ref) with `ref_weight` (V, H_ref), scored under no_grad with the fused path
+    (optional for reference-free losses, `simpo` and `sft`: then they only set the rewards/* metrics).
+    Loss options are `dpo_loss`'s (TRL 1.16's names): `loss_type` (one name or a list), `loss_weights`,
+    `label_smoothing`, `f_divergence_type`, `f_alpha_divergence_coef`, `discopop_tau`, `use_weighting`
+    (WPO: weights from the same fused pass's per-token log Σ_v p_v², no logits), `gamma` (SimPO).
+    `average_logps` divides each sequence sum by its completion-token count (SimPO; precomputed reference
+    log-probs must then be means too); `nll_coef` adds `"sft"` with that weight (RPO).
+    Returns (loss: 0-d, metrics: dict of detached 0-d tensors with TRL's names: rewards/{chosen, rejected,
+    margins, accuracies}, logps/{chosen, rejected}, and with `token_metrics` (the fused pass's extra row
+    statistics) entropy, logits/{chosen, rejected}, mean_token_accuracy; plus nll, the chosen token-mean NLL).
+    `token_metrics=False` skips those statistics (on CUDA the statistics pass tiles the vocabulary differently,
+    so its log-probs equal a plain `linear_logps` call's to fp32 rounding, not bitwise — as in TRL, whose
+    reference is scored without them).
     """
-    _check_dpo_options(beta, loss_type, label_smoothing, gamma)
+    types, weights = check_dpo_options(beta=beta, loss_type=loss_type, loss_weights=loss_weights,
+                                       label_smoothing=label_smoothing, gamma=gamma,
+                                       f_divergence_type=f_divergence_type,
+                                       f_alpha_divergence_coef=f_alpha_divergence_coef, discopop_tau=discopop_tau,
+                                       use_weighting=use_weighting, average_logps=average_logps)
     if nll_coef < 0:
         raise ValueError(f"nll_coef must be >= 0, got {nll_coef}")
+    if nll_coef:  # RPO: the chosen NLL as one more term, exactly TRL 1.16's loss_type=[..., "sft"]
+        types, weights = types + ("sft",), weights + (float(nll_coef),)
     if sequence_ids is None:
         if hidden.dim() != 3 or targets.dim() != 2:
             raise ValueError(f"padded layout needs hidden (2B, T, H) and targets (2B, T), got "
@@ -189,15 +481,13 @@ def linear_dpo_loss(
 
     precomputed = ref_chosen_logps is not None or ref_rejected_logps is not None
     on_the_fly = ref_hidden is not None or ref_weight is not None
-    needs_ref = loss_type not in REFERENCE_FREE
+    needs_ref = not set(types) <= REFERENCE_FREE
     if precomputed and on_the_fly:
         raise ValueError("reference given twice: pass either ref_chosen_logps/ref_rejected_logps or "
                          "ref_hidden/ref_weight, not both")
     if needs_ref and not (precomputed or on_the_fly):
-        raise ValueError(f"loss_type={loss_type!r} needs a reference: pass ref_chosen_logps and ref_rejected_logps "
+        raise ValueError(f"loss_type={list(types)} needs a reference: pass ref_chosen_logps and ref_rejected_logps "
                          f"(B,), or ref_hidden and ref_weight")
-    if not needs_ref and (precomputed or on_the_fly):
-        raise ValueError(f"loss_type={loss_type!r} is reference-free; do not pass reference log-probs or states")
     if precomputed and (ref_chosen_logps is None or ref_rejected_logps is None):
         raise ValueError("pass both ref_chosen_logps and ref_rejected_logps")
     if on_the_fly and (ref_hidden is None or ref_weight is None):
@@ -209,7 +499,15 @@ def linear_dpo_loss(
 
     head = dict(temperature=temperature, softcap=softcap, ignore_index=ignore_index, backend=backend,
                 chunk_bytes=chunk_bytes)
-    token_logps = linear_logps(hidden, weight, targets, bias=bias, **head)  # (2B, T) or (N,)
+    # One fused pass; the statistics are forward-only row reductions of the same logit tiles (no gradient).
+    outputs = ("logps",) + (("entropy", "mean_logits", "is_top1") if token_metrics else ()) + (
+        ("log_sum_sq_probs",) if use_weighting else ())
+    per_token = dict(zip(outputs, linear_logps(hidden, weight, targets, bias=bias, outputs=outputs, **head)))
+    token_logps = per_token["logps"]  # (2B, T) or (N,), 0 at ignored targets
+
+    def per_sequence(values):  # (2B,) sums over each sequence's completion tokens
+        return _sequence_sums(values, targets, sequence_ids, n_seq, ignore_index)[0]
+
     seq_logps, counts = _sequence_sums(token_logps, targets, sequence_ids, n_seq, ignore_index)
     _check_every_sequence_has_completion(counts, ignore_index)
     if average_logps:
@@ -219,26 +517,24 @@ def linear_dpo_loss(
             raise ValueError(f"ref_hidden leading shape {tuple(ref_hidden.shape[:-1])} must equal hidden's "
                              f"{tuple(hidden.shape[:-1])}")
         with torch.no_grad():  # the fused no-grad path: nothing saved
-            ref_tokens = linear_logps(ref_hidden, ref_weight, targets, bias=ref_bias, **head)
-            ref_seq, _ = _sequence_sums(ref_tokens, targets, sequence_ids, n_seq, ignore_index)
+            ref_seq = per_sequence(linear_logps(ref_hidden, ref_weight, targets, bias=ref_bias, **head))
             if average_logps:
                 ref_seq = ref_seq / counts
         ref_chosen_logps, ref_rejected_logps = ref_seq[:B], ref_seq[B:]
+    wpo = {}
+    if use_weighting:  # WPO, Eq. 2 of Zhou et al. 2024: mean over tokens of log p(y_t) − log Σ_v p_v², a constant
+        aligned = per_sequence(token_logps.detach() - per_token["log_sum_sq_probs"]) / counts
+        wpo = dict(chosen_wpo_logps=aligned[:B], rejected_wpo_logps=aligned[B:])
 
     chosen_logps, rejected_logps = seq_logps[:B], seq_logps[B:]
     losses, chosen_rewards, rejected_rewards = dpo_loss(
-        chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
-        beta=beta, loss_type=loss_type, label_smoothing=label_smoothing, gamma=gamma)
-    # RPO's NLL term: token mean over the chosen completions (Pang et al. 2024).
-    if sequence_ids is None:
-        chosen_sum, chosen_count = token_logps[:B].sum(), counts[:B].sum()
-    else:
-        in_chosen = sequence_ids < B
-        chosen_sum, chosen_count = torch.where(in_chosen, token_logps, 0.0).sum(), counts[:B].sum()
-    nll = -chosen_sum / chosen_count.clamp_min(1)
+        chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, beta=beta, loss_type=list(types), loss_weights=list(weights),
+        label_smoothing=label_smoothing, gamma=gamma, f_divergence_type=f_divergence_type,
+        f_alpha_divergence_coef=f_alpha_divergence_coef, discopop_tau=discopop_tau, chosen_lengths=counts[:B],
+        rejected_lengths=counts[B:], average_logps=average_logps, use_weighting=use_weighting, **wpo)
     loss = losses.mean()
-    if nll_coef:
-        loss = loss + nll_coef * nll
+
+    n_chosen = counts[:B].sum().clamp_min(1)
     metrics = {
         "rewards/chosen": chosen_rewards.mean(),
         "rewards/rejected": rejected_rewards.mean(),
@@ -246,8 +542,16 @@ def linear_dpo_loss(
         "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean(),
         "logps/chosen": chosen_logps.detach().mean(),
         "logps/rejected": rejected_logps.detach().mean(),
-        "nll": nll.detach(),
+        "nll": -per_sequence(token_logps.detach())[:B].sum() / n_chosen,  # RPO's term, token mean over chosen
     }
+    if token_metrics:  # TRL's token means: entropy over all completion tokens, the rest per side
+        mean_logits = per_sequence(per_token["mean_logits"])
+        metrics.update({
+            "entropy": per_sequence(per_token["entropy"].detach()).sum() / counts.sum().clamp_min(1),
+            "logits/chosen": mean_logits[:B].sum() / n_chosen,
+            "logits/rejected": mean_logits[B:].sum() / counts[B:].sum().clamp_min(1),
+            "mean_token_accuracy": per_sequence(per_token["is_top1"].float())[:B].sum() / n_chosen,
+        })
     return loss, metrics
 
 
