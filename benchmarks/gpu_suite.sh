@@ -16,6 +16,10 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 # Every kernel test on the GPU (incl. GPU-marked ones), then the GPU-only engine checks (packing, bf16).
 timeout 240 python3 -m pytest -q -p no:cacheprovider tests/kernels 2>&1 | tail -15
 timeout 60 python3 -m pytest -q -p no:cacheprovider -m gpu tests/engine 2>&1 | tail -8
+# FSDP2 on one GPU (bf16 parameters, fp32 reduction, NCCL) against the same run without FSDP.
+timeout 120 python3 -m fusealign dpo --fsdp --max-steps 20 --output-dir /tmp/fsdp1 2>&1 | tail -3 && cp /tmp/fsdp1/metrics.jsonl benchmarks/results/fsdp1_metrics.jsonl
+timeout 120 python3 -m fusealign dpo --max-steps 20 --output-dir /tmp/nofsdp 2>&1 | tail -3 \
+  && cp /tmp/nofsdp/metrics.jsonl benchmarks/results/nofsdp_metrics.jsonl
 timeout 200 python3 benchmarks/bench_logps.py --N 4096 16384 --V 32000 128256 262144 --impls fusealign,matmul,naive,liger,cce
 timeout 60 python3 benchmarks/bench_dpo.py --tokens 16384
 timeout 60 python3 benchmarks/bench_kl.py --N 16384

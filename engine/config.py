@@ -69,6 +69,9 @@ class TrainConfig(RunConfig):
     save_total_limit: int = opt(2, "checkpoints kept")
     temperature: float = opt(1.0, "softmax temperature of the policy's log-probs")
     attn_implementation: Optional[str] = opt(None, "attention implementation (sdpa, eager, flash_attention_2)")
+    fsdp: Optional[bool] = opt(None, "FSDP2 sharding (default: on exactly when torchrun starts more than one "
+                                     "process); --fsdp also in one process (1-rank FSDP2, e.g. to check bf16 mixed "
+                                     "precision on one GPU)")
 
     def __post_init__(self):
         super().__post_init__()

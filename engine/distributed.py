@@ -33,6 +33,7 @@ class DistInfo:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    fsdp_one_rank: bool = False  # --fsdp in one process: a 1-rank group, every distributed path taken
 
     @property
     def main(self) -> bool:
@@ -40,22 +41,41 @@ class DistInfo:
 
     @property
     def active(self) -> bool:
-        return self.world_size > 1
+        return self.world_size > 1 or self.fsdp_one_rank
 
 
-def init_distributed(device: str = "auto") -> DistInfo:
+def init_distributed(device: str = "auto", fsdp: Optional[bool] = None) -> DistInfo:
     """From torchrun's environment (WORLD_SIZE, RANK, LOCAL_RANK): join the process group (NCCL on CUDA,
-    gloo on CPU) once; one process without it."""
+    gloo on CPU) once; one process without it.
+
+    fsdp: None = FSDP2 exactly when WORLD_SIZE > 1; True also in one process (a 1-rank group: checks the
+    sharded path, e.g. bf16 mixed precision on one GPU); False is refused under torchrun (data parallelism
+    here is FSDP2)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
+    if world > 1 and fsdp is False:
+        from .errors import UserError
+
+        raise UserError(f"--no-fsdp with WORLD_SIZE={world}: more than one process trains through FSDP2 here; "
+                        f"drop --no-fsdp or launch one process")
+    if world <= 1 and not fsdp:
         return DistInfo()
+    if world <= 1:  # --fsdp without torchrun: a 1-rank group on a free local port
+        if "MASTER_PORT" not in os.environ:
+            import socket
+
+            with socket.socket() as sock:
+                sock.bind(("127.0.0.1", 0))
+                os.environ["MASTER_PORT"] = str(sock.getsockname()[1])
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
     rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     cuda = torch.cuda.is_available() and device != "cpu"
     if cuda:
         torch.cuda.set_device(local)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo")
-    return DistInfo(rank, world, local)
+    return DistInfo(rank, world, local, fsdp_one_rank=world <= 1)
 
 
 def device_for(info: DistInfo, device: str) -> torch.device:

@@ -145,7 +145,7 @@ def run_sft(cfg: SFTConfig) -> dict:
     set_threads(cfg.threads)
     examples, stats = load_examples(cfg.data, "sft", start_tokenizer(cfg), max_length=cfg.max_length,
                                     skip_bad_lines=cfg.skip_bad_lines)
-    info = init_distributed(cfg.device)
+    info = init_distributed(cfg.device, cfg.fsdp)
     model, tok = load_policy(cfg, init=cfg.model)
     inner = model
     model = shard(model, info, bf16=_bf16_params(cfg, resolve_device(cfg.device)))
@@ -173,7 +173,7 @@ def run_rm(cfg: RMConfig) -> dict:
         rm = RewardModel(lm)
     rm.to(device)
     check_vocab(tok, rm.config.vocab_size)
-    info = init_distributed(cfg.device)
+    info = init_distributed(cfg.device, cfg.fsdp)
     inner = rm
     rm = shard(rm, info, bf16=_bf16_params(cfg, device))
     if task.is_builtin_data(cfg.data):
@@ -258,7 +258,7 @@ def run_dpo(cfg: DPOConfig) -> dict:
     if not onpolicy:  # data errors before any model is trained or loaded
         examples, stats = load_examples(cfg.data, "pairs", start_tokenizer(cfg), max_length=cfg.max_length,
                                         skip_bad_lines=cfg.skip_bad_lines)
-    info = init_distributed(cfg.device)
+    info = init_distributed(cfg.device, cfg.fsdp)
     check_world_size("dpo --data onpolicy", info, not onpolicy, "on-policy pairs are sampled in one process for now")
     init = builtin_sft_path(cfg) if cfg.model == "builtin" else cfg.model
     policy, tok = load_policy(cfg, init=init)
@@ -324,7 +324,7 @@ def run_ppo(cfg: PPOConfig) -> dict:
     device = resolve_device(cfg.device)
     load_prompts(cfg.data, start_tokenizer(cfg), max_prompt_tokens=cfg.max_length - cfg.max_new_tokens,
                  seed=cfg.seed)  # data errors before any model is trained or loaded
-    info = init_distributed(cfg.device)
+    info = init_distributed(cfg.device, cfg.fsdp)
     init = builtin_sft_path(cfg) if cfg.model == "builtin" else cfg.model
     policy, tok = load_policy(cfg, init=init)
     ref, _ = load_policy(replace(cfg, resume=False), init=init)

@@ -60,7 +60,8 @@ class LinearDPOLoss(_Options):
     """`fa.linear_dpo_loss` as a module; `forward(hidden, weight, targets, **tensors)` returns (loss, metrics).
 
     Per-call tensors go to `forward`: ref_chosen_logps / ref_rejected_logps or ref_hidden / ref_weight,
-    sequence_ids / num_sequences (packed input), bias / ref_bias.
+    sequence_ids / num_sequences (packed input), bias / ref_bias, vocab_start / vocab_size / group (a
+    vocabulary shard).
     """
 
     def __init__(self, *, beta: float = 0.1, loss_type="sigmoid", loss_weights=None, label_smoothing: float = 0.0,
@@ -81,7 +82,7 @@ class LinearDPOLoss(_Options):
 
 class LinearPPOLoss(_Options):
     """`fa.linear_ppo_loss` as a module; `forward(hidden, weight, targets, old_logps, advantages, ref_logps=None,
-    bias=None)` returns (loss, metrics)."""
+    bias=None, **vocab_parallel)` returns (loss, metrics) (vocab_parallel: vocab_start=, vocab_size=, group=)."""
 
     def __init__(self, *, clip_eps: float = 0.2, clip_eps_high: Optional[float] = None,
                  dual_clip: Optional[float] = None, kl_coef: float = 0.0, kl_estimator: str = "k3",
@@ -93,9 +94,9 @@ class LinearPPOLoss(_Options):
                          temperature=temperature, ignore_index=ignore_index, backend=backend, softcap=softcap,
                          chunk_bytes=chunk_bytes)
 
-    def forward(self, hidden, weight, targets, old_logps, advantages, ref_logps=None, bias=None):
+    def forward(self, hidden, weight, targets, old_logps, advantages, ref_logps=None, bias=None, **vocab_parallel):
         return linear_ppo_loss(hidden, weight, targets, old_logps, advantages, ref_logps=ref_logps, bias=bias,
-                               **self.options)
+                               **vocab_parallel, **self.options)
 
 
 class BradleyTerryLoss(_Options):
@@ -113,7 +114,8 @@ FUNCTIONS = {
     LinearLogps: (linear_logps, {"bias", "vocab_start", "vocab_size", "group"}),
     LinearKL: (linear_kl, {"mask", "bias", "ref_bias", "vocab_start", "vocab_size", "group"}),
     LinearDPOLoss: (linear_dpo_loss, {"ref_chosen_logps", "ref_rejected_logps", "ref_hidden", "ref_weight",
-                                      "sequence_ids", "num_sequences", "bias", "ref_bias"}),
-    LinearPPOLoss: (linear_ppo_loss, {"ref_logps", "bias"}),
+                                      "sequence_ids", "num_sequences", "bias", "ref_bias", "vocab_start",
+                                      "vocab_size", "group"}),
+    LinearPPOLoss: (linear_ppo_loss, {"ref_logps", "bias", "vocab_start", "vocab_size", "group"}),
     BradleyTerryLoss: (bradley_terry_loss, {"margin"}),
 }

@@ -50,6 +50,7 @@ def runs(tmp_path_factory):
     d = tmp_path_factory.mktemp("dist")
     launch(1, "sft", *STEPS, "--output-dir", "sft1", cwd=d)
     launch(2, "sft", *STEPS, "--output-dir", "sft2", cwd=d)
+    launch(1, "sft", *STEPS, "--output-dir", "sft1-fsdp", "--fsdp", cwd=d)
     sft = str(latest_checkpoint(d / "sft1"))
     launch(1, "dpo", *STEPS, "--sft-model", sft, "--eval-samples", "8", "--output-dir", "dpo1", cwd=d)
     launch(2, "dpo", *STEPS, "--sft-model", sft, "--eval-samples", "8", "--output-dir", "dpo2", cwd=d)
@@ -61,6 +62,9 @@ def test_sft_two_ranks_follow_the_single_process_curve(runs):
     one, two = rows(d / "sft1"), rows(d / "sft2")
     assert len(one) == 4 and {r["world_size"] for r in one} == {1} and {r["world_size"] for r in two} == {2}
     assert_same_curve(one, two, ["loss", "grad_norm", "lr"], 1e-4)
+    # --fsdp in one process: a 1-rank group through every sharded path (what one GPU checks in bf16)
+    assert_same_curve(one, rows(d / "sft1-fsdp"), ["loss", "grad_norm"], 1e-5)
+    assert (latest_checkpoint(d / "sft1-fsdp") / "dcp").is_dir()
     # The consolidated export of the FSDP run loads with from_pretrained and computes what one process computes.
     from transformers import AutoModelForCausalLM
 
@@ -131,9 +135,16 @@ def test_reward_model_and_ppo_iteration_on_two_ranks(runs):
     assert [r["world_size"] for r in rows(d / "ppo2")] == [2, 1]
 
 
-def test_one_process_commands_refuse_torchrun(runs):
+@pytest.mark.parametrize("args, fragment", [
+    (["compare"], "launch it without torchrun"),
+    (["sft", "--no-fsdp"], "--no-fsdp with WORLD_SIZE=2"),
+], ids=["compare", "no-fsdp"])
+def test_what_cannot_run_on_two_ranks_says_so(runs, args, fragment):
     d, _ = runs
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-                        "-m", "fusealign", "compare", *COMMON, "--output-dir", "cmp"], cwd=d, capture_output=True,
+                        "-m", "fusealign", *args, *COMMON, "--output-dir", "refused"], cwd=d, capture_output=True,
                        text=True, timeout=120, env=ENV)
-    assert r.returncode != 0 and "launch it without torchrun" in r.stderr, r.stderr[-2000:]
+    # each rank's own one-line error (torchrun then adds its ChildFailedError report)
+    assert r.returncode != 0 and any(ln.startswith(f"fusealign {args[0]}: error: ") and fragment in ln
+                                     for ln in r.stderr.splitlines()), r.stderr[-2000:]
+    assert not (d / "refused" / "metrics.jsonl").exists()

@@ -2,7 +2,7 @@
 
 Each rank holds the same hidden states and targets and a (possibly uneven) slice of the head; the
 single-process result is computed on every rank from the full head for comparison: values and
-gradients of fa.linear_logps (with TRL's statistics), fa.linear_kl and fa.linear_dpo_loss, in the
+gradients of fa.linear_logps (with TRL's statistics), fa.linear_kl, fa.linear_dpo_loss and fa.linear_ppo_loss, in the
 explicit form (`vocab_start=`, `group=`) and as a Shard(0) DTensor; batch invariance per rank; and the
 clear error for an FSDP2-sharded parameter used outside its module's forward.
 """
@@ -117,6 +117,33 @@ def _worker(rank, world, store_path, bounds, backend):
         loss_d.backward()
         loss_f.backward()
         _close(Wd.grad.to_local(), Wf.grad[s0:s1], "DPO d weight (local shard)")
+
+        # -- explicit form (uneven shards) for linear_dpo_loss (on-the-fly sharded reference, WPO weights from the
+        # sharded log Σp², TRL's token metrics) and linear_ppo_loss
+        shard = dict(vocab_start=lo, vocab_size=V, group=dist.group.WORLD)
+        Wr2 = torch.randn(V, h.shape[1], generator=g) / h.shape[1] ** 0.5
+        dpo_kw = dict(ref_hidden=hh, beta=0.3, loss_type=["sigmoid", "bco_pair"], use_weighting=True, **opts)
+        hp, Wp, hf, Wf = (t.clone().requires_grad_() for t in (hh, W[lo:hi], hh, W))
+        loss_p, m_p = fa.linear_dpo_loss(hp, Wp, yy, ref_weight=Wr2[lo:hi], **shard, **dpo_kw)
+        loss_f, m_f = fa.linear_dpo_loss(hf, Wf, yy, ref_weight=Wr2, **dpo_kw)
+        _close(loss_p, loss_f, "DPO explicit loss")
+        for k in m_f:
+            _close(m_p[k], m_f[k], f"DPO explicit metric {k}")
+        loss_p.backward()
+        loss_f.backward()
+        _close(hp.grad, hf.grad, "DPO explicit d hidden")
+        _close(Wp.grad, Wf.grad[lo:hi], "DPO explicit d weight shard")
+
+        old = torch.randn(yy.shape, generator=g) - 3
+        adv = torch.randn(2 * B, generator=g)
+        hp, Wp, hf, Wf = (t.clone().requires_grad_() for t in (hh, W[lo:hi], hh, W))
+        loss_p, _ = fa.linear_ppo_loss(hp, Wp, yy, old, adv, entropy_coef=0.01, **shard, **opts)
+        loss_f, _ = fa.linear_ppo_loss(hf, Wf, yy, old, adv, entropy_coef=0.01, **opts)
+        _close(loss_p, loss_f, "PPO explicit loss")
+        loss_p.backward()
+        loss_f.backward()
+        _close(hp.grad, hf.grad, "PPO explicit d hidden")
+        _close(Wp.grad, Wf.grad[lo:hi], "PPO explicit d weight shard")
 
         # -- an FSDP2-sharded parameter outside its module's forward: a clear error, not a wrong answer
         from torch.distributed.fsdp import fully_shard

@@ -182,6 +182,9 @@ def linear_ppo_loss(
     softcap: Optional[float] = None,
     bias: Optional[torch.Tensor] = None,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    vocab_start: Optional[int] = None,
+    vocab_size: Optional[int] = None,
+    group=None,
 ):
     """Fused PPO / GRPO clipped policy loss from hidden states: `linear_logps` + `ppo_policy_loss`.
 
@@ -189,6 +192,8 @@ def linear_ppo_loss(
     advantages: like targets, or (B,) per sequence (GRPO/RLOO), broadcast over T.
     The loss and metrics are `ppo_policy_loss`'s (see there for the formula) over the tokens whose
     target is not ignore_index, with log-probs and entropy from the fused head — no (N, V) logits.
+    Vocabulary-parallel heads as `linear_logps`: a Shard(0) DTensor `weight`, or a local shard with
+    `vocab_start=, vocab_size=, group=`.
     Returns (loss: 0-d, metrics: dict of detached 0-d tensors).
     """
     _check_ppo_options(clip_eps, clip_eps_high, dual_clip, kl_coef, kl_estimator, entropy_coef, loss_agg)
@@ -200,7 +205,8 @@ def linear_ppo_loss(
         raise ValueError("kl_coef > 0 needs ref_logps (the reference policy's log-probs of the same tokens)")
     logps, entropy = linear_logps(hidden, weight, targets, bias=bias, temperature=temperature, softcap=softcap,
                                   ignore_index=ignore_index, return_entropy=True, backend=backend,
-                                  chunk_bytes=chunk_bytes)
+                                  chunk_bytes=chunk_bytes, vocab_start=vocab_start, vocab_size=vocab_size,
+                                  group=group)
     return ppo_policy_loss(logps, entropy, old_logps, advantages, targets != ignore_index, ref_logps=ref_logps,
                            clip_eps=clip_eps, clip_eps_high=clip_eps_high, dual_clip=dual_clip, kl_coef=kl_coef,
                            kl_estimator=kl_estimator, entropy_coef=entropy_coef, loss_agg=loss_agg)

@@ -423,6 +423,9 @@ def linear_dpo_loss(
     bias: Optional[torch.Tensor] = None,
     ref_bias: Optional[torch.Tensor] = None,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    vocab_start: Optional[int] = None,
+    vocab_size: Optional[int] = None,
+    group=None,
 ):
     """Fused DPO from hidden states: `[chosen; rejected]` in one call, no (N, V) logits.
 
@@ -440,6 +443,9 @@ def linear_dpo_loss(
     Returns (loss: 0-d, metrics: dict of detached 0-d tensors with TRL's names: rewards/{chosen, rejected,
     margins, accuracies}, logps/{chosen, rejected}, and with `token_metrics` (the fused pass's extra row
     statistics) entropy, logits/{chosen, rejected}, mean_token_accuracy; plus nll, the chosen token-mean NLL).
+    Vocabulary-parallel heads (as `linear_logps`): a Shard(0) DTensor `weight` (and `ref_weight`), or a local
+    shard with `vocab_start=, vocab_size=, group=` — then `ref_weight`, if given, is the same rows of the
+    reference head.
     `token_metrics=False` skips those statistics (on CUDA the statistics pass tiles the vocabulary differently,
     so its log-probs equal a plain `linear_logps` call's to fp32 rounding, not bitwise — as in TRL, whose
     reference is scored without them).
@@ -498,7 +504,7 @@ def linear_dpo_loss(
                 raise ValueError(f"{name} must have shape (B,) = ({B},), got {tuple(t.shape)}")
 
     head = dict(temperature=temperature, softcap=softcap, ignore_index=ignore_index, backend=backend,
-                chunk_bytes=chunk_bytes)
+                chunk_bytes=chunk_bytes, vocab_start=vocab_start, vocab_size=vocab_size, group=group)
     # One fused pass; the statistics are forward-only row reductions of the same logit tiles (no gradient).
     outputs = ("logps",) + (("entropy", "mean_logits", "is_top1") if token_metrics else ()) + (
         ("log_sum_sq_probs",) if use_weighting else ())
