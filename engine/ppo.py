@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Callable, List, Optional
 
 import torch
+import torch.distributed as dist
 
 from fusealign.losses import ppo_policy_loss, value_loss
 
@@ -40,11 +41,24 @@ from .trainer import autocast, enable_gradient_checkpointing, lr_lambda
 
 
 # --- advantages ----------------------------------------------------------------------------------------
-def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
-    """(x − mean) / std over the masked entries (unbiased variance, as TRL); padding stays 0."""
-    n = mask.sum()
-    mean = (x * mask).sum() / n
-    var = (((x - mean) * mask) ** 2).sum() / (n - 1).clamp_min(1)
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True,
+                  info: DistInfo = DistInfo()) -> torch.Tensor:
+    """(x − mean) / std over the masked entries (unbiased variance, as TRL); padding stays 0.
+
+    Under several ranks the statistics are those of every rank's entries together (sums all-reduced), so each
+    rank whitens its share of the rollout exactly as one process whitens the whole."""
+    n, total = mask.sum(), (x * mask).sum()
+    if info.active:
+        t = torch.stack([total, n]).double()
+        dist.all_reduce(t)
+        total, n = t[0].to(x.dtype), t[1].to(x.dtype)
+    mean = total / n
+    sq = (((x - mean) * mask) ** 2).sum()
+    if info.active:
+        sq = sq.double()
+        dist.all_reduce(sq)
+        sq = sq.to(x.dtype)
+    var = sq / (n - 1).clamp_min(1)
     out = (x - mean) * torch.rsqrt(var + 1e-8)
     if not shift_mean:
         out = out + mean
@@ -240,7 +254,7 @@ class PPOTrainer:
             last = ro.mask.sum(1) - 1
             ro.rewards[torch.arange(len(ro)), last] += ro.scores
             adv, ro.returns = gae(ro.rewards, ro.values, m, cfg.gamma, cfg.lam)
-            ro.advantages = masked_whiten(adv, m)
+            ro.advantages = masked_whiten(adv, m, info=self.info)
         else:
             seq_score = ro.scores - (beta * ro.kl.sum(1) if cfg.kl_mode == "reward" else 0.0)
             per_seq = (grpo_advantages if cfg.advantage == "grpo" else rloo_advantages)(seq_score, cfg.num_generations)

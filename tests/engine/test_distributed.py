@@ -148,3 +148,29 @@ def test_what_cannot_run_on_two_ranks_says_so(runs, args, fragment):
     assert r.returncode != 0 and any(ln.startswith(f"fusealign {args[0]}: error: ") and fragment in ln
                                      for ln in r.stderr.splitlines()), r.stderr[-2000:]
     assert not (d / "refused" / "metrics.jsonl").exists()
+
+
+def _whiten_worker(rank, world, store_path):
+    import torch.distributed as dist
+
+    from fusealign.engine.distributed import DistInfo
+    from fusealign.engine.ppo import masked_whiten
+
+    dist.init_process_group("gloo", store=dist.FileStore(store_path, world), rank=rank, world_size=world)
+    try:
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(6, 5, generator=g) * 3 + 1
+        mask = (torch.rand(6, 5, generator=g) > 0.3).float()
+        whole = masked_whiten(x, mask)
+        rows = slice(rank, None, world)  # this rank's sequences of the rollout
+        mine = masked_whiten(x[rows], mask[rows], info=DistInfo(rank, world))
+        torch.testing.assert_close(mine, whole[rows], rtol=1e-6, atol=1e-6)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ppo_whitening_takes_every_ranks_tokens(tmp_path):
+    """GAE advantages are whitened with the statistics of the whole rollout, not of one rank's share."""
+    import torch.multiprocessing as mp
+
+    mp.start_processes(_whiten_worker, args=(2, str(tmp_path / "store")), nprocs=2, start_method="spawn")
