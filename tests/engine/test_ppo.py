@@ -9,6 +9,7 @@ import torch
 
 from fusealign.engine.checkpoint import latest_checkpoint, write_text_atomic
 from fusealign.engine.config import PPOConfig
+from fusealign.engine.distributed import DistInfo
 from fusealign.engine.ppo import (AdaptiveKL, PPOTrainer, RolloutBatch, explained_variance, gae, grpo_advantages,
                                   masked_whiten, rloo_advantages)
 from fusealign.engine.recipes import run_ppo
@@ -55,14 +56,14 @@ def test_kl_penalty_enters_the_rewards():
     old, ref = T([[-1.0, -2, -3], [-1.0, -1, 0]]), T([[-1.5, -2, -2], [-2.0, -1, 0]])
     ro = _scored(mask, old, ref, T([1.0, 2.0]))
     PPOTrainer.advantages(types.SimpleNamespace(cfg=PPOConfig(kl_coef=0.1, gamma=1.0, lam=1.0),
-                                                kl_ctl=AdaptiveKL(0.1, 0.0, 1)), ro)
+                                                kl_ctl=AdaptiveKL(0.1, 0.0, 1), info=DistInfo()), ro)
     assert torch.allclose(ro.kl, T([[0.5, 0, -1], [1.0, 0, 0]]))
     assert torch.allclose(ro.rewards, T([[-0.05, 0, 0.1 + 1.0], [-0.1, 2.0, 0]]))
     # γ = λ = 1, V = 0: the advantage before whitening is the reward-to-go; returns equal it.
     assert torch.allclose(ro.returns, T([[1.05, 1.1, 1.1], [1.9, 2.0, 0]]))
     ro = _scored(mask, old, ref, T([1.0, 2.0]))
     PPOTrainer.advantages(types.SimpleNamespace(cfg=PPOConfig(kl_coef=0.1, kl_mode="loss"),
-                                                kl_ctl=AdaptiveKL(0.1, 0, 1)), ro)
+                                                kl_ctl=AdaptiveKL(0.1, 0, 1), info=DistInfo()), ro)
     assert torch.allclose(ro.rewards, T([[0.0, 0, 1.0], [0.0, 2.0, 0]]))  # KL goes to the loss instead
 
 
