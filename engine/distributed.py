@@ -74,7 +74,8 @@ def init_distributed(device: str = "auto", fsdp: Optional[bool] = None) -> DistI
     if cuda:
         torch.cuda.set_device(local)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo")
+        # CUDA: NCCL for the model's tensors, gloo for the small CPU tensors of metrics and stop signals
+        dist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo")
     return DistInfo(rank, world, local, fsdp_one_rank=world <= 1)
 
 

@@ -29,7 +29,7 @@ from fusealign.losses import ppo_policy_loss, value_loss
 
 from .checkpoint import latest_checkpoint, load_optimizer_and_rng, load_trainer_state, save_checkpoint, \
     save_optimizer_and_rng, save_sharded_checkpoint
-from .distributed import DistInfo, all_reduce_mean, rank_slice, run, shard
+from .distributed import DistInfo, all_reduce_mean, all_reduce_sum, rank_slice, run, shard
 from .errors import UserError
 from .config import PPOConfig
 from .data import collate, load_prompts
@@ -215,7 +215,7 @@ class PPOTrainer:
         cfg, tok = self.cfg, self.tok
         prompts = [p for p in prompt_ids for _ in range(cfg.num_generations)]  # groups of k consecutive samples
         outs = sample(self.policy, tok, prompts, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                      top_p=cfg.top_p, seed=cfg.seed * 100_003 + self.step)
+                      top_p=cfg.top_p, seed=cfg.seed * 100_003 + self.step + 1_000_003 * self.info.rank)
         seqs = [(p, ids + ([tok.eos_token_id] if ended else [])) for p, (ids, ended) in zip(prompts, outs)]
         return RolloutBatch(seqs, torch.tensor([e for _, e in outs]), [tok.decode(ids) for ids, _ in outs])
 
@@ -279,13 +279,19 @@ class PPOTrainer:
                                                    clip_eps=cfg.cliprange_value)
                     loss = loss + cfg.vf_coef * v_loss
                     metrics = {**metrics, **v_metrics}
+                # Token-weighted across ranks (as the supervised trainer): FSDP averages the ranks' gradients, so
+                # scale this rank's token mean by its share of the minibatch's tokens; one process: × 1.
+                n_local = float(m.sum())
+                loss = loss * (n_local * self.info.world_size / all_reduce_sum(n_local, self.info))
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
                 self.optimizer.step()
                 stats.append({k: float(v) for k, v in metrics.items()})
-            if cfg.early_stop_kl and sum(s["policy/approxkl"] for s in stats) / len(stats) > cfg.early_stop_kl:
-                break
+            if cfg.early_stop_kl:  # decided on every rank's KL together: all ranks leave the epochs at once
+                kl = all_reduce_mean({"kl": sum(s["policy/approxkl"] for s in stats) / len(stats)}, self.info)["kl"]
+                if kl > cfg.early_stop_kl:
+                    break
         mean = {k: sum(s[k] for s in stats) / len(stats) for k in stats[0]}
         return {**mean, "first/ratio_mean": stats[0]["policy/ratio_mean"], "first/clipfrac": stats[0]["policy/clipfrac"]}
 
@@ -326,7 +332,6 @@ class PPOTrainer:
             "train_tokens_per_s": n_tok * self.cfg.num_ppo_epochs / max(t_update, 1e-9),
             "time/rollout_s": t_roll, "time/score_s": t_score, "time/update_s": t_update,
         }
-        self.kl_ctl.update(out["objective/kl"], len(ro))
         return out
 
     # --- state and the run loop --------------------------------------------------------------------------
@@ -363,7 +368,11 @@ class PPOTrainer:
             start = (step * cfg.batch_size) % len(self.prompts)
             prompts = [self.prompts[(start + i) % len(self.prompts)] for i in range(cfg.batch_size)]
             out = self.iteration(rank_slice(prompts, info))  # each rank: its own prompts
-            out = all_reduce_mean(out, info)
+            out = all_reduce_mean(out, info)  # every rank has the same number of sequences: plain means
+            for k in ("rollout_tokens_per_s", "train_tokens_per_s"):  # the job's rate: the sum over ranks
+                out[k] *= info.world_size
+            # adaptive β from the whole rollout's KL (the same β on every rank)
+            self.kl_ctl.update(out["objective/kl"], cfg.batch_size * cfg.num_generations)
             check_finite(out["loss/policy_avg"], "PPO loss", step + 1, run_dir)
             out["lr"] = self.scheduler.get_last_lr()[0]
             self.scheduler.step()

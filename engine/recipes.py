@@ -18,6 +18,8 @@ from typing import Optional
 import torch
 from safetensors.torch import load_file, save_file
 
+from fusealign.losses import BATCH_LOSSES
+
 from . import task
 from .checkpoint import latest_checkpoint, write_text_atomic
 from .config import DPOConfig, PPOConfig, RMConfig, SFTConfig, TrainConfig
@@ -260,6 +262,10 @@ def run_dpo(cfg: DPOConfig) -> dict:
                                         skip_bad_lines=cfg.skip_bad_lines)
     info = init_distributed(cfg.device, cfg.fsdp)
     check_world_size("dpo --data onpolicy", info, not onpolicy, "on-policy pairs are sampled in one process for now")
+    batch_wide = sorted(set(cfg.loss_type) & set(BATCH_LOSSES)) + (["--nll-coef"] if cfg.nll_coef else [])
+    check_world_size(f"dpo with {', '.join(batch_wide)}", info, not batch_wide or info.world_size == 1,
+                     "these terms depend on the whole batch (sorted across it, or a token mean over it) and each "
+                     "rank holds a slice of it")
     init = builtin_sft_path(cfg) if cfg.model == "builtin" else cfg.model
     policy, tok = load_policy(cfg, init=init)
     disable_dropout(policy)

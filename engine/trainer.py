@@ -101,10 +101,16 @@ def train(
 
     def micro_step(examples: list):
         local = rank_slice(examples, info)
+        # Fewer examples than ranks (a small batch, or an epoch's short last batch): this rank still runs the
+        # forward and backward that FSDP's collectives expect, on one example weighted 0.
+        empty = not local
+        if empty:
+            local = examples[:1]
         with autocast(cfg, device):
             out = run(model, lambda _inner: loss_fn(local))  # inside the FSDP root's forward
         loss, metrics, n_tok = out[:3]
-        units = float(out[3]) if len(out) > 3 else 1.0
+        units = 0.0 if empty else float(out[3]) if len(out) > 3 else 1.0
+        n_tok = 0 if empty else n_tok
         total_units = all_reduce_sum(units, info)
         weight = units * info.world_size / total_units  # 1 in a single process
         logged = all_reduce_mean({"loss": float(loss.detach()), **{k: float(torch.as_tensor(v).detach())

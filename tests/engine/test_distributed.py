@@ -86,6 +86,16 @@ def test_dpo_two_ranks_follow_the_single_process_curve(runs):
     assert f2["world_size"] == 2 and f2["step"] == f1["step"] == 4
 
 
+def test_fewer_examples_than_ranks(runs):
+    """--batch-size 1 on 2 ranks: rank 1's slice is empty every step; it runs a zero-weighted example so that
+    FSDP's collectives still meet, and the curve is the one-process curve."""
+    d, _ = runs
+    args = ["sft", "--max-steps", "2", "--batch-size", "1", "--save-every", "2"]
+    launch(1, *args, "--output-dir", "sft-b1-1", cwd=d)
+    launch(2, *args, "--output-dir", "sft-b1-2", cwd=d)
+    assert_same_curve(rows(d / "sft-b1-1"), rows(d / "sft-b1-2"), ["loss", "grad_norm"], 1e-4)
+
+
 @pytest.mark.parametrize("nproc", [2, 1], ids=["same-world-size", "2-to-1-ranks"])
 def test_resume_reproduces_the_uninterrupted_run(runs, nproc):
     """Cut the 2-rank DPO run back to its step-2 checkpoint and resume it on `nproc` ranks: DCP reshards the
@@ -124,21 +134,26 @@ def test_reward_model_and_ppo_iteration_on_two_ranks(runs):
     assert margin.mean().item() == pytest.approx(summary["eval/margin"], abs=1e-5)
     assert (margin > 0).float().mean().item() == pytest.approx(summary["eval/accuracy"], abs=1e-9)
 
+    # adaptive KL and early stopping: decided on every rank's statistics together (a per-rank decision
+    # deadlocked, one rank in an FSDP forward and the other in a metrics all-reduce)
     launch(2, "ppo", "--max-steps", "1", "--batch-size", "4", "--max-new-tokens", "6", "--sft-model", sft,
-           "--reward-model", str(latest_checkpoint(d / "rm2")), "--output-dir", "ppo2", cwd=d)
+           "--reward-model", str(latest_checkpoint(d / "rm2")), "--output-dir", "ppo2", "--target-kl", "0.01",
+           "--early-stop-kl", "1e-4", "--num-ppo-epochs", "3", cwd=d)
     (row,) = rows(d / "ppo2")
     assert row["world_size"] == 2 and all(v == v for v in row.values() if isinstance(v, float))
     assert (latest_checkpoint(d / "ppo2") / "model.safetensors").is_file()
     # … and continues in one process (the value head's optimizer state is keyed as one process keys it).
     launch(1, "ppo", "--max-steps", "2", "--batch-size", "4", "--max-new-tokens", "6", "--sft-model", sft,
-           "--reward-model", str(latest_checkpoint(d / "rm2")), "--output-dir", "ppo2", "--resume", cwd=d)
+           "--reward-model", str(latest_checkpoint(d / "rm2")), "--output-dir", "ppo2", "--target-kl", "0.01",
+           "--early-stop-kl", "1e-4", "--num-ppo-epochs", "3", "--resume", cwd=d)
     assert [r["world_size"] for r in rows(d / "ppo2")] == [2, 1]
 
 
 @pytest.mark.parametrize("args, fragment", [
     (["compare"], "launch it without torchrun"),
     (["sft", "--no-fsdp"], "--no-fsdp with WORLD_SIZE=2"),
-], ids=["compare", "no-fsdp"])
+    (["dpo", "--loss-type", "sigmoid", "aot", "--nll-coef", "0.5"], "dpo with aot, --nll-coef runs in one process"),
+], ids=["compare", "no-fsdp", "batch-wide-dpo-losses"])
 def test_what_cannot_run_on_two_ranks_says_so(runs, args, fragment):
     d, _ = runs
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
