@@ -109,9 +109,9 @@ def capture_launches():
     import importlib
 
     # Modules by full name: the package re-exports functions named like their modules.
-    linear_logps, linear_kl, tiles, linear_logps_triton, linear_kl_triton = (
+    common, tiles, linear_logps_triton, linear_kl_triton = (
         importlib.import_module(f"{__package__}.{m}")
-        for m in ("linear_logps", "linear_kl", "tiles", "linear_logps_triton", "linear_kl_triton"))
+        for m in ("common", "tiles", "linear_logps_triton", "linear_kl_triton"))
 
     launches: list[Launch] = []
 
@@ -119,22 +119,20 @@ def capture_launches():
         launches.append(Launch(self, args, dict(kwargs), tuple(grid) if not callable(grid) else grid))
         return None
 
-    real_resolve = linear_logps.resolve_backend
+    real_resolve = common.resolve_backend  # HeadOptions.of reads it from there at every call
 
     def resolve_on_cpu(backend, device):
         return "triton" if backend in ("auto", "triton") else real_resolve(backend, device)
 
     saved = [
         (JITFunction, "run", JITFunction.run),
-        (linear_logps, "resolve_backend", real_resolve),
-        (linear_kl, "resolve_backend", linear_kl.resolve_backend),
+        (common, "resolve_backend", real_resolve),
         (tiles, "interpreting", tiles.interpreting),
         (linear_logps_triton, "interpreting", linear_logps_triton.interpreting),
         (linear_kl_triton, "interpreting", linear_kl_triton.interpreting),
     ]
     JITFunction.run = record
-    linear_logps.resolve_backend = resolve_on_cpu
-    linear_kl.resolve_backend = resolve_on_cpu
+    common.resolve_backend = resolve_on_cpu
     tiles.interpreting = linear_logps_triton.interpreting = linear_kl_triton.interpreting = lambda: False
     try:
         yield launches
@@ -241,10 +239,13 @@ def compile_key(launch: Launch) -> tuple:
 # ----------------------------------------------------------------------------- the launches to check
 
 def _run_public_ops(H: int, V: int, dtype, N: int = 32):
-    """Every public op's Triton path, forward and backward, with the flags that change a kernel."""
+    """Every kernel-level op's Triton path, forward and backward, with the flags that change a kernel. (The losses
+    — linear_dpo_loss, linear_ppo_loss — route through these calls with these flags: `outputs=` is DPO's token
+    metrics, `return_entropy` PPO's; this module imports nothing above the kernels.)"""
     import torch
 
-    import fusealign as fa
+    from .linear_kl import linear_kl
+    from .linear_logps import linear_logps
 
     g = torch.Generator().manual_seed(0)
 
@@ -258,30 +259,20 @@ def _run_public_ops(H: int, V: int, dtype, N: int = 32):
         h, w = t(N, H), t(V, H)
         b = t(V) if bias else None
         for entropy in (False, True):
-            logps, ent = fa.linear_logps(h, w, y, bias=b, softcap=softcap, temperature=temperature,
-                                         return_entropy=True, backend="triton")
+            logps, ent = linear_logps(h, w, y, bias=b, softcap=softcap, temperature=temperature,
+                                      return_entropy=True, backend="triton")
             (logps.sum() + (ent.sum() if entropy else 0)).backward()
         with torch.no_grad():
-            fa.linear_logps(h, w, y, bias=b, softcap=softcap, temperature=temperature, backend="triton")
+            linear_logps(h, w, y, bias=b, softcap=softcap, temperature=temperature, backend="triton")
         # The forward-only statistics (TRL's outputs) are a second specialisation of the forward and merge.
-        out = fa.linear_logps(h, w, y, bias=b, softcap=softcap, temperature=temperature, backend="triton",
-                              outputs=("logps", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1"))
+        out = linear_logps(h, w, y, bias=b, softcap=softcap, temperature=temperature, backend="triton",
+                           outputs=("logps", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1"))
         (out[0].sum() + out[1].sum()).backward()
         for direction in ("forward", "reverse"):
             rh, rw = t(N, H, grad=False), t(V, H, grad=False)
             rb = t(V, grad=False) if bias else None
-            fa.linear_kl(h, w, rh, rw, bias=b, ref_bias=rb, softcap=softcap, temperature=temperature,
-                         direction=direction, backend="triton").sum().backward()
-    # The DPO and PPO ops route through linear_logps; run them so a new kernel of theirs is seen too.
-    h2, w2 = t(2 * N, H), t(V, H)
-    y2 = torch.randint(0, V, (2, N), generator=g)
-    ref = torch.zeros(1)
-    loss, _ = fa.linear_dpo_loss(h2.view(2, N, H), w2, y2, ref_chosen_logps=ref, ref_rejected_logps=ref,
-                                 backend="triton")
-    loss.backward()
-    old = torch.zeros(1, N)
-    loss, _ = fa.linear_ppo_loss(h.view(1, N, H), w, y.view(1, N), old, torch.ones(1, N), backend="triton")
-    loss.backward()
+            linear_kl(h, w, rh, rw, bias=b, ref_bias=rb, softcap=softcap, temperature=temperature,
+                      direction=direction, backend="triton").sum().backward()
 
 
 # Shape classes the tile configurations cover (issue #9): every (H, V, dtype) is compiled.

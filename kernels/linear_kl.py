@@ -9,6 +9,8 @@ Saved for backward: inputs (no copies) and per-token lse, lse_ref, KL — O(N). 
 recomputed in backward; no (N, V) tensor exists (see linear_kl_triton.py / linear_kl_torch.py).
 The reference head may be wider (distillation): ref_weight is (V, H_ref) with H_ref ≠ H allowed. Each
 head may carry a bias; gradients reach the policy's bias too.
+Vocabulary-parallel heads (`shard`, see vocab_parallel.py): the same Function; each rank's split statistics are
+merged, all-gathered (5·N floats) and combined in rank order, and ∂h is all-reduced in backward.
 """
 
 from __future__ import annotations
@@ -16,48 +18,49 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 
-from . import linear_kl_torch as _torch_impl
-from .checks import check_chunk_bytes, check_linear_head
+from . import vocab_parallel as vp
+from .checks import check_linear_head
+from .common import DEFAULT_CHUNK_BYTES, HeadOptions, backend_impl, needs_grad
 from .head_backward import head_backward
-from .linear_logps import DEFAULT_CHUNK_BYTES, HeadOptions, resolve_backend
+from .linear_kl_torch import kl_combine_stats
 
 DIRECTIONS = ("forward", "reverse")
 
 
-def _impl(backend: str):
-    if backend == "triton":
-        from . import linear_kl_triton
-
-        return linear_kl_triton
-    return _torch_impl
-
-
-def _forward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, valid, reverse, opts: HeadOptions):
-    """-> kl, lse (policy), lse_ref: (N,) fp32."""
-    if hidden.shape[0] == 0:
+def _forward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, valid, reverse, opts: HeadOptions,
+             shard: Optional[vp.VocabShard] = None):
+    """-> kl, lse (policy), lse_ref: (N,) fp32 (with `shard`: the whole vocabulary's, from this rank's rows)."""
+    if hidden.shape[0] == 0 and shard is None:
         e = hidden.new_zeros((0,), dtype=torch.float32)
         return e, e.clone(), e.clone()
     kw = dict(temperature=opts.temperature, softcap=opts.softcap, chunk_bytes=opts.chunk_bytes)
-    impl = _impl(opts.backend)
-    if reverse:  # KL(Q‖P): A = reference, B = policy
-        kl, lse_ref, lse = impl.kl_fwd(ref_hidden, ref_weight, hidden, weight, valid, bias_a=ref_bias, bias_b=bias,
-                                       **kw)
+    impl = backend_impl("kl", opts.backend)
+    # KL(A‖B): forward KL(π‖π_ref) has A = policy, B = reference; reverse KL(π_ref‖π) the other way round.
+    a, b = ((ref_hidden, ref_weight, ref_bias), (hidden, weight, bias)) if reverse else \
+        ((hidden, weight, bias), (ref_hidden, ref_weight, ref_bias))
+    if shard is None:
+        kl, lse_a, lse_b = impl.kl_fwd(a[0], a[1], b[0], b[1], valid, bias_a=a[2], bias_b=b[2], **kw)
     else:
-        kl, lse, lse_ref = impl.kl_fwd(hidden, weight, ref_hidden, ref_weight, valid, bias_a=bias, bias_b=ref_bias,
-                                       **kw)
+        stats = impl.kl_partial_stats(a[0], a[1], b[0], b[1], bias_a=a[2], bias_b=b[2], **kw)
+        kl, lse_a, lse_b = kl_combine_stats(vp.gather_ranks(vp.merge_kl_partials(stats), shard.group), valid)
+    lse, lse_ref = (lse_b, lse_a) if reverse else (lse_a, lse_b)
     return kl, lse, lse_ref
 
 
 class LinearKLFunction(torch.autograd.Function):
-    """Autograd over flattened inputs: hidden (N, H), weight (V, H), bias (V,)|None, ref_hidden (N, H_ref),
-    ref_weight (V, H_ref), ref_bias (V,)|None, valid (N,) uint8."""
+    """Autograd over flattened inputs: hidden (N, H), weight (V, H) — or this rank's rows with `shard` (the same rows
+    of both heads) —, bias (V,)|None, ref_hidden (N, H_ref), ref_weight (V, H_ref), ref_bias (V,)|None,
+    valid (N,) uint8. Gradients to the policy side only."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, valid, reverse: bool, opts: HeadOptions):
-        kl, lse, lse_ref = _forward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, valid, reverse, opts)
+    def forward(ctx, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, valid, reverse: bool, opts: HeadOptions,
+                shard: Optional[vp.VocabShard] = None):
+        kl, lse, lse_ref = _forward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, valid, reverse, opts,
+                                    shard)
         ctx.save_for_backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, valid, lse, lse_ref, kl)
-        ctx.reverse, ctx.opts = reverse, opts
+        ctx.reverse, ctx.opts, ctx.shard = reverse, opts, shard
         ctx.set_materialize_grads(False)
         return kl
 
@@ -65,18 +68,23 @@ class LinearKLFunction(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, g):
         hidden, weight, bias, ref_hidden, ref_weight, ref_bias, valid, lse, lse_ref, kl = ctx.saved_tensors
-        needs = ctx.needs_input_grad[:3] if g is not None else (False, False, False)
-        g = None if g is None else g.reshape(-1).float().contiguous()
-        opts, impl = ctx.opts, _impl(ctx.opts.backend)
+        if g is None:
+            return (None,) * 10
+        needs, shard = ctx.needs_input_grad[:3], ctx.shard
+        g = g.reshape(-1).float().contiguous()
+        opts, impl = ctx.opts, backend_impl("kl", ctx.opts.backend)
 
         def write_dz(rows, dz):
             impl.kl_bwd_dz(hidden[rows], weight, bias, ref_hidden[rows], ref_weight, ref_bias, valid[rows],
                            lse[rows], lse_ref[rows], kl[rows], g[rows], dz, reverse=ctx.reverse,
                            temperature=opts.temperature, softcap=opts.softcap)
 
+        want_h = needs[0] or shard is not None  # the all-reduce below needs every rank's part
         dh, dW, db = head_backward(hidden, weight, bias, valid == 0, write_dz, chunk_bytes=opts.chunk_bytes,
-                                   temp_bytes_per_logit=impl.BWD_BYTES_PER_LOGIT, needs=needs)
-        return dh, dW, db, None, None, None, None, None, None
+                                   temp_bytes_per_logit=impl.BWD_BYTES_PER_LOGIT, needs=(want_h, needs[1], needs[2]))
+        if shard is not None:
+            dist.all_reduce(dh, group=shard.group)  # ∂h sums over the whole vocabulary
+        return (dh if needs[0] else None), dW, db, None, None, None, None, None, None, None
 
 
 def linear_kl(
@@ -112,20 +120,14 @@ def linear_kl(
     """
     if direction not in DIRECTIONS:
         raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
-    from .vocab_parallel import explicit_shard, is_dtensor, local_bias, shard_from_dtensor
-
-    vp = None
-    if is_dtensor(weight) or is_dtensor(ref_weight):
-        if not (is_dtensor(weight) and is_dtensor(ref_weight)):
-            raise ValueError("weight and ref_weight must both be vocabulary-sharded DTensors, or neither")
-        weight, vp = shard_from_dtensor(weight)
-        ref_weight, ref_vp = shard_from_dtensor(ref_weight, "ref_weight")
-        if (ref_vp.start, ref_vp.size) != (vp.start, vp.size):
+    if vp.is_dtensor(weight) != vp.is_dtensor(ref_weight):
+        raise ValueError("weight and ref_weight must both be vocabulary-sharded DTensors, or neither")
+    weight, bias, shard = vp.shard_of(weight, bias, vocab_start, vocab_size, group)
+    if shard is not None:
+        ref_weight, ref_bias, ref_shard = vp.shard_of(ref_weight, ref_bias, vocab_start, shard.vocab_size, group,
+                                                      name="ref_weight")
+        if (ref_shard.start, ref_shard.size) != (shard.start, shard.size):
             raise ValueError("weight and ref_weight must be sharded over the vocabulary the same way")
-        bias, ref_bias = local_bias(bias, vp), local_bias(ref_bias, vp)
-    elif group is not None or vocab_start is not None:
-        vp = explicit_shard(weight, vocab_start, vocab_size, group)
-        bias, ref_bias = local_bias(bias, vp), local_bias(ref_bias, vp)
     H, V = check_linear_head(hidden, weight, None, bias, temperature, softcap)
     check_linear_head(ref_hidden, ref_weight, None, ref_bias, temperature, softcap,
                       names=("ref_hidden", "ref_weight", "", "ref_bias"))
@@ -149,27 +151,16 @@ def linear_kl(
             raise ValueError(f"mask must be a tensor of shape {lead} (hidden's leading shape), got "
                              f"{tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__}")
         valid = (mask != 0).to(torch.uint8)
-    check_chunk_bytes(chunk_bytes)
-    opts = HeadOptions(float(temperature), None if softcap is None else float(softcap), -100,
-                       resolve_backend(backend, hidden.device), chunk_bytes)
+    opts = HeadOptions.of(temperature=temperature, softcap=softcap, ignore_index=-100, backend=backend,
+                          chunk_bytes=chunk_bytes, device=hidden.device)
     h2, hr2 = hidden.reshape(-1, H), ref_hidden.reshape(-1, ref_hidden.shape[-1])
     bias = None if bias is None else bias.contiguous()
     ref_bias = None if ref_bias is None else ref_bias.contiguous()
     valid = valid.reshape(-1).contiguous()
     reverse = direction == "reverse"
-    grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad
-                                        or (bias is not None and bias.requires_grad))
-    if vp is not None:
-        from .vocab_parallel import VocabParallelKLFunction
-
-        args = (h2, weight, bias, hr2, ref_weight, ref_bias, valid, reverse, vp, opts)
-        if grad:
-            kl = VocabParallelKLFunction.apply(*args)
-        else:
-            with torch.no_grad():
-                kl = VocabParallelKLFunction.apply(*args)
-    elif grad:
-        kl = LinearKLFunction.apply(h2, weight, bias, hr2, ref_weight, ref_bias, valid, reverse, opts)
-    else:
-        kl = _forward(h2, weight, bias, hr2, ref_weight, ref_bias, valid, reverse, opts)[0]
+    args = (h2, weight, bias, hr2, ref_weight, ref_bias, valid, reverse, opts, shard)
+    if needs_grad(hidden, weight, bias):
+        kl = LinearKLFunction.apply(*args)
+    else:  # nothing saved
+        kl = _forward(*args)[0]
     return kl.view(lead)

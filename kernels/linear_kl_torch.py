@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from .chunked import autocast_off, chunk_rows, final_logits, softcap_factor_
+from .common import KL_ROWS
 
 FWD_BYTES_PER_LOGIT = 12  # both heads' shifted logits and P's exponentials
 BWD_BYTES_PER_LOGIT = 12  # log p, log q, p (dz excluded)
@@ -19,7 +20,7 @@ def kl_partial_stats(ha, wa, hb, wb, *, bias_a=None, bias_b=None, temperature, s
     """Statistics (1, 5, N) fp32 over this head's vocabulary (or vocabulary shard), as the Triton kernel's:
     rows m_a = max a, s_a = Σ e^{a−m_a}, m_b, s_b likewise, c = Σ e^{a−m_a} (a − b) (unshifted a − b)."""
     N, V = ha.shape[0], wa.shape[0]
-    stats = torch.empty((1, 5, N), device=ha.device, dtype=torch.float32)
+    stats = torch.empty((1, KL_ROWS, N), device=ha.device, dtype=torch.float32)
     step = chunk_rows(N, V, chunk_bytes, FWD_BYTES_PER_LOGIT)
     for start in range(0, N, step):
         rows = slice(start, min(N, start + step))

@@ -23,11 +23,13 @@ import torch
 import triton
 import triton.language as tl
 
+from . import common
 from .tiles import NEG_BIG, dot_precision, final_logits_tile, interpreting, store_dz, tile_config
 
 # (chunk, V) buffers the launchers hold besides the backward's dz (see linear_logps_torch.py).
-FWD_BYTES_PER_LOGIT = 0
 BWD_BYTES_PER_LOGIT = 0
+# Rows of the per-split statistics (common.py's layout: m_a, s_a, m_b, s_b, c), as a kernel constant.
+KL_ROWS = tl.constexpr(common.KL_ROWS)
 
 
 @triton.jit
@@ -73,7 +75,7 @@ def _kl_fwd_kernel(
         m_b_new = tl.maximum(m_b, tl.max(b, axis=1))
         s_b = tl.exp(m_b - m_b_new) * s_b + tl.sum(tl.exp(b - m_b_new[:, None]), axis=1)
         m_b = m_b_new
-    out = stats_ptr + (5 * split).to(tl.int64) * N + offs_n
+    out = stats_ptr + split.to(tl.int64) * KL_ROWS * N + offs_n
     tl.store(out, m_a, mask=mask_n)
     tl.store(out + N, s_a, mask=mask_n)
     tl.store(out + 2 * N, m_b, mask=mask_n)
@@ -88,11 +90,11 @@ def _kl_merge_kernel(stats_ptr, valid_ptr, kl_ptr, lse_a_ptr, lse_b_ptr, N, SPLI
     mask = offs < N
     M_a = tl.full((BLOCK,), NEG_BIG, tl.float32)
     M_b = tl.full((BLOCK,), NEG_BIG, tl.float32)
-    row = stats_ptr + offs  # advanced by 5·N per split: 64-bit pointer arithmetic, no int32 product
+    row = stats_ptr + offs  # advanced by KL_ROWS·N per split: 64-bit pointer arithmetic, no int32 product
     for i in range(0, SPLITS):
         M_a = tl.maximum(M_a, tl.load(row, mask=mask, other=NEG_BIG))
         M_b = tl.maximum(M_b, tl.load(row + 2 * N, mask=mask, other=NEG_BIG))
-        row += 5 * N
+        row += KL_ROWS * N
     S_a = tl.zeros((BLOCK,), tl.float32)
     S_b = tl.zeros((BLOCK,), tl.float32)
     C = tl.zeros((BLOCK,), tl.float32)
@@ -103,7 +105,7 @@ def _kl_merge_kernel(stats_ptr, valid_ptr, kl_ptr, lse_a_ptr, lse_b_ptr, N, SPLI
         C += scale_a * tl.load(row + 4 * N, mask=mask, other=0.0)
         S_b += tl.exp(tl.load(row + 2 * N, mask=mask, other=NEG_BIG) - M_b) * tl.load(row + 3 * N, mask=mask,
                                                                                      other=0.0)
-        row += 5 * N
+        row += KL_ROWS * N
     lse_a = M_a + tl.log(S_a)
     lse_b = M_b + tl.log(S_b)
     valid = tl.load(valid_ptr + offs, mask=mask, other=0) != 0
@@ -164,7 +166,7 @@ def kl_partial_stats(ha, wa, hb, wb, *, bias_a=None, bias_b=None, temperature, s
     V, H_B = wa.shape[0], hb.shape[1]
     cfg = tile_config(max(H_A, H_B), V, ha.dtype, heads=2)
     splits = triton.cdiv(V, cfg.split_cols)
-    stats = torch.empty((splits, 5, N), device=ha.device, dtype=torch.float32)
+    stats = torch.empty((splits, common.KL_ROWS, N), device=ha.device, dtype=torch.float32)
     has_bias, ba, bb = _biases(V, bias_a, bias_b, ha, hb)
     _kl_fwd_kernel[(triton.cdiv(N, cfg.BLOCK_N), splits)](
         ha, wa, ba, hb, wb, bb, stats,

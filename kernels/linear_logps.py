@@ -22,108 +22,93 @@ Backends: "triton" (fused kernels, linear_logps_triton.py), "torch" (chunked PyT
 linear_logps_torch.py), "auto" (triton for CUDA tensors, torch otherwise). Both share the backward
 driver in head_backward.py: the backend writes ∂r for a chunk, cuBLAS/BLAS does the two matmuls.
 
+Vocabulary-parallel head (`shard`, see vocab_parallel.py): the same Function, with each rank's split statistics
+merged, all-gathered (R·N floats) and combined in rank order in forward, and ∂h all-reduced in backward.
+
 No host synchronisation: nothing reads a tensor value on the host (chunking depends on shapes only;
 the target-range check is a device-side assert on CUDA).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 
-from . import linear_logps_torch as _torch_impl
-from .checks import check_chunk_bytes, check_linear_head, check_target_range
+from . import vocab_parallel as vp
+from .checks import check_linear_head, check_target_range
+from .common import (DEFAULT_CHUNK_BYTES, OUTPUTS, STAT_OUTPUTS, HeadOptions, backend_impl, check_outputs,  # noqa: F401
+                     needs_grad)
 from .head_backward import head_backward
-
-DEFAULT_CHUNK_BYTES = 256 * 2**20
-BACKENDS = ("auto", "triton", "torch")
-# Per-token outputs `linear_logps(outputs=...)` can return; the last three are forward-only statistics.
-OUTPUTS = ("logps", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
-STAT_OUTPUTS = OUTPUTS[2:]
+from .linear_logps_torch import combine_stats
 
 
-@dataclass(frozen=True)
-class HeadOptions:
-    """Everything about a fused-head call that is not a tensor."""
-
-    temperature: float = 1.0
-    softcap: Optional[float] = None
-    ignore_index: int = -100
-    backend: str = "torch"  # resolved: "triton" or "torch"
-    chunk_bytes: int = DEFAULT_CHUNK_BYTES
-
-
-def resolve_backend(backend: str, device: torch.device) -> str:
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        return "triton" if device.type == "cuda" else "torch"
-    if backend == "triton" and device.type != "cuda":
-        from .linear_logps_triton import interpreting
-
-        if not interpreting():
-            raise ValueError(
-                "backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for the CPU interpreter); "
-                "use backend='torch' or 'auto' for CPU tensors"
-            )
-    return backend
-
-
-def _impl(opts: HeadOptions):
-    if opts.backend == "triton":
-        from . import linear_logps_triton
-
-        return linear_logps_triton
-    return _torch_impl
-
-
-def logps_forward(hidden, weight, bias, targets, opts: HeadOptions, extra: bool = False):
+def logps_forward(hidden, weight, bias, targets, opts: HeadOptions, extra: bool = False,
+                  shard: Optional[vp.VocabShard] = None):
     """hidden: (N, H), targets: (N,) -> (logps, entropy, lse, extras): (N,) fp32 each, and with `extra`
-    extras = (log_sum_sq_probs, mean_logits: (N,) fp32, is_top1: (N,) bool), else None. No autograd."""
+    extras = (log_sum_sq_probs, mean_logits: (N,) fp32, is_top1: (N,) bool), else None. No autograd.
+    With `shard`, `weight`/`bias` are this rank's vocabulary rows and the results are the whole head's."""
     N = hidden.shape[0]
-    if N == 0:
-        empty = lambda dtype=torch.float32: hidden.new_zeros((0,), dtype=dtype)  # noqa: E731
-        return empty(), empty(), empty(), ((empty(), empty(), empty(torch.bool)) if extra else None)
-    return _impl(opts).logps_fwd(hidden, weight, bias, targets, temperature=opts.temperature, softcap=opts.softcap,
-                                 ignore_index=opts.ignore_index, chunk_bytes=opts.chunk_bytes, extra=extra)
+    impl = backend_impl("logps", opts.backend)
+    if shard is None:
+        if N == 0:
+            empty = lambda dtype=torch.float32: hidden.new_zeros((0,), dtype=dtype)  # noqa: E731
+            return empty(), empty(), empty(), ((empty(), empty(), empty(torch.bool)) if extra else None)
+        return impl.logps_fwd(hidden, weight, bias, targets, temperature=opts.temperature, softcap=opts.softcap,
+                              ignore_index=opts.ignore_index, chunk_bytes=opts.chunk_bytes, extra=extra)
+    # Local ids, unclamped: a target owned by another rank has no logit here (zy = 0), and its sign tells mb
+    # whether every column of this shard lies before it.
+    stats = impl.partial_stats(hidden, weight, bias, (targets - shard.start).contiguous(),
+                               temperature=opts.temperature, softcap=opts.softcap, chunk_bytes=opts.chunk_bytes,
+                               extra=extra)
+    merged = vp.gather_ranks(vp.merge_partials(stats), shard.group)  # (world, R, N), rank order
+    return combine_stats(merged, targets, opts.ignore_index, shard.vocab_size)
 
 
 def logps_backward(hidden, weight, bias, targets, lse, entropy, g_logps, g_entropy, opts: HeadOptions,
-                   needs=(True, True, True)):
-    """Gradients (dh (N, H), dW (V, H), db (V,)) for upstream g_logps / g_entropy: (N,) fp32 or None."""
+                   needs=(True, True, True), shard: Optional[vp.VocabShard] = None):
+    """Gradients (dh (N, H), dW (V, H), db (V,)) for upstream g_logps / g_entropy: (N,) fp32 or None.
+    With `shard`: this rank's dW, db, and dh summed over the group (a collective: every rank calls it)."""
     N = hidden.shape[0]
     if g_logps is None and g_entropy is None:
-        needs = (False, False, False)
+        return None, None, None
     g_logps = hidden.new_zeros(N, dtype=torch.float32) if g_logps is None else g_logps.reshape(N).float().contiguous()
     if g_entropy is not None:
         g_entropy = g_entropy.reshape(N).float().contiguous()
-    impl = _impl(opts)
+    impl = backend_impl("logps", opts.backend)
+    y = targets if shard is None else vp.backward_targets(targets, shard, opts.ignore_index)
 
     def write_dz(rows, dz):
         impl.logps_bwd_dz(
-            hidden[rows], weight, bias, targets[rows], lse[rows],
+            hidden[rows], weight, bias, y[rows], lse[rows],
             None if g_entropy is None else entropy[rows],
             g_logps[rows], None if g_entropy is None else g_entropy[rows], dz,
             temperature=opts.temperature, softcap=opts.softcap, ignore_index=opts.ignore_index,
         )
 
-    return head_backward(hidden, weight, bias, targets == opts.ignore_index, write_dz,
-                         chunk_bytes=opts.chunk_bytes, temp_bytes_per_logit=impl.BWD_BYTES_PER_LOGIT, needs=needs)
+    want_h = needs[0] or shard is not None  # every rank's ∂h part is needed by the all-reduce below
+    dh, dW, db = head_backward(hidden, weight, bias, targets == opts.ignore_index, write_dz,
+                               chunk_bytes=opts.chunk_bytes, temp_bytes_per_logit=impl.BWD_BYTES_PER_LOGIT,
+                               needs=(want_h, needs[1], needs[2]))
+    if shard is not None:
+        dist.all_reduce(dh, group=shard.group)  # ∂h sums over the whole vocabulary: every shard's part
+    return (dh if needs[0] else None), dW, db
 
 
 class LinearLogpsFunction(torch.autograd.Function):
-    """Autograd over flattened inputs: hidden (N, H), weight (V, H), bias (V,)|None, targets (N,).
+    """Autograd over flattened inputs: hidden (N, H), weight (V, H) — or this rank's (V_p, H) rows with `shard` —,
+    bias (V,)|None, targets (N,).
 
     Returns logps, entropy (differentiable) and, with `extra`, log_sum_sq_probs, mean_logits, is_top1
     (non-differentiable), else three None."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, opts: HeadOptions, extra: bool = False):
-        logps, entropy, lse, extras = logps_forward(hidden, weight, bias, targets, opts, extra)
+    def forward(ctx, hidden, weight, bias, targets, opts: HeadOptions, extra: bool = False,
+                shard: Optional[vp.VocabShard] = None):
+        logps, entropy, lse, extras = logps_forward(hidden, weight, bias, targets, opts, extra, shard)
         ctx.save_for_backward(hidden, weight, bias, targets, lse, entropy)
-        ctx.opts = opts
+        ctx.opts, ctx.shard = opts, shard
         ctx.set_materialize_grads(False)
         if extras is None:
             return logps, entropy, None, None, None
@@ -135,23 +120,8 @@ class LinearLogpsFunction(torch.autograd.Function):
     def backward(ctx, g_logps, g_entropy, *_stats):
         hidden, weight, bias, targets, lse, entropy = ctx.saved_tensors
         dh, dW, db = logps_backward(hidden, weight, bias, targets, lse, entropy, g_logps, g_entropy,
-                                    ctx.opts, needs=ctx.needs_input_grad[:3])
-        return dh, dW, db, None, None, None
-
-
-def check_outputs(outputs, return_entropy: bool) -> tuple:
-    """The requested outputs as a tuple of names from OUTPUTS (no duplicates)."""
-    if outputs is None:
-        return ("logps", "entropy") if return_entropy else ("logps",)
-    if return_entropy:
-        raise ValueError("give either return_entropy=True or outputs=(…, 'entropy'), not both")
-    if isinstance(outputs, str):
-        raise TypeError(f"outputs must be a tuple of names from {OUTPUTS}, got the string {outputs!r}")
-    outputs = tuple(outputs)
-    unknown = [o for o in outputs if o not in OUTPUTS]
-    if unknown or not outputs or len(set(outputs)) != len(outputs):
-        raise ValueError(f"outputs must be distinct names from {OUTPUTS}, got {outputs!r}")
-    return outputs
+                                    ctx.opts, needs=ctx.needs_input_grad[:3], shard=ctx.shard)
+        return dh, dW, db, None, None, None, None
 
 
 def linear_logps(
@@ -202,38 +172,22 @@ def linear_logps(
     the outputs are the whole head's, on every rank; the shard gets its local gradient, ∂hidden is summed
     over the group. Each rank sends R·N floats, never N·V.
     """
-    vp = None
-    from .vocab_parallel import explicit_shard, is_dtensor, local_bias, shard_from_dtensor
-
-    if is_dtensor(weight):
-        weight, vp = shard_from_dtensor(weight)
-        bias = local_bias(bias, vp)
-    elif group is not None or vocab_start is not None:
-        vp = explicit_shard(weight, vocab_start, vocab_size, group)
-        bias = local_bias(bias, vp)
+    weight, bias, shard = vp.shard_of(weight, bias, vocab_start, vocab_size, group)
     H, V = check_linear_head(hidden, weight, targets, bias, temperature, softcap)
-    check_chunk_bytes(chunk_bytes)
     names = check_outputs(outputs, return_entropy)
     extra = any(n in STAT_OUTPUTS for n in names)
-    opts = HeadOptions(float(temperature), None if softcap is None else float(softcap), int(ignore_index),
-                       resolve_backend(backend, hidden.device), chunk_bytes)
-    check_target_range(targets, V if vp is None else vp.vocab_size, ignore_index)
+    opts = HeadOptions.of(temperature=temperature, softcap=softcap, ignore_index=ignore_index, backend=backend,
+                          chunk_bytes=chunk_bytes, device=hidden.device)
+    check_target_range(targets, V if shard is None else shard.vocab_size, ignore_index)
     shape = targets.shape
     if bias is not None:
         bias = bias.contiguous()  # the kernels index the bias with unit stride
     h2 = hidden.reshape(-1, H)  # (N, H)
     y = targets.reshape(-1).contiguous()  # (N,)
-    needs_grad = torch.is_grad_enabled() and (
-        hidden.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
-    )
-    if vp is not None:
-        from .vocab_parallel import vocab_parallel_logps
-
-        per_token = vocab_parallel_logps(h2, weight, bias, y, vp, opts, extra)
-    elif needs_grad:
-        per_token = LinearLogpsFunction.apply(h2, weight, bias, y, opts, extra)
+    if needs_grad(hidden, weight, bias):
+        per_token = LinearLogpsFunction.apply(h2, weight, bias, y, opts, extra, shard)
     else:  # no-grad fast path: nothing saved
-        logps, entropy, _, extras = logps_forward(h2, weight, bias, y, opts, extra)
+        logps, entropy, _, extras = logps_forward(h2, weight, bias, y, opts, extra, shard)
         per_token = (logps, entropy) + (extras or (None, None, None))
     by_name = dict(zip(OUTPUTS, per_token))
     result = tuple(by_name[n].view(shape) for n in names)

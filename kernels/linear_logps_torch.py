@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from .chunked import autocast_off, chunk_rows, final_logits, softcap_factor_
+from .common import EXTRA_STAT_ROWS, stat_rows
 
 # (chunk, V) buffers alive at once, in bytes per logit (fp32 tiles are 4, bool masks 1):
 FWD_BYTES_PER_LOGIT = 8  # partial_stats: logits and their exponentials
@@ -32,7 +33,7 @@ def partial_stats(hidden, weight, bias, targets, *, temperature, softcap, chunk_
     owned by another vocabulary shard); mb compares column indices with the target whatever its range."""
     N = hidden.shape[0]
     V = weight.shape[0]
-    stats = torch.empty((1, 7 if extra else 4, N), device=hidden.device, dtype=torch.float32)
+    stats = torch.empty((1, stat_rows(extra), N), device=hidden.device, dtype=torch.float32)
     step = chunk_rows(N, V, chunk_bytes, FWD_EXTRA_BYTES_PER_LOGIT if extra else FWD_BYTES_PER_LOGIT)
     cols = torch.arange(V, device=hidden.device) if extra else None
     for start in range(0, N, step):
@@ -67,7 +68,7 @@ def combine_stats(stats, targets, ignore_index, vocab_size=None):
     (log_sum_sq_probs = log Q − 2 log S with Q = Σ q_i e^{2(m_i−M)}, mean_logits = Σ zs_i / V,
     is_top1 = z_y ≥ M and z_y > max_i mb_i), else None. Merged in a fixed order: deterministic whatever P is.
     """
-    extra = stats.shape[1] == 7
+    extra = stats.shape[1] == EXTRA_STAT_ROWS
     if extra and vocab_size is None:
         raise ValueError("combine_stats needs vocab_size (the whole head's V) for mean_logits")
     M = stats[:, 0].amax(0)

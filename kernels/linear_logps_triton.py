@@ -41,16 +41,16 @@ import torch
 import triton
 import triton.language as tl
 
+from . import common
 from .tiles import NEG_BIG, dot_precision, final_logits_tile, interpreting, store_dz, tile_config
 
 # (chunk, V) buffers the launchers hold besides the backward's dz, bytes per logit (see linear_logps_torch.py).
-FWD_BYTES_PER_LOGIT = 0
 BWD_BYTES_PER_LOGIT = 0
 
-
-# Rows of the per-split statistics: m, s, a, zy, and with EXTRA also q, zs, mb.
-ROWS = 4
-EXTRA_ROWS = 7
+# Rows of the per-split statistics (common.py's layout: m, s, a, zy, and with EXTRA also q, zs, mb), as the
+# compile-time constants a kernel may read.
+ROWS = tl.constexpr(common.STAT_ROWS)
+EXTRA_ROWS = tl.constexpr(common.EXTRA_STAT_ROWS)
 
 
 @triton.jit
@@ -106,8 +106,8 @@ def _logps_fwd_kernel(
         if EXTRA:
             q = alpha * alpha * q + tl.sum(e * e, axis=1)
         m = m_new
-    rows = 7 if EXTRA else 4  # EXTRA_ROWS or ROWS
-    out = stats_ptr + (rows * split).to(tl.int64) * N + offs_n
+    rows = EXTRA_ROWS if EXTRA else ROWS
+    out = stats_ptr + split.to(tl.int64) * rows * N + offs_n
     tl.store(out, m, mask=mask_n)
     tl.store(out + N, s, mask=mask_n)
     tl.store(out + 2 * N, a, mask=mask_n)
@@ -129,7 +129,7 @@ def _merge_kernel(
     """Combine per-split statistics in a fixed order (deterministic, no atomics)."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < N
-    rows = 7 if EXTRA else 4  # EXTRA_ROWS or ROWS
+    rows = EXTRA_ROWS if EXTRA else ROWS
     # Rows advance by pointer increments of ROWS·N (64-bit pointers): no int32 product of split and N.
     M = tl.full((BLOCK,), NEG_BIG, tl.float32)
     row = stats_ptr + offs
@@ -215,7 +215,7 @@ def partial_stats(hidden, weight, bias, targets, *, temperature, softcap, chunk_
     V = weight.shape[0]
     cfg = tile_config(H, V, hidden.dtype, extra_stats=extra)
     splits = triton.cdiv(V, cfg.split_cols)
-    stats = torch.empty((splits, EXTRA_ROWS if extra else ROWS, N), device=hidden.device, dtype=torch.float32)
+    stats = torch.empty((splits, common.stat_rows(extra), N), device=hidden.device, dtype=torch.float32)
     _logps_fwd_kernel[(triton.cdiv(N, cfg.BLOCK_N), splits)](
         hidden, weight, bias.contiguous() if bias is not None else hidden, targets,
         stats,

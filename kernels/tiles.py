@@ -14,21 +14,21 @@ result must not depend on the batch it is scored in (batch invariance).
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
+# Under TRITON_INTERPRET=1 (the CPU test suite) kernels take an fp32 dot path (see raw_logits_tile); the
+# launchers read `interpreting` from here (compile_check.py swaps it to compile on a CPU).
+from .common import interpreting  # noqa: F401
+
 # Finite "-inf" start of a running max: keeps 0·(m_old − m_new) finite. A jit function may only read
 # module globals that are `tl.constexpr`: the interpreter accepts a plain float, the GPU compiler does not.
 NEG_BIG = tl.constexpr(-1.0e30)
 
 
-def interpreting() -> bool:
-    """True under TRITON_INTERPRET=1 (the CPU test suite): kernels then take an fp32 dot path."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @dataclass(frozen=True)

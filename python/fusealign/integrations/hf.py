@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from fusealign.kernels import linear_logps
-from fusealign.kernels.linear_logps import check_outputs
+from fusealign.kernels.common import check_outputs
 
 
 @dataclass
