@@ -8,9 +8,40 @@ sees (bf16 inputs are upcast exactly), so the only error left is the fused op's 
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import inspect
 from typing import Optional
 
 import torch
+
+
+def _accepts_options(fn):
+    """Let a loss reference take `options=` (a `DPOOptions` / `PPOOptions`, read by field name: this module imports
+    nothing above the kernels); its fields fill the keyword options not given explicitly. DPO's `simpo_gamma` is
+    the references' `gamma`; RPO's `nll_coef` becomes an `sft` term where the reference has no `nll_coef`."""
+    params = inspect.signature(fn).parameters
+    open_kw = any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+    @functools.wraps(fn)
+    def wrapped(*args, options=None, **kw):
+        if options is None:
+            return fn(*args, **kw)
+        fields = {f.name: getattr(options, f.name) for f in dataclasses.fields(options)}
+        if "simpo_gamma" in fields:
+            fields["gamma"] = fields.pop("simpo_gamma")
+        if "nll_coef" in fields and "nll_coef" not in params:
+            nll_coef = fields.pop("nll_coef")
+            if nll_coef:
+                types = [fields["loss_type"]] if isinstance(fields["loss_type"], str) else list(fields["loss_type"])
+                weights = list(fields["loss_weights"] or [1.0] * len(types))
+                fields["loss_type"], fields["loss_weights"] = types + ["sft"], weights + [nll_coef]
+        for k, v in fields.items():
+            if k in params or open_kw:
+                kw.setdefault(k, v)
+        return fn(*args, **kw)
+
+    return wrapped
 
 
 def head_logits(
@@ -104,6 +135,7 @@ def linear_kl_reference(
     return kl
 
 
+@_accepts_options
 def dpo_loss_reference(pc, pr, rc, rr, *, beta=0.1, loss_type="sigmoid", loss_weights=None, label_smoothing=0.0,
                        gamma=0.0, f_divergence_type="reverse_kl", f_alpha_divergence_coef=0.5, discopop_tau=0.05,
                        chosen_lengths=None, rejected_lengths=None, average_logps=False, chosen_wpo_logps=None,
@@ -234,6 +266,7 @@ def dpo_loss_reference(pc, pr, rc, rr, *, beta=0.1, loss_type="sigmoid", loss_we
     return torch.stack(out)
 
 
+@_accepts_options
 def linear_dpo_loss_reference(hidden, weight, targets, *, ref_chosen_logps=None, ref_rejected_logps=None,
                               ref_hidden=None, ref_weight=None, beta=0.1, loss_type="sigmoid",
                               label_smoothing=0.0, average_logps=False, nll_coef=0.0, ignore_index=-100,
@@ -278,6 +311,7 @@ def sequence_rewards_reference(hidden, value_weight, mask, value_bias=None):
     return torch.stack(out)
 
 
+@_accepts_options
 def ppo_policy_loss_reference(logps, entropy, old_logps, advantages, mask, *, ref_logps=None, clip_eps=0.2,
                               clip_eps_high=None, dual_clip=None, kl_coef=0.0, kl_estimator="k3", entropy_coef=0.0,
                               loss_agg="token-mean"):
@@ -305,6 +339,7 @@ def ppo_policy_loss_reference(logps, entropy, old_logps, advantages, mask, *, re
     return ((loss * mask).sum(-1) / mask.sum(-1)).mean()
 
 
+@_accepts_options
 def ppo_loss_reference(hidden, weight, targets, old_logps, advantages, *, temperature=1.0, ignore_index=-100,
                        dtype=torch.float64, **loss_options):
     """Reference fused PPO/GRPO loss on (B, T) tokens: materialised logits, then the token-by-token loss."""
