@@ -26,7 +26,8 @@ from common import RESULTS, header, write  # noqa: E402
 
 import fusealign as fa  # noqa: E402
 from fusealign.engine.data import Example  # noqa: E402
-from fusealign.engine.objectives import dpo_loss, pair_batch  # noqa: E402
+from fusealign.engine.objectives import dpo_objective, pair_batch  # noqa: E402
+from fusealign.losses import DPOOptions  # noqa: E402
 
 
 def llama_1b(vocab=128256):
@@ -114,7 +115,7 @@ def step_fn(impl, model, opt, exs, ref):
     def step():
         opt.zero_grad(set_to_none=True)
         if impl == "fusealign":
-            loss = dpo_loss(model, exs, pad_id=0, pack=False, beta=0.1, loss_type="sigmoid", ref_logps=ref)[0]
+            loss = dpo_objective(model, exs, pad_id=0, pack=False, options=DPOOptions(beta=0.1), ref_logps=ref)[0]
         else:
             loss = materialised_loss(model, exs, ref)
         loss.backward()

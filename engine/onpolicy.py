@@ -22,7 +22,7 @@ from typing import Callable, List
 import torch
 
 from .data import Example, collate
-from .objectives import rewards_of
+from .models import RewardModel
 from .sampling import sample
 
 
@@ -37,7 +37,7 @@ def label_pairs(policy, reward_model, tok, prompts: List[List[int]], *, seed: in
     scores = []
     for i in range(0, len(seqs), 128):
         batch = collate(seqs[i:i + 128], pad_id=tok.pad_token_id, pack=True).to(device)
-        scores.append(rewards_of(reward_model, batch).float().cpu())
+        scores.append(RewardModel.rewards(reward_model, batch).float().cpu())
     ended = torch.tensor([e for _, e in outs])
     score = torch.cat(scores) - missing_eos_penalty * (~ended).float()
     pairs = []

@@ -18,8 +18,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass, replace
 from typing import Callable, List, Optional
 
 import torch
@@ -27,17 +26,15 @@ import torch.distributed as dist
 
 from fusealign.losses import ppo_policy_loss, value_loss
 
-from .checkpoint import latest_checkpoint, load_optimizer_and_rng, load_trainer_state, save_checkpoint, \
-    save_optimizer_and_rng, save_sharded_checkpoint
-from .distributed import DistInfo, all_reduce_mean, all_reduce_sum, rank_slice, run, shard
-from .errors import UserError
 from .config import PPOConfig
 from .data import collate, load_prompts
-from .loop import check_finite, resume_or_fresh, run_loop
-from .models import TokenScores, ValueHead, critic_values, disable_dropout, score_tokens
-from .objectives import rewards_of
+from .distributed import DistInfo, all_reduce_mean, all_reduce_sum, rank_slice, run, shard
+from .errors import UserError
+from .loop import check_finite, run_loop
+from .models import RewardModel, TokenScores, ValueHead, critic_values, disable_dropout, score_tokens
+from .runtime import autocast, enable_gradient_checkpointing
 from .sampling import sample
-from .trainer import autocast, enable_gradient_checkpointing, lr_lambda
+from .state import TrainState, load_modules
 
 
 # --- advantages ----------------------------------------------------------------------------------------
@@ -113,6 +110,50 @@ class AdaptiveKL:
             err = max(-0.2, min(0.2, kl / self.target - 1))
             self.beta *= 1 + err * n / self.horizon
 
+    def state_dict(self) -> dict:
+        return {"beta": self.beta}
+
+    def load_state_dict(self, s: dict) -> None:
+        self.beta = s["beta"]
+
+
+def epoch_should_stop(epoch_approx_kl: list, threshold: float) -> bool:
+    """--early-stop-kl: leave an iteration's remaining epochs once the epoch just finished has a mean approx-KL
+    (over its minibatches) above `threshold` (0: never) — the latest epoch's, as cleanrl's `target_kl` reads the
+    latest estimate, not a running mean over every epoch so far (which a first epoch near 0 would hold down)."""
+    return threshold > 0 and sum(epoch_approx_kl) / len(epoch_approx_kl) > threshold
+
+
+# --- the critic: V(s_t) for GAE (GRPO / RLOO have none) -----------------------------------------------------------
+class SharedCritic:
+    """critic="policy_head": a zero-initialised value head on the policy's own hidden states, evaluated inside the
+    policy's forward (score_tokens(value_head=…)); under FSDP2 it lives in the policy's root."""
+
+    def __init__(self, head: ValueHead):
+        self.head = head
+        self.value_head = head.value_head  # the nn.Linear(H, 1) the policy's forward applies
+
+    def values(self, batch):
+        return None  # computed by the policy's forward
+
+    def modules(self, sharded: bool) -> dict:
+        return {} if sharded else {"value_head": self.head}  # sharded: inside the policy's root (its extras)
+
+
+class SeparateCritic:
+    """critic="separate": its own backbone and value head (a RewardModel, initialised from the reward model)."""
+
+    value_head = None
+
+    def __init__(self, model):
+        self.model = model  # the RewardModel, or its FSDP root
+
+    def values(self, batch) -> torch.Tensor:
+        return run(self.model, critic_values, batch)
+
+    def modules(self, sharded: bool) -> dict:
+        return {"critic": self.model}
+
 
 # --- the rollout buffer -----------------------------------------------------------------------------------
 @dataclass
@@ -160,27 +201,21 @@ class PPOTrainer:
         self.policy_model = policy  # the unwrapped policy (gradient checkpointing, config)
         ref.requires_grad_(False).eval()
         H = (getattr(policy.config, "text_config", None) or policy.config).hidden_size
-        value_head = ValueHead(H).to(self.device) if critic is None and cfg.advantage == "gae" else None
-        if value_head is not None and info.active and cfg.resume:
-            # Sharded below: restore its weights first, from the checkpoint's trainer state.
-            ckpt = latest_checkpoint(Path(cfg.output_dir))
-            if ckpt is not None:
-                s = load_trainer_state(ckpt, trust=cfg.trust_checkpoint)
-                value_head.load_state_dict(s.get("critic") or s["extras"]["value_head"])
+        head = ValueHead(H).to(self.device) if critic is None and cfg.advantage == "gae" else None
+        if head is not None:
+            load_modules(cfg, {"value_head": head})  # resumed before FSDP2 shards it (one process alike)
         bf16 = self.device.type == "cuda" and cfg.bf16
-        extras = {"value_head": value_head} if value_head is not None else {}
-        self.policy = shard(policy, info, bf16=bf16, **extras)
+        self.policy = shard(policy, info, bf16=bf16, **({"value_head": head} if head is not None else {}))
         self.ref = shard(ref, info, bf16=bf16)
-        self.critic = value_head if critic is None else shard(critic, info, bf16=bf16)
+        self.critic = SharedCritic(head) if head is not None else \
+            SeparateCritic(shard(critic, info, bf16=bf16)) if critic is not None else None
         self.reward_model, self.reward_fn = reward_model, reward_fn
         if reward_model is not None:
             reward_model.requires_grad_(False).eval()
             self.reward_model = shard(reward_model, info, bf16=bf16)
-        params = list(self.policy.parameters()) + (list(self.critic.parameters()) if self.critic is not None else [])
-        self.params = [p for p in dict.fromkeys(params) if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
         self.kl_ctl = AdaptiveKL(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon)
+        models = {"": self.policy, **(self.critic.modules(info.active) if self.critic is not None else {})}
+        self.state = TrainState(cfg, models, info=info, tokenizer=tok, extras={"kl_ctl": self.kl_ctl})
         self.prompts = prompts or load_prompts("builtin", tok, max_prompt_tokens=cfg.max_length, seed=cfg.seed)
         if cfg.gradient_checkpointing:
             enable_gradient_checkpointing(policy)
@@ -194,11 +229,10 @@ class PPOTrainer:
     # --- the one forward: scoring (no grad) and update (grad) -------------------------------------------
     def _forward(self, model, batch, *, critic=None) -> TokenScores:
         """Fused per-token log-probs and entropy of `model` on the completion tokens, with the critic's values."""
-        value_head = critic.value_head if isinstance(critic, ValueHead) else None
         s = run(model, score_tokens, batch, temperature=self.cfg.temperature, backend=self.cfg.backend, entropy=True,
-                value_head=value_head)  # inside the FSDP root's forward when sharded (the value head is in it)
-        if critic is not None and value_head is None:  # a separate critic: its own backbone
-            s.values = run(critic, critic_values, batch)
+                value_head=getattr(critic, "value_head", None))  # inside the FSDP root's forward when sharded
+        if critic is not None and s.values is None:  # a separate critic: its own backbone
+            s.values = critic.values(batch)
         return s
 
     def _minibatches(self, S: int, epoch: int) -> List[List[int]]:
@@ -223,7 +257,7 @@ class PPOTrainer:
         # A Python reward function sees `ended` and judges it itself; the penalty is for reward-model scores.
         if self.reward_fn is not None:
             return torch.tensor([self.reward_fn(ro.texts[i], bool(ro.ended[i])) for i in idx], device=self.device)
-        s = run(self.reward_model, rewards_of, batch)
+        s = run(self.reward_model, RewardModel.rewards, batch)
         return s - self.cfg.missing_eos_penalty * (~ro.ended[idx]).float().to(self.device)
 
     @torch.no_grad()
@@ -264,16 +298,17 @@ class PPOTrainer:
     def update(self, ro: RolloutBatch) -> dict:
         """num_ppo_epochs × minibatches of clipped policy loss (+ value loss); averaged metrics."""
         cfg, stats = self.cfg, []
-        kl_coef = self.kl_ctl.beta if cfg.kl_mode == "loss" else 0.0
+        # the loss's options as configured, with the KL term's weight β when the KL enters the loss (GRPO style)
+        loss_options = replace(cfg.loss, kl_coef=self.kl_ctl.beta if cfg.kl_mode == "loss" else 0.0)
+        optimizer, params = self.state.optimizer, self.state.params
         for epoch in range(cfg.num_ppo_epochs):
+            epoch_kl = []
             for idx in self._minibatches(len(ro), epoch):
                 batch, m = self._batch(ro, idx), ro.mask[idx]
                 new = self._forward(self.policy, batch, critic=self.critic)  # (N_c,) in batch order
                 on = torch.ones_like(new.logps, dtype=torch.bool)
-                loss, metrics = ppo_policy_loss(
-                    new.logps, new.entropy, ro.old_logps[idx][m], ro.advantages[idx][m], on,
-                    ref_logps=ro.ref_logps[idx][m], clip_eps=cfg.clip_eps, clip_eps_high=cfg.clip_eps_high,
-                    dual_clip=cfg.dual_clip, kl_coef=kl_coef, kl_estimator="k3", entropy_coef=cfg.entropy_coef)
+                loss, metrics = ppo_policy_loss(new.logps, new.entropy, ro.old_logps[idx][m], ro.advantages[idx][m], on,
+                                                ref_logps=ro.ref_logps[idx][m], options=loss_options)
                 if new.values is not None:
                     v_loss, v_metrics = value_loss(new.values, ro.values[idx][m], ro.returns[idx][m],
                                                    clip_eps=cfg.cliprange_value)
@@ -283,14 +318,15 @@ class PPOTrainer:
                 # scale this rank's token mean by its share of the minibatch's tokens; one process: × 1.
                 n_local = float(m.sum())
                 loss = loss * (n_local * self.info.world_size / all_reduce_sum(n_local, self.info))
-                self.optimizer.zero_grad(set_to_none=True)
+                optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
-                self.optimizer.step()
+                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
+                optimizer.step()
                 stats.append({k: float(v) for k, v in metrics.items()})
+                epoch_kl.append(stats[-1]["policy/approxkl"])
             if cfg.early_stop_kl:  # decided on every rank's KL together: all ranks leave the epochs at once
-                kl = all_reduce_mean({"kl": sum(s["policy/approxkl"] for s in stats) / len(stats)}, self.info)["kl"]
-                if kl > cfg.early_stop_kl:
+                kl = all_reduce_mean({"kl": sum(epoch_kl) / len(epoch_kl)}, self.info)["kl"]
+                if epoch_should_stop([kl], cfg.early_stop_kl):
                     break
         mean = {k: sum(s[k] for s in stats) / len(stats) for k in stats[0]}
         return {**mean, "first/ratio_mean": stats[0]["policy/ratio_mean"], "first/clipfrac": stats[0]["policy/clipfrac"]}
@@ -334,37 +370,12 @@ class PPOTrainer:
         }
         return out
 
-    # --- state and the run loop --------------------------------------------------------------------------
-    def state_dict(self) -> dict:
-        """The trainer state (the optimizer and RNG states go beside it: checkpoint.save_optimizer_and_rng)."""
-        value_head = isinstance(self.critic, ValueHead) and not self.info.active  # sharded: in "extras"
-        return {"step": self.step, "scheduler": self.scheduler.state_dict(), "kl_coef": self.kl_ctl.beta,
-                "config": asdict(self.cfg), "critic": self.critic.state_dict() if value_head else None}
-
-    def load_state_dict(self, s: dict) -> None:
-        self.step = s["step"]
-        self.scheduler.load_state_dict(s["scheduler"])
-        self.kl_ctl.beta = s["kl_coef"]
-        value_head = s.get("critic") or s.get("extras", {}).get("value_head")  # from one process / from several
-        if value_head is not None and not self.info.active:  # sharded: restored before sharding (__init__)
-            self.critic.load_state_dict(value_head)
-        load_optimizer_and_rng(latest_checkpoint(Path(self.cfg.output_dir)), self._optimized_models(),
-                               self.optimizer, self.info.rank)
-
-    def _optimized_models(self) -> dict:
-        """The modules whose parameters the optimizer holds (DCP keys its state by their parameter names)."""
-        if isinstance(self.critic, ValueHead) and not self.info.active:
-            return {"": self.policy, "value_head": self.critic}
-        separate = self.critic is not None and not isinstance(self.critic, ValueHead)
-        return {"": self.policy, **({"critic": self.critic} if separate else {})}
-
+    # --- the run loop ---------------------------------------------------------------------------------------
     def train(self) -> dict:
-        cfg, run_dir, info = self.cfg, Path(self.cfg.output_dir), self.info
-        state = resume_or_fresh(run_dir, cfg, info)
-        if state is not None:
-            self.load_state_dict(state)
+        cfg, info = self.cfg, self.info
 
         def step_fn(step: int) -> dict:
+            self.step = step
             start = (step * cfg.batch_size) % len(self.prompts)
             prompts = [self.prompts[(start + i) % len(self.prompts)] for i in range(cfg.batch_size)]
             out = self.iteration(rank_slice(prompts, info))  # each rank: its own prompts
@@ -373,27 +384,11 @@ class PPOTrainer:
                 out[k] *= info.world_size
             # adaptive β from the whole rollout's KL (the same β on every rank)
             self.kl_ctl.update(out["objective/kl"], cfg.batch_size * cfg.num_generations)
-            check_finite(out["loss/policy_avg"], "PPO loss", step + 1, run_dir)
-            out["lr"] = self.scheduler.get_last_lr()[0]
-            self.scheduler.step()
+            check_finite(out["loss/policy_avg"], "PPO loss", step + 1, self.state.run_dir)
+            out["lr"] = self.state.scheduler.get_last_lr()[0]
+            self.state.scheduler.step()
             self.step = step + 1
             return out
 
-        def save_fn(at: int) -> Path:
-            if info.active:
-                state = {"step": at, "scheduler": self.scheduler.state_dict(), "kl_coef": self.kl_ctl.beta,
-                         "config": asdict(cfg)}
-                return save_sharded_checkpoint(run_dir, at, self._optimized_models(), self.optimizer, self.tok, state,
-                                               keep=cfg.save_total_limit, info=info)
-            separate = self.critic is not None and not isinstance(self.critic, ValueHead)
-
-            def extra(d: Path) -> None:
-                if separate:
-                    self.critic.save_pretrained(d / "critic")
-                save_optimizer_and_rng(d, self._optimized_models(), self.optimizer)
-
-            return save_checkpoint(run_dir, at, self.policy, self.tok, self.state_dict(), keep=cfg.save_total_limit,
-                                   extra=extra)
-
-        return run_loop(cfg, run_dir, self.step, step_fn, save_fn, device=self.device, desc="ppo",
+        return run_loop(cfg, self.state, step_fn, device=self.device, desc="ppo",
                         postfix=("objective/scores", "objective/kl"), info=info)

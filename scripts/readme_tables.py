@@ -17,7 +17,7 @@ RESULTS = ROOT / "benchmarks" / "results" / "compare"
 
 
 def compare_section() -> str:
-    from fusealign.engine.report import report_markdown
+    from fusealign.engine.study.report import report_markdown
 
     r = json.loads((RESULTS / "compare.json").read_text())
     image = (RESULTS / "frontier.png").relative_to(ROOT).as_posix()

@@ -11,7 +11,7 @@
     fa.patch_model(hf_model); out = hf_model(input_ids, labels=labels, fused_head=True)  # out.logps, out.loss
 """
 
-from fusealign import kernels, losses
+from fusealign import head, kernels, losses
 from fusealign.kernels import linear_kl, linear_logps, reference
 from fusealign.losses import (DPOOptions, PPOOptions, bradley_terry_loss, dpo_loss, kl_estimate, linear_dpo_loss,
                               linear_ppo_loss, ppo_policy_loss, sequence_rewards, value_loss)

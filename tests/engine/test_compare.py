@@ -8,7 +8,7 @@ import pytest
 import torch
 import transformers
 
-from fusealign.engine.compare import kl_to_reference
+from fusealign.engine.study.compare import kl_to_reference
 from fusealign.engine.data import collate
 
 V, H = 53, 32

@@ -10,8 +10,8 @@ import torch
 from fusealign.engine.checkpoint import latest_checkpoint, write_text_atomic
 from fusealign.engine.config import PPOConfig
 from fusealign.engine.distributed import DistInfo
-from fusealign.engine.ppo import (AdaptiveKL, PPOTrainer, RolloutBatch, explained_variance, gae, grpo_advantages,
-                                  masked_whiten, rloo_advantages)
+from fusealign.engine.ppo import (AdaptiveKL, PPOTrainer, RolloutBatch, epoch_should_stop, explained_variance, gae,
+                                  grpo_advantages, masked_whiten, rloo_advantages)
 from fusealign.engine.recipes import run_ppo
 
 T = torch.tensor
@@ -65,6 +65,15 @@ def test_kl_penalty_enters_the_rewards():
     PPOTrainer.advantages(types.SimpleNamespace(cfg=PPOConfig(kl_coef=0.1, kl_mode="loss"),
                                                 kl_ctl=AdaptiveKL(0.1, 0, 1), info=DistInfo()), ro)
     assert torch.allclose(ro.rewards, T([[0.0, 0, 1.0], [0.0, 2.0, 0]]))  # KL goes to the loss instead
+
+
+def test_early_stop_reads_the_latest_epoch_not_a_running_mean():
+    """--early-stop-kl 0.02 after epochs whose minibatches have approx-KL (0.01, 0.01) then (0.03, 0.03): the latest
+    epoch's mean 0.03 > 0.02 stops; a running mean over every minibatch so far, 0.02, would not have."""
+    assert not epoch_should_stop([0.01, 0.01], 0.02)
+    assert epoch_should_stop([0.03, 0.03], 0.02)
+    assert (0.01 + 0.01 + 0.03 + 0.03) / 4 <= 0.02  # what the old rule compared
+    assert not epoch_should_stop([5.0], 0.0)  # 0: off
 
 
 def test_explained_variance_by_hand():

@@ -4,8 +4,8 @@ import math
 
 import pytest
 
-from fusealign.engine.report import headline, matched_differences
-from fusealign.engine.stats import interpolate, mean_interval, t_quantile, t_two_sided_mass
+from fusealign.engine.study.report import headline, matched_differences
+from fusealign.engine.study.stats import interpolate, mean_interval, t_quantile, t_two_sided_mass
 
 
 def test_t_quantiles_closed_forms_and_table():
@@ -76,7 +76,7 @@ def test_matched_differences_hand_computed():
 
 def test_sentences_follow_the_intervals():
     """The generated findings name a winner only when the interval excludes 0, and say when one seed gives none."""
-    from fusealign.engine.report import sentences
+    from fusealign.engine.study.report import sentences
 
     def iv(mean, ci):
         return {"mean": mean, "ci": ci, "n": 3, "values": []}

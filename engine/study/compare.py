@@ -39,44 +39,21 @@ import torch
 
 from fusealign.kernels import linear_kl, segment_sum
 
+from fusealign.losses import DPOOptions
+
+from ..checkpoint import latest_checkpoint, write_text_atomic
+from ..config import DPOConfig, PPOConfig, RMConfig, SFTConfig
+from ..data import collate
+from ..errors import UserError
+from ..models import completion_inputs, load_causal_lm
+from ..recipes import check_output_dir, load_tokenizer, run_dpo, run_ppo, run_rm, run_sft
+from ..runtime import resolve_device, set_threads
+from ..sampling import sample
 from . import task
-from .checkpoint import latest_checkpoint, write_text_atomic
-from .errors import UserError
-from .config import CompareConfig, DPOConfig, PPOConfig, RMConfig, SFTConfig
-from .data import collate
-from .models import completion_inputs, load_causal_lm
-from .recipes import check_output_dir, load_tokenizer, run_dpo, run_ppo, run_rm, run_sft
+from .config import CompareConfig
+from .presets import DPO_DATA, PRESETS, SETTINGS  # noqa: F401  (DPO_DATA re-exported)
 from .report import MATCHED_KL, aggregate, headline, matched_differences, plot, report_markdown, sentences, table
-from .sampling import sample
-from .trainer import resolve_device, set_threads
 
-DPO_DATA = ("offline", "onpolicy", "iterative")
-
-PRESETS = {
-    # name: stage sizes and per-setting sweeps ("in" overridden by --kl-coefs / --betas). `main_beta` is the β of
-    # the on-policy rows and of the DPO rows the findings quote: DPOConfig's default, fixed before any run rather
-    # than picked from the results. GRPO draws
-    # `grpo_generations` samples for each of ppo_batch / grpo_generations prompts: as many samples per iteration as
-    # PPO. On-policy DPO samples `onpolicy_prompts` pairs once (default: as many as the offline set holds);
-    # iterative DPO re-samples every `resample_every` steps, resample_every × 16 (the DPO batch) pairs a round, so
-    # each pair is trained on once.
-    "smoke": dict(seeds=(0, 1), sft_steps=40, rm_steps=40, dpo_steps=30, ppo_steps=6, ppo_batch=16, eval_prompts=48,
-                  ppo_kl_coefs={"in": (0.05,), "ood": (0.05,)}, grpo_kl_coefs={"in": (0.05,), "ood": ()},
-                  dpo_betas={"in": (0.5,), "ood": (0.5,)}, main_beta=0.5, grpo_generations=4,
-                  onpolicy_prompts=96, resample_every=15),
-    "default": dict(seeds=(0, 1, 2), sft_steps=200, rm_steps=200, dpo_steps=200, ppo_steps=60, ppo_batch=32,
-                    eval_prompts=256, ppo_kl_coefs={"in": (0.01, 0.05, 0.2, 0.5, 1.0), "ood": (0.05, 0.2, 0.5, 1.0)},
-                    grpo_kl_coefs={"in": (0.05,), "ood": ()},
-                    dpo_betas={"in": (0.1, 0.5, 2.0), "ood": (0.1, 0.5, 2.0)}, main_beta=0.5,
-                    grpo_generations=4, onpolicy_prompts=2000, resample_every=50),
-    "gpu": dict(seeds=(0, 1, 2, 3, 4), sft_steps=500, rm_steps=500, dpo_steps=500, ppo_steps=200, ppo_batch=64,
-                eval_prompts=1024, ppo_kl_coefs={"in": (0.005, 0.01, 0.03, 0.05, 0.1, 0.2, 0.5, 1.0),
-                                                 "ood": (0.01, 0.05, 0.2, 1.0)},
-                grpo_kl_coefs={"in": (0.01, 0.05, 0.2), "ood": (0.05,)},
-                dpo_betas={"in": (0.05, 0.1, 0.3, 0.5, 1.0, 2.0), "ood": (0.1, 0.5, 2.0)}, main_beta=0.5,
-                grpo_generations=4, onpolicy_prompts=2000, resample_every=100),
-}
-SETTINGS = (("in", "builtin:pairs"), ("ood", "builtin:pairs-ood"))
 RECIPES = {"ppo": run_ppo, "dpo": run_dpo}
 MAX_NEW_TOKENS = 24  # evaluation samples: longer than any SFT completion (≤ 11 tokens), so EOS can be missed
 
@@ -196,14 +173,15 @@ def policy_stages(cfg: CompareConfig, p: dict, seed: int, dirs: dict) -> list:
         for b in betas if "offline" in dpo_data else ():
             name = f"dpo-{setting}-b{b:g}"
             stages.append(Stage(seed, "DPO", setting, b, name, "dpo", DPOConfig(
-                output_dir=str(out / name), data=data, beta=b, **dpo)))
+                output_dir=str(out / name), data=data, loss=DPOOptions(beta=b), **dpo)))
         b = p["main_beta"]
         K = p["resample_every"]
         for kind, every, n in (("onpolicy", 0, p["onpolicy_prompts"]), ("iterative", K, K * DPOConfig.batch_size)):
             if kind in dpo_data:
                 name = f"dpo-{kind}-{setting}-b{b:g}"
                 stages.append(Stage(seed, f"DPO-{kind}", setting, b, name, "dpo", DPOConfig(
-                    output_dir=str(out / name), data="onpolicy", reward_model=dirs[f"rm-{setting}"], beta=b,
+                    output_dir=str(out / name), data="onpolicy", reward_model=dirs[f"rm-{setting}"],
+                    loss=DPOOptions(beta=b),
                     onpolicy_prompts=n, resample_every=every, **dpo)))
     return stages
 
@@ -232,7 +210,7 @@ def train_and_evaluate(cfg: CompareConfig, p: dict, stage: Stage, sft_dir: str) 
 def _worker_init(threads: int) -> None:
     from transformers.utils import logging as hf_logging
 
-    from . import loop
+    from .. import loop
 
     loop.SHOW_PROGRESS = False  # the parent prints one line per finished task instead of interleaved bars
     hf_logging.disable_progress_bar()

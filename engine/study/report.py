@@ -308,7 +308,7 @@ def plot(rows: list, path: Path) -> bool:
 
 def render(out_dir: Path) -> None:
     """Re-render report.md and frontier.png of a finished study from its compare.json (the numbers are not
-    touched): `python -m fusealign.engine.report runs/compare`."""
+    touched): `python -m fusealign.engine.study.report runs/compare`."""
     import json
 
     r = json.loads((Path(out_dir) / "compare.json").read_text())
