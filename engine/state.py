@@ -25,6 +25,7 @@ from torch import nn
 from .checkpoint import latest_checkpoint, load_optimizer_and_rng, load_trainer_state, save_checkpoint, \
     save_optimizer_and_rng, save_sharded_checkpoint
 from .distributed import DistInfo
+from .errors import CheckpointError
 from .loop import resume_or_fresh
 from .runtime import lr_lambda
 
@@ -86,8 +87,6 @@ def load_modules(cfg, modules: dict[str, nn.Module]) -> None:
     saved = load_trainer_state(ckpt, trust=getattr(cfg, "trust_checkpoint", False)).get("modules", {})
     for name, module in modules.items():
         if name not in saved:
-            from .errors import CheckpointError
-
             raise CheckpointError(f"{ckpt} holds no {name!r} to resume from (it was written by a run with other "
                                   f"options, e.g. another --critic); resume with the same options or start afresh")
         module.load_state_dict(saved[name])
