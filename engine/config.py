@@ -195,7 +195,9 @@ class PPOConfig(TrainConfig, FromSFT):
     num_ppo_epochs: int = opt(2, "optimisation epochs per rollout")
     num_minibatches: int = opt(2, "minibatches per epoch")
     max_new_tokens: int = opt(16, "tokens sampled per completion")
-    top_p: float = opt(1.0, "nucleus sampling threshold")
+    top_p: float = opt(1.0, "nucleus sampling threshold (< 1 samples from the truncated distribution: off-policy "
+                            "by sampling/sampling_logp_difference)")
+    top_k: int = opt(0, "top-k sampling: keep the k most likely tokens (0: off; > 0 is off-policy, as --top-p < 1)")
     missing_eos_penalty: float = opt(1.0, "subtracted from a reward model's score of a completion without EOS (0: off)")
     gamma: float = opt(1.0, "discount γ")
     lam: float = opt(0.95, "GAE λ")
@@ -234,6 +236,10 @@ class PPOConfig(TrainConfig, FromSFT):
         if self.max_new_tokens <= 0 or self.max_new_tokens >= self.max_length:
             raise ValueError(f"--max-new-tokens must lie in [1, --max-length={self.max_length}), "
                              f"got {self.max_new_tokens}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"--top-p must lie in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"--top-k must be >= 0 (0: off), got {self.top_k}")
 
 
 # The trainers' configs, by command; `fusealign compare`'s is the study's own (engine/study/config.py).

@@ -169,6 +169,14 @@ def all_reduce_sum(x: float, info: DistInfo) -> float:
     return t.item()
 
 
+def all_reduce_max(x: float, info: DistInfo) -> float:
+    if not info.active:
+        return x
+    t = torch.tensor([float(x)], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item()
+
+
 def barrier(info: DistInfo) -> None:
     if info.active:
         dist.barrier()

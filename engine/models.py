@@ -180,12 +180,52 @@ def critic_values(critic: "RewardModel", batch) -> torch.Tensor:
     return linear_values(completion_hidden(critic.lm, batch)[0], critic.value_head)
 
 
+def _is_dropout_name(name: str) -> bool:
+    """A dropout-like probability by its name: *dropout* (attention_dropout, hidden_dropout_prob, …), *pdrop
+    (resid_pdrop, embd_pdrop, attn_pdrop), *layerdrop (LayerDrop skips whole layers), drop_path* / droppath /
+    drop_connect* (stochastic depth) — the names transformers' configs use (configuration_*.py)."""
+    n = name.lower()
+    return ("dropout" in n or n.endswith("pdrop") or n.endswith("layerdrop") or n.startswith("drop_path")
+            or "droppath" in n or n.startswith("drop_connect"))
+
+
+def _zero_dropout_fields(obj, seen: set) -> None:
+    """p = 0 in every numeric dropout-like attribute of `obj` (a config or a module), and in nested configs."""
+    if id(obj) in seen:
+        return
+    seen.add(id(obj))
+    for name, value in list(vars(obj).items()):
+        if name.startswith("_"):
+            continue
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and _is_dropout_name(name):
+            setattr(obj, name, type(value)(0))
+        elif _is_config(value):  # text_config, vision_config, …
+            _zero_dropout_fields(value, seen)
+
+
+def _is_config(x) -> bool:
+    from transformers import PretrainedConfig
+
+    return isinstance(x, PretrainedConfig)
+
+
 def disable_dropout(model: nn.Module) -> nn.Module:
-    """p = 0 in every dropout layer: RL and DPO compare log-probs of the same tokens across passes, and
-    dropout would make policy and reference (or scoring and training) differ at step 0 (TRL does the same)."""
+    """Dropout off wherever it hides: RL and DPO compare log-probs of the same tokens across passes, and any
+    dropout makes policy and reference (or scoring and training) differ at step 0.
+
+    Three places, because models read dropout in three ways: `nn.Dropout` modules (p = 0, as TRL does);
+    config fields read at run time (Llama/Qwen/Mistral apply `config.attention_dropout` functionally, OPT
+    `config.dropout`: every numeric field named like a dropout, in the config and its nested text/vision
+    configs); and copies cached on modules at init (`self.attention_dropout` on Llama's attention,
+    `self.dropout`, `self.layerdrop` on OPT's layers and decoder). Returns `model`."""
+    seen: set = set()
     for m in model.modules():
         if isinstance(m, nn.Dropout):
             m.p = 0.0
+        _zero_dropout_fields(m, seen)
+        config = getattr(m, "config", None)  # RewardModel.config is a property (the LM's config)
+        if _is_config(config):
+            _zero_dropout_fields(config, seen)
     return model
 
 

@@ -2,21 +2,25 @@
 
 One iteration, as in TRL's PPO trainer and Huang et al. 2024 ("The N implementation details of RLHF
 with PPO"), reading top to bottom in `PPOTrainer.iteration`:
-  rollout      sample k completions per prompt with a KV cache (temperature, top-p, stop on EOS)
+  rollout      sample k completions per prompt with a KV cache (temperature, top-k, top-p, stop on EOS; nothing
+               of the checkpoint's generation config), keeping the sampler's own log-probs (sampling.py)
   score        old-policy and reference log-probs (fused, no grad), values (critic), scores (RM or a
                Python reward function; a completion without EOS can be penalised)
   rewards      per-token −β·k1 KL to the reference, plus the score on the last token   (kl_mode="reward")
                or the score alone, KL entering the loss as k3 (GRPO style)               (kl_mode="loss")
   advantages   GAE(γ, λ) with whitening; or GRPO (group-normalised) / RLOO (leave-one-out), no critic
   update       num_ppo_epochs × minibatches of fa.ppo_policy_loss + vf_coef · fa.value_loss
-Scoring and update run the same forward (`_forward`: `score_tokens` plus the critic), and the first
+Scoring and update run the same forward (`_forward`: `score_tokens` plus the critic), the first
 epoch's minibatches are scored exactly as they are trained (same sequences, same packing, same
-kernels), so the ratio is exactly 1 at the first minibatch.
+kernels), and dropout is off wherever each role hides it (`models.disable_dropout`), so the ratio is
+exactly 1 at the first minibatch. `sampling/sampling_logp_difference` (TRL's) checks that the rollouts
+came from the distribution scored as `old_logps`.
 """
 
 from __future__ import annotations
 
 import math
+import sys
 import time
 from dataclasses import dataclass, replace
 from typing import Callable, List, Optional
@@ -28,12 +32,12 @@ from fusealign.losses import ppo_policy_loss, value_loss
 
 from .config import PPOConfig
 from .data import collate, load_prompts
-from .distributed import DistInfo, all_reduce_mean, all_reduce_sum, rank_slice, run, shard
+from .distributed import DistInfo, all_reduce_max, all_reduce_mean, all_reduce_sum, rank_slice, run, shard
 from .errors import UserError
 from .loop import check_finite, run_loop
 from .models import RewardModel, TokenScores, ValueHead, critic_values, disable_dropout, score_tokens
 from .runtime import autocast, enable_gradient_checkpointing
-from .sampling import sample
+from .sampling import HFGenerate, SamplingParams, sampling_logp_difference, truncation_notice
 from .state import TrainState, load_modules
 
 
@@ -173,6 +177,7 @@ class RolloutBatch:
     rewards: Optional[torch.Tensor] = None  # (S, T) per-token rewards (KL penalty + score on the last token)
     advantages: Optional[torch.Tensor] = None  # (S, T)
     returns: Optional[torch.Tensor] = None  # (S, T) value targets (GAE)
+    sampler_logps: Optional[torch.Tensor] = None  # (S, T) the sampler's log-probs of the distribution it drew from
 
     def __len__(self) -> int:
         return len(self.seqs)
@@ -224,6 +229,13 @@ class PPOTrainer:
             raise UserError(f"--batch-size {cfg.batch_size} must split evenly over {info.world_size} ranks, and each "
                             f"rank's samples ({cfg.batch_size} / {info.world_size} × --num-generations) over "
                             f"--num-minibatches {cfg.num_minibatches}")
+        # The rollout engine and what it samples with (a vLLM engine takes the same SamplingParams).
+        self.sampling = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
+                                       max_new_tokens=cfg.max_new_tokens, n=cfg.num_generations)
+        self.rollout_engine = HFGenerate(self.policy, tok)
+        notice = truncation_notice(self.sampling, "ppo")
+        if notice and info.rank == 0:
+            print(notice, file=sys.stderr, flush=True)
         self.step = 0
 
     # --- the one forward: scoring (no grad) and update (grad) -------------------------------------------
@@ -248,10 +260,14 @@ class PPOTrainer:
     def rollout(self, prompt_ids: List[List[int]]) -> RolloutBatch:
         cfg, tok = self.cfg, self.tok
         prompts = [p for p in prompt_ids for _ in range(cfg.num_generations)]  # groups of k consecutive samples
-        outs = sample(self.policy, tok, prompts, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                      top_p=cfg.top_p, seed=cfg.seed * 100_003 + self.step + 1_000_003 * self.info.rank)
-        seqs = [(p, ids + ([tok.eos_token_id] if ended else [])) for p, (ids, ended) in zip(prompts, outs)]
-        return RolloutBatch(seqs, torch.tensor([e for _, e in outs]), [tok.decode(ids) for ids, _ in outs])
+        params = replace(self.sampling, seed=cfg.seed * 100_003 + self.step + 1_000_003 * self.info.rank)
+        outs = self.rollout_engine.sample(prompt_ids, params)  # the k samples of a prompt consecutive
+        seqs = [(p, o.ids + ([tok.eos_token_id] if o.ended else [])) for p, o in zip(prompts, outs)]
+        sampler_logps = torch.zeros(len(outs), max(len(o.logps) for o in outs))
+        for i, o in enumerate(outs):
+            sampler_logps[i, :len(o.logps)] = o.logps
+        return RolloutBatch(seqs, torch.tensor([o.ended for o in outs]), [tok.decode(o.ids) for o in outs],
+                            sampler_logps=sampler_logps.to(self.device))
 
     def _scores(self, ro: RolloutBatch, idx, batch) -> torch.Tensor:
         # A Python reward function sees `ended` and judges it itself; the penalty is for reward-model scores.
@@ -348,7 +364,12 @@ class PPOTrainer:
         non_score = (-self.kl_ctl.beta * ro.kl).sum(1)
         out = {
             "objective/kl": seq_kl.mean().item(),
-            "objective/entropy": (ro.entropy * m).sum(1).mean().item(),
+            # TRL's PPOTrainer: Σ_t −log π(y_t) of the sampled tokens per sequence, averaged (over completion tokens
+            # only: TRL filled padding with INVALID_LOGPROB = 1, i.e. −1 a padding position). Its expectation is the
+            # sequence entropy when sampling is on-policy; entropy_exact is the same quantity from the exact
+            # per-position entropies (lower variance, and still the policy's under top-k / top-p sampling).
+            "objective/entropy": (-ro.old_logps * m).sum(1).mean().item(),
+            "objective/entropy_exact": (ro.entropy * m).sum(1).mean().item(),
             "objective/non_score_reward": non_score.mean().item(),
             "objective/rlhf_reward": (ro.scores + non_score).mean().item(),
             "objective/scores": ro.scores.mean().item(),
@@ -364,6 +385,7 @@ class PPOTrainer:
             "first/clipfrac": upd["first/clipfrac"],
             "kl_coef": self.kl_ctl.beta,
             "eos_rate": ro.ended.float().mean().item(),
+            **sampling_logp_difference(ro.old_logps, ro.sampler_logps, ro.mask),
             "rollout_tokens_per_s": n_tok / max(t_roll, 1e-9),
             "train_tokens_per_s": n_tok * self.cfg.num_ppo_epochs / max(t_update, 1e-9),
             "time/rollout_s": t_roll, "time/score_s": t_score, "time/update_s": t_update,
@@ -379,7 +401,9 @@ class PPOTrainer:
             start = (step * cfg.batch_size) % len(self.prompts)
             prompts = [self.prompts[(start + i) % len(self.prompts)] for i in range(cfg.batch_size)]
             out = self.iteration(rank_slice(prompts, info))  # each rank: its own prompts
+            worst = all_reduce_max(out["sampling/sampling_logp_difference/max"], info)
             out = all_reduce_mean(out, info)  # every rank has the same number of sequences: plain means
+            out["sampling/sampling_logp_difference/max"] = worst  # TRL: the max over ranks, not their mean
             for k in ("rollout_tokens_per_s", "train_tokens_per_s"):  # the job's rate: the sum over ranks
                 out[k] *= info.world_size
             # adaptive β from the whole rollout's KL (the same β on every rank)

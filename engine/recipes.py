@@ -289,7 +289,7 @@ def run_dpo(cfg: DPOConfig) -> dict:
         stream = OnPolicyPairs(policy, reward_model, tok, prompts, batch_size=cfg.batch_size, seed=cfg.seed,
                                prompts_per_round=cfg.onpolicy_prompts, resample_every=cfg.resample_every,
                                grad_accum=cfg.grad_accum, max_new_tokens=cfg.max_new_tokens,
-                               missing_eos_penalty=cfg.missing_eos_penalty,
+                               missing_eos_penalty=cfg.missing_eos_penalty, temperature=cfg.temperature,
                                reference=(lambda exs: reference_logps(ref_model, exs, cache_dir=None, **ref_kw))
                                if precompute else None)
         lookup = stream.ref_logps if precompute else None
