@@ -42,7 +42,7 @@ from fusealign.kernels import linear_kl, segment_sum
 from . import task
 from .checkpoint import latest_checkpoint, write_text_atomic
 from .errors import UserError
-from .config import CompareConfig, DPOConfig, PPOConfig, RMConfig, SFTConfig
+from .config import CompareConfig, DPOConfig, PPOConfig, RMConfig, SFTConfig, parse_seeds
 from .data import collate
 from .models import completion_inputs, load_causal_lm
 from .recipes import check_output_dir, load_tokenizer, run_dpo, run_ppo, run_rm, run_sft
@@ -86,7 +86,7 @@ def _floats(text, default):
 
 
 def seeds_of(cfg: CompareConfig) -> tuple:
-    return tuple(int(x) for x in cfg.seeds.split(",")) if cfg.seeds else tuple(PRESETS[cfg.preset]["seeds"])
+    return parse_seeds(cfg.seeds) or tuple(PRESETS[cfg.preset]["seeds"])
 
 
 def make_deterministic(threads: int) -> None:

@@ -60,9 +60,10 @@ def _compare(out, *extra):
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
-    """The smoke preset (2 seeds, every row kind) run once; moved aside so a second run can use the same path."""
+    """The smoke preset (2 seeds, every row kind) run once; moved aside so a second run can use the same path.
+    --seeds 0-1: the preset's own seeds, written as a range."""
     base = tmp_path_factory.mktemp("compare")
-    r = _compare(base / "run")
+    r = _compare(base / "run", "--seeds", "0-1")
     assert r.returncode == 0, r.stderr[-3000:]
     (base / "run").rename(base / "first")
     return base, r.stdout
@@ -108,7 +109,7 @@ def test_compare_same_command_twice_is_byte_identical(smoke):
     """Determinism: the same command again (same output path, fresh) writes the same compare.json, byte for byte,
     apart from its `timing` section (wall times, throughput)."""
     base, _ = smoke
-    r = _compare(base / "run")
+    r = _compare(base / "run", "--seeds", "0-1")
     assert r.returncode == 0, r.stderr[-3000:]
 
     def without_timing(path):  # the raw bytes before the last key, "timing"
@@ -118,6 +119,33 @@ def test_compare_same_command_twice_is_byte_identical(smoke):
         return head
 
     assert without_timing(base / "run" / "compare.json") == without_timing(base / "first" / "compare.json")
+
+
+def test_seeds_lists_and_ranges():
+    """--seeds: "0-9" is ten seeds, "0,2,5-7" five, in the order written; bad lists fail with the item named."""
+    from fusealign.engine.config import CompareConfig, parse_seeds
+
+    assert parse_seeds("0-9") == tuple(range(10))
+    assert parse_seeds("0,2,5-7") == (0, 2, 5, 6, 7)
+    assert parse_seeds(" 3, 1-2 ") == (3, 1, 2) and parse_seeds("4-4") == (4,) and parse_seeds("") == ()
+    bad = {"9-0": "range '9-0' is reversed; write it low-high: 0-9",
+           "0-3,2": "seed 2 is listed twice ('0-3' and '2')",
+           "1,1": "seed 1 is listed twice",
+           "-1": "'-1' is negative", "0,-2-3": "'-2-3' is negative",
+           "a": "'a' is not a seed or a range", "1-2-3": "'1-2-3' is not", "1,,2": "'' is not", "0,1,": "'' is not",
+           "1.5": "'1.5' is not", "0x3": "'0x3' is not", "+1": "'+1' is not", "٣": "'٣' is not",
+           "0-5000": "holds 5001 seeds; at most 1000"}
+    for text, fragment in bad.items():
+        with pytest.raises(ValueError, match="^--seeds") as e:
+            parse_seeds(text)
+        assert fragment in str(e.value), (text, str(e.value))
+        with pytest.raises(ValueError):
+            CompareConfig(seeds=text)
+    assert CompareConfig(seeds="0-2").seeds == "0-2"
+    from fusealign.cli import build_parser
+
+    sub = build_parser()._subparsers._group_actions[0].choices["compare"]
+    assert "0-9" in sub.format_help() and "0,2,5-7" in sub.format_help()
 
 
 def test_readme_compare_section_is_the_generated_report():
