@@ -46,7 +46,9 @@ from .config import CompareConfig, DPOConfig, PPOConfig, RMConfig, SFTConfig, pa
 from .data import collate
 from .models import completion_inputs, load_causal_lm
 from .recipes import check_output_dir, load_tokenizer, run_dpo, run_ppo, run_rm, run_sft
-from .report import MATCHED_KL, aggregate, headline, matched_differences, plot, report_markdown, sentences, table
+from .claims import claims_markdown, judge
+from .report import (MATCHED_KL, aggregate, diff_table, headline, matched_differences, plot, report_markdown, sentences,
+                     table)
 from .sampling import sample
 from .trainer import resolve_device, set_threads
 
@@ -317,6 +319,7 @@ def run_compare(cfg: CompareConfig) -> dict:
               "interval": "95 % Student-t interval across seeds: mean ± t(0.975, n−1)·s/√n",
               "matched_kl": MATCHED_KL, "rows": rows, "differences": diffs, "headline": headline(diffs, p["main_beta"]),
               "per_seed": {str(s): v for s, v in per_seed.items()}}
+    report["claims"] = judge(report)  # the seed document's claims (claims.py), from the numbers above
     # the one key that differs between two runs of the same command, last in the file
     report["timing"] = {"total_wall_s": time.perf_counter() - t_start, "jobs": jobs, "stages": timing}
     write_text_atomic(out / "compare.json", json.dumps(report, indent=1, default=str))
@@ -324,6 +327,10 @@ def run_compare(cfg: CompareConfig) -> dict:
     write_text_atomic(out / "report.md", report_markdown(report))
     print(table(rows, timing))
     print()
+    print(diff_table(diffs, rows))
+    print()
     print("\n".join(sentences(report["headline"])))
+    print()
+    print("\n".join(claims_markdown(report["claims"])))
     print(f"\n{out / 'report.md'}; {time.perf_counter() - t_start:.0f} s on {jobs} worker(s) × {cfg.threads} thread(s)")
     return report

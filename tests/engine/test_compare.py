@@ -100,9 +100,32 @@ def test_compare_smoke_rows_intervals_report(smoke):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
     md = (base / "first" / "report.md").read_text()
     assert "## Findings" in md and "![reward vs KL](frontier.png)" in md and "| DPO-iterative |" in md
-    findings = md.split("## Findings")[1].split("## Results")[0]
+    findings = md.split("## Findings")[1].split("## The seed document's claims")[0]
     assert findings.count("\n- ") == 3  # three generated sentences
-    assert "gt reward" in stdout
+    claims = md.split("## The seed document's claims")[1].split("## Results")[0]
+    assert claims.count("\n- **") == 3 and "How a verdict is decided" in claims
+    assert "| resolved at 2 seeds | seeds to resolve |" in md
+    # the new keys (additive): per difference its resolution, checked against its definition with the t table of
+    # test_stats (the smallest n with t(0.975, n − 1)·s/√n < |mean|; ≈ 0 when |mean| ≤ s/√2), and the claims
+    from fusealign.engine.stats import t_quantile
+
+    for d in report["differences"]:
+        res, iv = d["resolution"], d["ppo_minus"]
+        if iv is None:
+            assert res is None
+            continue
+        a, b = iv["values"]
+        assert res["sd"] == pytest.approx(abs(a - b) / 2 ** 0.5)
+        assert res["resolved"] == (abs(iv["mean"]) > iv["ci"])
+        if abs(iv["mean"]) <= res["sd"] / 2 ** 0.5:
+            assert res["note"] == "not resolvable: mean ≈ 0" and res["seeds_needed"] is None
+        else:
+            k = res["seeds_needed"]
+            assert t_quantile(0.975, k - 1) * res["sd"] / k ** 0.5 < abs(iv["mean"])
+            assert k == 2 or t_quantile(0.975, k - 2) * res["sd"] / (k - 1) ** 0.5 >= abs(iv["mean"])
+    assert set(report["claims"]) == {"ppo_beats_dpo", "dpo_degrades_ood", "onpolicy_closes_gap"}
+    assert all(c["verdict"] in ("supports", "contradicts", "mixed", "cannot tell") for c in report["claims"].values())
+    assert "gt reward" in stdout and "seeds to resolve" in stdout and "**PPO beats DPO**" in stdout
 
 
 def test_compare_same_command_twice_is_byte_identical(smoke):
