@@ -184,3 +184,35 @@ def test_readme_compare_section_is_the_generated_report():
     assert section == "\n" + tables["compare_section"]()
     report = json.loads((root / "benchmarks" / "results" / "compare" / "compare.json").read_text())
     assert report["config"]["preset"] == "default" and len(report["seeds"]) >= 3
+    study = root / "benchmarks" / "results" / "compare-10seeds"
+    if (study / "compare.json").exists():  # the seed study, once committed: 10 seeds of the default preset
+        r10 = json.loads((study / "compare.json").read_text())
+        assert r10["config"]["preset"] == "default" and r10["seeds"] == list(range(10))
+        from fusealign.engine.report import report_markdown
+
+        assert (study / "report.md").read_text() == report_markdown(r10)  # re-rendered by the current code
+        assert f"### PPO or DPO? `fusealign compare --preset default --seeds {r10['config']['seeds']}`" in section
+    else:
+        assert "Not committed yet: `benchmarks/results/compare-10seeds/`" in section
+
+
+def test_readme_study_block_from_a_second_result_directory(tmp_path):
+    """The seed study's block comes from its own directory's compare.json: findings, claims, the differences
+    with seeds to resolve and its plot, but not the table of every row (its report.md has it); the 3-seed quick
+    check follows in full."""
+    import runpy
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    tables = runpy.run_path(str(root / "scripts" / "readme_tables.py"))
+    r = json.loads((root / "benchmarks" / "results" / "compare" / "compare.json").read_text())
+    r["config"]["seeds"] = "0-2"  # stands in for the 10-seed run's --seeds 0-9
+    (tmp_path / "compare.json").write_text(json.dumps(r))
+    section = tables["compare_section"](study_dir=tmp_path)
+    study, quick = section.split("### Quick check: the main job, `fusealign compare --preset default` (3 seeds)")
+    assert study.startswith("### PPO or DPO? `fusealign compare --preset default --seeds 0-2`")
+    for part in ("#### Findings", "#### The seed document's claims", "How a verdict is decided",
+                 "#### PPO − X at matched KL", "| seeds to resolve |", "frontier.png)", "/report.md)"):
+        assert part in study, part
+    assert "#### Results" not in study and "#### Results" in quick and "| seeds to resolve |" in quick
+    assert "benchmarks/results/compare/frontier.png" in quick
