@@ -62,6 +62,9 @@ ERRORS = [  # (args, command, fragment of the one-line message)
     (["dpo", "--beta", "-1"], "dpo", "--beta must be > 0"),
     (["sft", "--device", "tpu"], "sft", "--device must be auto, cpu or cuda"),
     (["compare", "--preset", "huge"], "compare", "--preset must be one of"),
+    (["compare", "--seeds", "9-0"], "compare", "--seeds: range '9-0' is reversed; write it low-high: 0-9"),
+    (["compare", "--seeds", "0-3,2"], "compare", "--seeds: seed 2 is listed twice"),
+    (["compare", "--seeds", "-1"], "compare", "--seeds: '-1' is negative"),
 ]
 
 

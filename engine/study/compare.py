@@ -50,9 +50,11 @@ from ..recipes import check_output_dir, load_tokenizer, run_dpo, run_ppo, run_rm
 from ..runtime import resolve_device, set_threads
 from ..sampling import sample
 from . import task
-from .config import CompareConfig
+from .claims import claims_markdown, judge
+from .config import CompareConfig, parse_seeds
 from .presets import DPO_DATA, PRESETS, SETTINGS  # noqa: F401  (DPO_DATA re-exported)
-from .report import MATCHED_KL, aggregate, headline, matched_differences, plot, report_markdown, sentences, table
+from .report import (MATCHED_KL, aggregate, diff_table, headline, matched_differences, plot, report_markdown, sentences,
+                     table)
 
 RECIPES = {"ppo": run_ppo, "dpo": run_dpo}
 MAX_NEW_TOKENS = 24  # evaluation samples: longer than any SFT completion (≤ 11 tokens), so EOS can be missed
@@ -63,7 +65,7 @@ def _floats(text, default):
 
 
 def seeds_of(cfg: CompareConfig) -> tuple:
-    return tuple(int(x) for x in cfg.seeds.split(",")) if cfg.seeds else tuple(PRESETS[cfg.preset]["seeds"])
+    return parse_seeds(cfg.seeds) or tuple(PRESETS[cfg.preset]["seeds"])
 
 
 def make_deterministic(threads: int) -> None:
@@ -295,6 +297,7 @@ def run_compare(cfg: CompareConfig) -> dict:
               "interval": "95 % Student-t interval across seeds: mean ± t(0.975, n−1)·s/√n",
               "matched_kl": MATCHED_KL, "rows": rows, "differences": diffs, "headline": headline(diffs, p["main_beta"]),
               "per_seed": {str(s): v for s, v in per_seed.items()}}
+    report["claims"] = judge(report)  # the seed document's claims (claims.py), from the numbers above
     # the one key that differs between two runs of the same command, last in the file
     report["timing"] = {"total_wall_s": time.perf_counter() - t_start, "jobs": jobs, "stages": timing}
     write_text_atomic(out / "compare.json", json.dumps(report, indent=1, default=str))
@@ -302,6 +305,10 @@ def run_compare(cfg: CompareConfig) -> dict:
     write_text_atomic(out / "report.md", report_markdown(report))
     print(table(rows, timing))
     print()
+    print(diff_table(diffs, rows))
+    print()
     print("\n".join(sentences(report["headline"])))
+    print()
+    print("\n".join(claims_markdown(report["claims"])))
     print(f"\n{out / 'report.md'}; {time.perf_counter() - t_start:.0f} s on {jobs} worker(s) × {cfg.threads} thread(s)")
     return report
