@@ -10,8 +10,11 @@ same text as this file. Layers, each field declared once, each only where it app
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field, fields
 from typing import Optional
+
+from fusealign.losses.grpo import GRPOOptions
 
 
 def opt(default, help: str, **kw):
@@ -213,9 +216,27 @@ class DPOConfig(SupervisedConfig, FromSFT):
         return not set(self.loss_type) <= REFERENCE_FREE
 
 
+def _grpo(name: str):
+    """A PPOConfig field for one of TRL 1.16's GRPO loss options: GRPOOptions' default and help text."""
+    f = GRPOOptions.__dataclass_fields__[name]
+    return opt(f.default, f"with --advantage grpo/rloo: {f.metadata['help']}")
+
+
+# The GRPO-loss fields of PPOConfig (TRL 1.16's names; entropy_coef is shared with PPO and means the same).
+GRPO_FIELDS = ("loss_type", "epsilon", "epsilon_high", "delta", "importance_sampling_level", "beta",
+               "use_bias_correction_kl", "sapo_temperature_neg", "sapo_temperature_pos", "vespo_k_pos",
+               "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg", "top_entropy_quantile",
+               "off_policy_mask_threshold", "mask_truncated_completions")
+
+
 @dataclass
 class PPOConfig(TrainConfig, FromSFT):
-    """PPO with a learned reward model (or a Python reward function); GRPO and RLOO advantages."""
+    """PPO with a learned reward model (or a Python reward function); GRPO and RLOO advantages.
+
+    With --advantage gae (a critic) the loss is PPO's clipped surrogate (--clip-eps, --dual-clip, --kl-mode);
+    with --advantage grpo or rloo it is TRL 1.16's GRPOTrainer loss (`fa.grpo_loss`: --loss-type and its options,
+    TRL's names and defaults). --kl-coef is the reward-side KL penalty for all three.
+    """
 
     max_steps: int = opt(60, "PPO iterations (rollout + update)")
     batch_size: int = opt(32, "prompts per rollout")
@@ -246,6 +267,55 @@ class PPOConfig(TrainConfig, FromSFT):
     cliprange_value: float = opt(0.2, "value clip")
     entropy_coef: float = opt(0.0, "entropy bonus")
     early_stop_kl: float = opt(0.0, "stop an iteration's epochs once approx-KL exceeds this (0: off)")
+    loss_type: str = _grpo("loss_type")
+    epsilon: float = _grpo("epsilon")
+    epsilon_high: Optional[float] = _grpo("epsilon_high")
+    delta: Optional[float] = _grpo("delta")
+    importance_sampling_level: str = _grpo("importance_sampling_level")
+    beta: float = _grpo("beta")
+    use_bias_correction_kl: bool = _grpo("use_bias_correction_kl")
+    sapo_temperature_neg: float = _grpo("sapo_temperature_neg")
+    sapo_temperature_pos: float = _grpo("sapo_temperature_pos")
+    vespo_k_pos: float = _grpo("vespo_k_pos")
+    vespo_lambda_pos: float = _grpo("vespo_lambda_pos")
+    vespo_k_neg: float = _grpo("vespo_k_neg")
+    vespo_lambda_neg: float = _grpo("vespo_lambda_neg")
+    top_entropy_quantile: float = _grpo("top_entropy_quantile")
+    off_policy_mask_threshold: Optional[float] = _grpo("off_policy_mask_threshold")
+    mask_truncated_completions: bool = opt(False, "with --advantage grpo/rloo: leave completions that did not "
+                                                  "end in EOS out of the loss (DAPO; TRL's default off)")
+
+    def grpo_options(self, num_processes: int = 1) -> GRPOOptions:
+        """The GRPO loss options of this run: one rollout is TRL's generation batch, split into --num-minibatches
+        optimizer steps (steps_per_generation; no accumulation), over `num_processes` ranks; dr_grpo's constant is
+        --max-new-tokens (the longest completion, EOS included)."""
+        return GRPOOptions(**{k: getattr(self, k) for k in GRPO_FIELDS if k != "mask_truncated_completions"},
+                           entropy_coef=self.entropy_coef, max_completion_length=self.max_new_tokens,
+                           gradient_accumulation_steps=1, steps_per_generation=self.num_minibatches,
+                           num_processes=num_processes)
+
+    def _check_loss_options(self):
+        defaults = {f.name: f.default for f in fields(PPOConfig)}
+        if self.advantage == "gae":
+            changed = [_flag(k) for k in GRPO_FIELDS if getattr(self, k) != defaults[k]]
+            if changed:
+                raise ValueError(f"{', '.join(changed)}: TRL's GRPO loss options apply to --advantage grpo or rloo; "
+                                 f"PPO with a critic (gae) uses --clip-eps, --clip-eps-high, --dual-clip, --kl-mode")
+            return
+        changed = [_flag(k) for k in ("clip_eps", "clip_eps_high", "dual_clip") if getattr(self, k) != defaults[k]]
+        if changed:
+            raise ValueError(f"{', '.join(changed)}: with --advantage {self.advantage} the loss is TRL's GRPO loss; "
+                             f"its clipping is --epsilon, --epsilon-high and --delta")
+        if self.kl_mode == "loss":
+            raise ValueError(f"--kl-mode loss is PPO's k3 term; with --advantage {self.advantage} the loss's KL is "
+                             f"TRL's --beta (--kl-coef stays the reward-side penalty)")
+        try:
+            self.grpo_options()
+        except ValueError as e:  # the same message, in flag spelling
+            msg = str(e)
+            for name in GRPO_FIELDS:
+                msg = re.sub(rf"(?<![\w-]){name}\b", _flag(name), msg)
+            raise ValueError(msg) from None
 
     def __post_init__(self):
         super().__post_init__()
@@ -268,6 +338,7 @@ class PPOConfig(TrainConfig, FromSFT):
         if self.max_new_tokens <= 0 or self.max_new_tokens >= self.max_length:
             raise ValueError(f"--max-new-tokens must lie in [1, --max-length={self.max_length}), "
                              f"got {self.max_new_tokens}")
+        self._check_loss_options()
 
 
 @dataclass

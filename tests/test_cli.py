@@ -62,6 +62,9 @@ ERRORS = [  # (args, command, fragment of the one-line message)
     (["dpo", "--beta", "-1"], "dpo", "--beta must be > 0"),
     (["sft", "--device", "tpu"], "sft", "--device must be auto, cpu or cuda"),
     (["compare", "--preset", "huge"], "compare", "--preset must be one of"),
+    (["ppo", "--loss-type", "grpo"], "ppo", "--loss-type: TRL's GRPO loss options apply to --advantage grpo or rloo"),
+    (["ppo", "--advantage", "grpo", "--num-generations", "4", "--epsilon-high", "-1"], "ppo",
+     "--epsilon-high must be >= 0"),
 ]
 
 
