@@ -375,9 +375,10 @@ class PPOTrainer:
         else:  # TRL's GRPOTrainer names: the loss's metrics (means over minibatches) and the rollout's
             group_std = ro.scores.view(-1, self.cfg.num_generations).std(1)
             lengths = ro.mask.sum(1).float()
+            zero_std = torch.isclose(group_std, torch.zeros_like(group_std))
             out.update({k: upd[k] for k in upd if not k.startswith(("policy/", "loss/", "first/"))})
             out.update({"reward": ro.scores.mean().item(), "reward_std": ro.scores.std().item(),
-                        "frac_reward_zero_std": torch.isclose(group_std, torch.zeros_like(group_std)).float().mean().item(),
+                        "frac_reward_zero_std": zero_std.float().mean().item(),
                         "completions/mean_length": lengths.mean().item(),
                         "completions/clipped_ratio": 1.0 - ro.ended.float().mean().item()})
         return out

@@ -313,8 +313,9 @@ def high_entropy_mask(entropy: torch.Tensor, mask: torch.Tensor, top_quantile: f
 
 @torch.no_grad()
 def off_policy_mask(advantages, logps, sampling_logps, mask, threshold: float) -> torch.Tensor:
-    """DeepSeek-V3.2's off-policy sequence mask (its Eq. 9, as TRL cites it): keep a sequence unless A < 0 and its mean (ℓ_sampler − ℓ) over the mask > threshold.
-    (B, 1) (or like advantages) float; NaN sampler log-probs count as 0."""
+    """DeepSeek-V3.2's off-policy sequence mask (its Eq. 9, as TRL cites it): keep a sequence unless A < 0 and
+    its mean (ℓ_sampler − ℓ) over the mask exceeds the threshold. (B, 1) (or like advantages) float; NaN sampler
+    log-probs count as 0."""
     kl = torch.nan_to_num(sampling_logps - logps.detach(), nan=0.0)
     mean_kl = torch.where(mask, kl, 0).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1)
     return ((advantages >= 0) | (mean_kl <= threshold)).to(logps.dtype)
