@@ -10,10 +10,10 @@ embedded loss-options bundle), so `--help` shows the same text as this file (and
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Optional
 
-from fusealign.losses import DPOOptions, PPOOptions
+from fusealign.losses import DPOOptions, GRPOOptions, PPOOptions
 
 
 def opt(default, help: str, **kw):
@@ -131,11 +131,18 @@ class RMConfig(SupervisedConfig, FromSFT):
             raise ValueError(f"--center-coef must be >= 0, got {self.center_coef}")
 
 
-def bundle(factory, help: str):
-    """A config field holding a loss's options bundle (`fa.DPOOptions`, `fa.PPOOptions`): the CLI gives each of the
-    bundle's fields its own flag (`--beta`, `--loss-type`, …: the bundle's help texts), except those the config
-    defines itself; the run passes the bundle unchanged to the loss."""
-    return field(default_factory=factory, metadata={"help": help, "bundle": True})
+def bundle(factory, help: str, derived: tuple = ()):
+    """A config field holding a loss's options bundle (`fa.DPOOptions`, `fa.PPOOptions`, `fa.GRPOOptions`): the CLI
+    gives each of the bundle's fields its own flag (`--beta`, `--loss-type`, …: the bundle's help texts), except
+    those the config defines itself and the `derived` ones the run sets from its own layout; a name two bundles of
+    one config share is one flag that sets both. The run passes the bundle (unchanged, or with the derived fields
+    filled) to the loss."""
+    return field(default_factory=factory, metadata={"help": help, "bundle": True, "derived": derived})
+
+
+# GRPOOptions fields a PPO run sets itself: dr_grpo's constant from --max-new-tokens, TRL's batch layout from
+# --num-minibatches and the world size (PPOConfig.grpo_options).
+GRPO_DERIVED = ("max_completion_length", "gradient_accumulation_steps", "steps_per_generation", "num_processes")
 
 
 @dataclass
@@ -177,9 +184,15 @@ class DPOConfig(SupervisedConfig, FromSFT):
         return self.loss.needs_reference
 
 
+
 @dataclass
 class PPOConfig(TrainConfig, FromSFT):
-    """PPO with a learned reward model (or a Python reward function); GRPO and RLOO advantages."""
+    """PPO with a learned reward model (or a Python reward function); GRPO and RLOO advantages.
+
+    With --advantage gae (a critic) the loss is PPO's clipped surrogate (--clip-eps, --dual-clip, --kl-mode);
+    with --advantage grpo or rloo it is TRL 1.16's GRPOTrainer loss (`fa.grpo_loss`: --loss-type and its options,
+    TRL's names and defaults). --kl-coef is the reward-side KL penalty for all three.
+    """
 
     max_steps: int = opt(60, "PPO iterations (rollout + update)")
     batch_size: int = opt(32, "prompts per rollout")
@@ -212,6 +225,41 @@ class PPOConfig(TrainConfig, FromSFT):
     cliprange_value: float = opt(0.2, "value clip")
     early_stop_kl: float = opt(0.0, "stop an iteration's epochs once the epoch's mean approx-KL exceeds this "
                                     "(0: off)")
+    grpo: GRPOOptions = bundle(GRPOOptions, "with --advantage grpo/rloo: TRL 1.16's GRPO loss (fa.GRPOOptions; "
+                                            "--entropy-coef is shared with the PPO loss)",
+                               derived=GRPO_DERIVED)
+    mask_truncated_completions: bool = opt(False, "with --advantage grpo/rloo: leave completions that did not "
+                                                  "end in EOS out of the loss (DAPO; TRL's default off)")
+
+    def grpo_options(self, num_processes: int = 1) -> GRPOOptions:
+        """The GRPO loss options of this run: one rollout is TRL's generation batch, split into --num-minibatches
+        optimizer steps (steps_per_generation; no accumulation), over `num_processes` ranks; dr_grpo's constant is
+        --max-new-tokens (the longest completion, EOS included)."""
+        return replace(self.grpo, max_completion_length=self.max_new_tokens, gradient_accumulation_steps=1,
+                       steps_per_generation=self.num_minibatches, num_processes=num_processes)
+
+    def _check_loss_options(self):
+        """PPO's loss options go with --advantage gae, TRL's GRPO options with grpo/rloo: a flag of the other family
+        is a mistake, named with the flags to use instead."""
+        def changed(bundle, default, skip):
+            return [_flag(f.name) for f in fields(bundle)
+                    if f.name not in skip and getattr(bundle, f.name) != getattr(default, f.name)]
+
+        shared = {"entropy_coef"} | set(GRPO_DERIVED)
+        if self.advantage == "gae":
+            wrong = changed(self.grpo, GRPOOptions(), shared)
+            if wrong:
+                raise ValueError(f"{', '.join(wrong)}: TRL's GRPO loss options apply to --advantage grpo or rloo; "
+                                 f"PPO with a critic (gae) uses --clip-eps, --clip-eps-high, --dual-clip, --kl-mode")
+            return
+        wrong = changed(self.loss, PPOOptions(), shared | {"kl_coef"})
+        if wrong:
+            raise ValueError(f"{', '.join(wrong)}: with --advantage {self.advantage} the loss is TRL's GRPO loss; "
+                             f"its clipping is --epsilon, --epsilon-high and --delta")
+        if self.kl_mode == "loss":
+            raise ValueError(f"--kl-mode loss is PPO's k3 term; with --advantage {self.advantage} the loss's KL is "
+                             f"TRL's --beta (--kl-coef stays the reward-side penalty)")
+        self.grpo_options()  # the derived fields validated too
 
     def __post_init__(self):
         super().__post_init__()
@@ -240,6 +288,9 @@ class PPOConfig(TrainConfig, FromSFT):
             raise ValueError(f"--top-p must lie in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise ValueError(f"--top-k must be >= 0 (0: off), got {self.top_k}")
+        if not isinstance(self.grpo, GRPOOptions):
+            raise TypeError(f"PPOConfig.grpo must be a fusealign.GRPOOptions, got {type(self.grpo).__name__}")
+        self._check_loss_options()
 
 
 # The trainers' configs, by command; `fusealign compare`'s is the study's own (engine/study/config.py).

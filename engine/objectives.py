@@ -73,7 +73,7 @@ def dpo_objective(policy, examples, *, pad_id, pack, options: DPOOptions, ref_lo
         refs = dict(ref_chosen_logps=ref_logps[:, 0].to(device), ref_rejected_logps=ref_logps[:, 1].to(device))
     elif isinstance(ref_model, InForward):
         with torch.no_grad():
-            seq = run(ref_model, sequence_logps, batch, average=options.average_logps, temperature=temperature,
+            seq = run(ref_model, sequence_logps, batch, average=options.per_token_means, temperature=temperature,
                       backend=backend)
         refs = dict(ref_chosen_logps=seq[:B], ref_rejected_logps=seq[B:])
     elif ref_model is not None:

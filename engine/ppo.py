@@ -9,7 +9,8 @@ with PPO"), reading top to bottom in `PPOTrainer.iteration`:
   rewards      per-token −β·k1 KL to the reference, plus the score on the last token   (kl_mode="reward")
                or the score alone, KL entering the loss as k3 (GRPO style)               (kl_mode="loss")
   advantages   GAE(γ, λ) with whitening; or GRPO (group-normalised) / RLOO (leave-one-out), no critic
-  update       num_ppo_epochs × minibatches of fa.ppo_policy_loss + vf_coef · fa.value_loss
+  update       num_ppo_epochs × minibatches of fa.ppo_policy_loss + vf_coef · fa.value_loss (gae), or of
+               fa.grpo_loss — TRL 1.16's GRPOTrainer loss, --loss-type and its options — (grpo, rloo)
 Scoring and update run the same forward (`_forward`: `score_tokens` plus the critic), the first
 epoch's minibatches are scored exactly as they are trained (same sequences, same packing, same
 kernels), and dropout is off wherever each role hides it (`models.disable_dropout`), so the ratio is
@@ -28,7 +29,7 @@ from typing import Callable, List, Optional
 import torch
 import torch.distributed as dist
 
-from fusealign.losses import ppo_policy_loss, value_loss
+from fusealign.losses import grpo_loss, ppo_policy_loss, value_loss
 
 from .config import PPOConfig
 from .data import collate, load_prompts
@@ -176,6 +177,7 @@ class RolloutBatch:
     kl: Optional[torch.Tensor] = None  # (S, T) k1 = log π_old − log π_ref
     rewards: Optional[torch.Tensor] = None  # (S, T) per-token rewards (KL penalty + score on the last token)
     advantages: Optional[torch.Tensor] = None  # (S, T)
+    seq_advantages: Optional[torch.Tensor] = None  # (S,) one advantage per sequence (GRPO / RLOO)
     returns: Optional[torch.Tensor] = None  # (S, T) value targets (GAE)
     sampler_logps: Optional[torch.Tensor] = None  # (S, T) the sampler's log-probs of the distribution it drew from
 
@@ -221,6 +223,8 @@ class PPOTrainer:
         self.kl_ctl = AdaptiveKL(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon)
         models = {"": self.policy, **(self.critic.modules(info.active) if self.critic is not None else {})}
         self.state = TrainState(cfg, models, info=info, tokenizer=tok, extras={"kl_ctl": self.kl_ctl})
+        # TRL's GRPO loss for grpo / rloo advantages (one rollout = its generation batch, over every rank)
+        self.grpo_options = None if cfg.advantage == "gae" else cfg.grpo_options(num_processes=info.world_size)
         self.prompts = prompts or load_prompts("builtin", tok, max_prompt_tokens=cfg.max_length, seed=cfg.seed)
         if cfg.gradient_checkpointing:
             enable_gradient_checkpointing(policy)
@@ -308,32 +312,65 @@ class PPOTrainer:
         else:
             seq_score = ro.scores - (beta * ro.kl.sum(1) if cfg.kl_mode == "reward" else 0.0)
             per_seq = (grpo_advantages if cfg.advantage == "grpo" else rloo_advantages)(seq_score, cfg.num_generations)
+            ro.seq_advantages = per_seq
             ro.advantages = per_seq[:, None] * m
             ro.returns = torch.zeros_like(ro.advantages)
 
+    def _loss_mask(self, ro: RolloutBatch, idx) -> torch.Tensor:
+        """(S_mb, T) the tokens the GRPO loss reads: completion tokens, of ended completions only with
+        --mask-truncated-completions (TRL's; the truncated ones still count in the group's advantages)."""
+        m = ro.mask[idx]
+        return m & ro.ended[idx].to(m.device)[:, None] if self.cfg.mask_truncated_completions else m
+
+    def _grpo_loss(self, new: TokenScores, ro: RolloutBatch, idx, num_items_in_batch: float):
+        """TRL 1.16's GRPO loss (`fa.grpo_loss`) on one minibatch, padded to (S_mb, T); TRL's metric names plus
+        the engine's own approx-KL and ratio mean (the first minibatch is scored as trained: ratio 1)."""
+        m = ro.mask[idx]
+
+        def padded(flat):  # (N_c,) in batch order -> (S_mb, T); masked_scatter: differentiable, no host sync
+            return torch.zeros(m.shape, dtype=flat.dtype, device=flat.device).masked_scatter(m, flat)
+        logps, old = padded(new.logps), ro.old_logps[idx]
+        loss, metrics = grpo_loss(logps, old, ro.seq_advantages[idx], self._loss_mask(ro, idx),
+                                  ref_logps=ro.ref_logps[idx], entropy=padded(new.entropy),
+                                  num_items_in_batch=num_items_in_batch, options=self.grpo_options)
+        with torch.no_grad():
+            log_ratio = torch.where(m, logps - old, 0.0)
+            n = m.sum().clamp_min(1)
+            metrics["policy/approxkl"] = (0.5 * log_ratio ** 2).sum() / n
+            metrics["policy/ratio_mean"] = torch.where(m, log_ratio.exp(), 0.0).sum() / n
+            metrics["loss/policy"] = loss.detach()
+        return loss, metrics
+
     def update(self, ro: RolloutBatch) -> dict:
-        """num_ppo_epochs × minibatches of clipped policy loss (+ value loss); averaged metrics."""
+        """num_ppo_epochs × minibatches of clipped policy loss (+ value loss), or of TRL's GRPO loss; averaged
+        metrics."""
         cfg, stats = self.cfg, []
         # the loss's options as configured, with the KL term's weight β when the KL enters the loss (GRPO style)
         loss_options = replace(cfg.loss, kl_coef=self.kl_ctl.beta if cfg.kl_mode == "loss" else 0.0)
         optimizer, params = self.state.optimizer, self.state.params
+        if self.grpo_options is not None:  # TRL's num_items_in_batch: the loss tokens of the whole rollout
+            num_items = all_reduce_sum(float(self._loss_mask(ro, slice(None)).sum()), self.info)
         for epoch in range(cfg.num_ppo_epochs):
             epoch_kl = []
             for idx in self._minibatches(len(ro), epoch):
                 batch, m = self._batch(ro, idx), ro.mask[idx]
                 new = self._forward(self.policy, batch, critic=self.critic)  # (N_c,) in batch order
-                on = torch.ones_like(new.logps, dtype=torch.bool)
-                loss, metrics = ppo_policy_loss(new.logps, new.entropy, ro.old_logps[idx][m], ro.advantages[idx][m], on,
-                                                ref_logps=ro.ref_logps[idx][m], options=loss_options)
-                if new.values is not None:
-                    v_loss, v_metrics = value_loss(new.values, ro.values[idx][m], ro.returns[idx][m],
-                                                   clip_eps=cfg.cliprange_value)
-                    loss = loss + cfg.vf_coef * v_loss
-                    metrics = {**metrics, **v_metrics}
-                # Token-weighted across ranks (as the supervised trainer): FSDP averages the ranks' gradients, so
-                # scale this rank's token mean by its share of the minibatch's tokens; one process: × 1.
-                n_local = float(m.sum())
-                loss = loss * (n_local * self.info.world_size / all_reduce_sum(n_local, self.info))
+                if self.grpo_options is not None:
+                    loss, metrics = self._grpo_loss(new, ro, idx, num_items)  # TRL's normalisers across ranks
+                else:
+                    on = torch.ones_like(new.logps, dtype=torch.bool)
+                    loss, metrics = ppo_policy_loss(new.logps, new.entropy, ro.old_logps[idx][m],
+                                                    ro.advantages[idx][m], on, ref_logps=ro.ref_logps[idx][m],
+                                                    options=loss_options)
+                    if new.values is not None:
+                        v_loss, v_metrics = value_loss(new.values, ro.values[idx][m], ro.returns[idx][m],
+                                                       clip_eps=cfg.cliprange_value)
+                        loss = loss + cfg.vf_coef * v_loss
+                        metrics = {**metrics, **v_metrics}
+                    # Token-weighted across ranks (as the supervised trainer): FSDP averages the ranks' gradients,
+                    # so scale this rank's token mean by its share of the minibatch's tokens; one process: × 1.
+                    n_local = float(m.sum())
+                    loss = loss * (n_local * self.info.world_size / all_reduce_sum(n_local, self.info))
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
@@ -344,8 +381,12 @@ class PPOTrainer:
                 kl = all_reduce_mean({"kl": sum(epoch_kl) / len(epoch_kl)}, self.info)["kl"]
                 if epoch_should_stop([kl], cfg.early_stop_kl):
                     break
-        mean = {k: sum(s[k] for s in stats) / len(stats) for k in stats[0]}
-        return {**mean, "first/ratio_mean": stats[0]["policy/ratio_mean"], "first/clipfrac": stats[0]["policy/clipfrac"]}
+        mean = {}
+        for k in stats[0]:  # NaN (e.g. TRL's clip_ratio/low_min with every sequence masked) is left out
+            vals = [s[k] for s in stats if s[k] == s[k]]
+            mean[k] = sum(vals) / len(vals) if vals else math.nan
+        first_clip = stats[0].get("policy/clipfrac", stats[0].get("clip_ratio/region_mean", 0.0))
+        return {**mean, "first/ratio_mean": stats[0]["policy/ratio_mean"], "first/clipfrac": first_clip}
 
     def iteration(self, prompt_ids: List[List[int]]) -> dict:
         t0 = time.perf_counter()
@@ -374,12 +415,7 @@ class PPOTrainer:
             "objective/rlhf_reward": (ro.scores + non_score).mean().item(),
             "objective/scores": ro.scores.mean().item(),
             "policy/approxkl_avg": upd["policy/approxkl"],
-            "policy/clipfrac_avg": upd["policy/clipfrac"],
             "loss/policy_avg": upd["loss/policy"],
-            "loss/value_avg": upd.get("loss/value", 0.0),
-            "val/clipfrac_avg": upd.get("val/clipfrac", 0.0),
-            "val/explained_variance": explained_variance(ro.values, ro.returns, ro.mask)
-            if self.critic is not None else None,
             "val/ratio": upd["policy/ratio_mean"],
             "first/ratio_mean": upd["first/ratio_mean"],
             "first/clipfrac": upd["first/clipfrac"],
@@ -390,6 +426,20 @@ class PPOTrainer:
             "train_tokens_per_s": n_tok * self.cfg.num_ppo_epochs / max(t_update, 1e-9),
             "time/rollout_s": t_roll, "time/score_s": t_score, "time/update_s": t_update,
         }
+        if self.grpo_options is None:  # PPO with a critic: TRL's PPOTrainer names
+            out.update({"policy/clipfrac_avg": upd["policy/clipfrac"], "loss/value_avg": upd.get("loss/value", 0.0),
+                        "val/clipfrac_avg": upd.get("val/clipfrac", 0.0),
+                        "val/explained_variance": explained_variance(ro.values, ro.returns, ro.mask)
+                        if self.critic is not None else None})
+        else:  # TRL's GRPOTrainer names: the loss's metrics (means over minibatches) and the rollout's
+            group_std = ro.scores.view(-1, self.cfg.num_generations).std(1)
+            lengths = ro.mask.sum(1).float()
+            zero_std = torch.isclose(group_std, torch.zeros_like(group_std))
+            out.update({k: upd[k] for k in upd if not k.startswith(("policy/", "loss/", "first/"))})
+            out.update({"reward": ro.scores.mean().item(), "reward_std": ro.scores.std().item(),
+                        "frac_reward_zero_std": zero_std.float().mean().item(),
+                        "completions/mean_length": lengths.mean().item(),
+                        "completions/clipped_ratio": 1.0 - ro.ended.float().mean().item()})
         return out
 
     # --- the run loop ---------------------------------------------------------------------------------------

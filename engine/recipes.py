@@ -279,7 +279,7 @@ def run_dpo(cfg: DPOConfig) -> dict:
         ref_key = fingerprint(ref_model) if info.active else None  # before sharding splits its weights
         ref_model = shard(ref_model, info, bf16=bf16)
     precompute = ref_model is not None and cfg.ref_mode == "precompute"
-    ref_kw = dict(pad_id=tok.pad_token_id, average=cfg.loss.average_logps, temperature=cfg.temperature,
+    ref_kw = dict(pad_id=tok.pad_token_id, average=cfg.loss.per_token_means, temperature=cfg.temperature,
                   backend=cfg.backend, cfg=cfg, ref_key=ref_key)
     lookup = None
     if onpolicy:  # pairs sampled from the policy (again every K steps with --resample-every), labelled by an RM

@@ -65,6 +65,9 @@ ERRORS = [  # (args, command, fragment of the one-line message)
     (["compare", "--seeds", "9-0"], "compare", "--seeds: range '9-0' is reversed; write it low-high: 0-9"),
     (["compare", "--seeds", "0-3,2"], "compare", "--seeds: seed 2 is listed twice"),
     (["compare", "--seeds", "-1"], "compare", "--seeds: '-1' is negative"),
+    (["ppo", "--loss-type", "grpo"], "ppo", "--loss-type: TRL's GRPO loss options apply to --advantage grpo or rloo"),
+    (["ppo", "--advantage", "grpo", "--num-generations", "4", "--epsilon-high", "-1"], "ppo",
+     "--epsilon-high must be >= 0"),
 ]
 
 

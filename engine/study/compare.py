@@ -39,7 +39,7 @@ import torch
 
 from fusealign.kernels import linear_kl, segment_sum
 
-from fusealign.losses import DPOOptions
+from fusealign.losses import DPOOptions, GRPOOptions
 
 from ..checkpoint import latest_checkpoint, write_text_atomic
 from ..config import DPOConfig, PPOConfig, RMConfig, SFTConfig
@@ -56,6 +56,10 @@ from .presets import DPO_DATA, PRESETS, SETTINGS  # noqa: F401  (DPO_DATA re-exp
 from .report import (MATCHED_KL, aggregate, diff_table, headline, matched_differences, plot, report_markdown, sentences,
                      table)
 
+# The GRPO rows' loss (TRL 1.16's name, stated in the row): bnpo = PPO's clipped surrogate as a token mean over each
+# minibatch, the loss the committed GRPO results were run with (TRL's default, dapo, divides by the rollout's
+# tokens per minibatch instead).
+GRPO_LOSS_TYPE = "bnpo"
 RECIPES = {"ppo": run_ppo, "dpo": run_dpo}
 MAX_NEW_TOKENS = 24  # evaluation samples: longer than any SFT completion (≤ 11 tokens), so EOS can be missed
 
@@ -169,7 +173,7 @@ def policy_stages(cfg: CompareConfig, p: dict, seed: int, dirs: dict) -> list:
             name, k = f"grpo-{setting}-kl{kc:g}", p["grpo_generations"]
             stages.append(Stage(seed, "GRPO", setting, kc, name, "ppo", PPOConfig(
                 output_dir=str(out / name), advantage="grpo", num_generations=k, batch_size=p["ppo_batch"] // k,
-                kl_coef=kc, **rl)))
+                kl_coef=kc, grpo=GRPOOptions(loss_type=GRPO_LOSS_TYPE), **rl)))
         dpo = dict(sft_model=dirs["sft"], max_steps=p["dpo_steps"], eval_samples=8, **common)
         betas = _floats(cfg.betas, p["dpo_betas"]["in"]) if setting == "in" else p["dpo_betas"][setting]
         for b in betas if "offline" in dpo_data else ():
@@ -205,7 +209,9 @@ def train_and_evaluate(cfg: CompareConfig, p: dict, stage: Stage, sft_dir: str) 
     sft_samples = sample(sft, tok, prompts, max_new_tokens=MAX_NEW_TOKENS, seed=stage.seed + 2)
     ev = evaluate(policy_dir, sft, tok, prompts, sft_samples, seed=stage.seed, backend=cfg.backend)
     timing[f"eval-{stage.name}"] = {"wall_s": time.perf_counter() - t0}
-    row = {"method": stage.method, "setting": stage.setting, "knob": stage.knob, "stage": stage.name, **ev}
+    grpo = isinstance(stage.cfg, PPOConfig) and stage.cfg.advantage != "gae"
+    row = {"method": stage.method, "setting": stage.setting, "knob": stage.knob, "stage": stage.name,
+           "loss_type": stage.cfg.loss_type if grpo else None, **ev}
     return row, timing
 
 

@@ -52,7 +52,7 @@ def aggregate(per_seed: dict) -> list:
     for i, row in enumerate(per_seed[seeds[0]]):
         runs = [per_seed[s][i] for s in seeds]
         assert all(r["stage"] == row["stage"] for r in runs), "every seed runs the same stages"
-        out.append({k: row[k] for k in ("method", "setting", "knob", "stage")}
+        out.append({k: row[k] for k in ("method", "setting", "knob", "stage")} | {"loss_type": row.get("loss_type")}
                    | {m: mean_interval([r[m] for r in runs]) for m in METRICS})
     return out
 
@@ -83,7 +83,7 @@ def matched_differences(per_seed: dict) -> list:
                 beyond.append(s)
             else:
                 deltas.append(ppo - x["gt_reward"])
-        d = {k: row[k] for k in ("method", "setting", "knob", "stage")}
+        d = {k: row[k] for k in ("method", "setting", "knob", "stage")} | {"loss_type": row.get("loss_type")}
         d["ppo_minus"] = mean_interval(deltas) if not beyond else None
         d["beyond_ppo_kl_in_seeds"] = beyond
         d["resolution"] = resolution(d["ppo_minus"]) if d["ppo_minus"] else None
@@ -129,7 +129,11 @@ def _range(iv: dict, digits: int = 3, *, short: bool = False) -> str:
 
 
 def _knob(r) -> str:
-    return "–" if r["knob"] is None else f"{'β' if r['method'].startswith('DPO') else 'KL coef'} {r['knob']:g}"
+    """The row's knob, and a GRPO row's loss type (TRL's name) when its results record it."""
+    if r["knob"] is None:
+        return "–"
+    knob = f"{'β' if r['method'].startswith('DPO') else 'KL coef'} {r['knob']:g}"
+    return f"{knob}, {r['loss_type']} loss" if r.get("loss_type") else knob
 
 
 def table(rows: list, timing: Optional[dict] = None) -> str:

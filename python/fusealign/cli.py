@@ -34,7 +34,7 @@ RUNS = {**_TRAIN_RUNS, "compare": run_compare}
 
 _TYPES = {"int": int, "float": float, "str": str, "Optional[str]": str, "Optional[float]": float}
 _LISTS = {"list[str]": str, "Optional[list[float]]": float}  # space-separated values: --loss-type sigmoid sft
-_BUNDLE = "bundle."  # argparse dest prefix of a bundle's field: bundle.<config field>.<bundle field>
+_BUNDLE = "bundle."  # argparse dest prefix of a bundle's field: bundle.<bundle field> (shared by every bundle)
 
 
 def _flag(name: str) -> str:
@@ -68,35 +68,37 @@ def _add_flag(parser: argparse.ArgumentParser, f, default, dest: str, aliases=()
 
 def _add_flags(parser: argparse.ArgumentParser, cls) -> None:
     """A flag per config field; for a field holding a loss-options bundle (`bundle` metadata: fa.DPOOptions,
-    fa.PPOOptions), a flag per field of the bundle that the config does not define itself, with the bundle's help
-    text and the config's default bundle's value (and its aliases, e.g. DPO's --gamma for --simpo-gamma)."""
+    fa.PPOOptions, fa.GRPOOptions), a flag per field of the bundle that the config neither defines itself nor derives
+    from the run, with the bundle's help text and the config's default bundle's value (and its aliases, e.g. DPO's
+    --gamma for --simpo-gamma). A name in two bundles of one config is one flag, setting both."""
     own = {f.name for f in fields(cls)}
     for f in fields(cls):
         if f.metadata.get("bundle"):
             bundle = _default(f)
             aliases = {new: old for old, new in getattr(type(bundle), "ALIASES", {}).items()}
             for g in fields(bundle):
-                if g.name not in own:
-                    _add_flag(parser, g, getattr(bundle, g.name), f"{_BUNDLE}{f.name}.{g.name}",
-                              [aliases[g.name]] if g.name in aliases else ())
+                if g.name in own or g.name in f.metadata.get("derived", ()):
+                    continue
+                own.add(g.name)
+                _add_flag(parser, g, getattr(bundle, g.name), _BUNDLE + g.name,
+                          [aliases[g.name]] if g.name in aliases else ())
         else:
             _add_flag(parser, f, _default(f), f.name)
 
 
 def build_config(cls, args: dict):
-    """The config dataclass from parsed flags: a bundle's flags rebuilt into its bundle (validated there)."""
-    bundles = {}
-    for key in [k for k in args if k.startswith(_BUNDLE)]:
-        field_name, name = key[len(_BUNDLE):].split(".", 1)
-        bundles.setdefault(field_name, {})[name] = args.pop(key)
+    """The config dataclass from parsed flags: each bundle rebuilt from its flags (validated there)."""
+    flagged = {k[len(_BUNDLE):]: args.pop(k) for k in [k for k in args if k.startswith(_BUNDLE)]}
     for f in fields(cls):
-        if f.name in bundles:
+        if f.metadata.get("bundle"):
             bundle_cls = type(_default(f))
+            names = [g.name for g in fields(bundle_cls)]
             try:
-                args[f.name] = bundle_cls(**bundles[f.name])
+                args[f.name] = dataclasses.replace(_default(f), **{n: flagged[n] for n in names if n in flagged})
             except (ValueError, TypeError) as e:  # the bundle's own message, in flag spelling
-                names = sorted((g.name for g in fields(bundle_cls)), key=len, reverse=True)
-                raise ValueError(re.sub(r"\b(" + "|".join(names) + r")\b", lambda m: _flag(m.group(1)), str(e))) from None
+                longest_first = sorted(names, key=len, reverse=True)
+                raise ValueError(re.sub(r"\b(" + "|".join(longest_first) + r")\b", lambda m: _flag(m.group(1)),
+                                        str(e))) from None
     return cls(**args)
 
 

@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 from fusealign.kernels import DEFAULT_CHUNK_BYTES, linear_kl, linear_logps
-from fusealign.losses import (DPOOptions, PPOOptions, bradley_terry_loss, linear_dpo_loss, linear_ppo_loss,
-                              resolve_options)
+from fusealign.losses import (DPOOptions, GRPOOptions, PPOOptions, bradley_terry_loss, linear_dpo_loss,
+                              linear_grpo_loss, linear_ppo_loss, resolve_options)
 
 
 class _Options(nn.Module):
@@ -94,6 +94,26 @@ class LinearPPOLoss(_Options):
                                **vocab_parallel, **self.options)
 
 
+class LinearGRPOLoss(_Options):
+    """`fa.linear_grpo_loss` as a module: `LinearGRPOLoss(loss_type="grpo", beta=0.04)(hidden, weight, targets,
+    old_logps, advantages, ref_logps=…, sampling_logps=…, num_items_in_batch=…, bias=None, **vocab_parallel)`
+    returns (loss, metrics). The loss options (a `GRPOOptions`, and/or its fields as keywords) are validated once,
+    here."""
+
+    def __init__(self, *, options: Optional[GRPOOptions] = None, temperature: float = 1.0, ignore_index: int = -100,
+                 backend: str = "auto", softcap: Optional[float] = None, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+                 **overrides):
+        super().__init__(options=resolve_options(GRPOOptions, options, overrides, caller="LinearGRPOLoss"),
+                         temperature=temperature, ignore_index=ignore_index, backend=backend, softcap=softcap,
+                         chunk_bytes=chunk_bytes)
+
+    def forward(self, hidden, weight, targets, old_logps, advantages, ref_logps=None, sampling_logps=None,
+                num_items_in_batch=None, bias=None, **vocab_parallel):
+        return linear_grpo_loss(hidden, weight, targets, old_logps, advantages, ref_logps=ref_logps,
+                                sampling_logps=sampling_logps, num_items_in_batch=num_items_in_batch, bias=bias,
+                                **vocab_parallel, **self.options)
+
+
 class BradleyTerryLoss(_Options):
     """`fa.bradley_terry_loss` as a module: `BradleyTerryLoss(center_coef=0.01)(chosen_rewards, rejected_rewards)`."""
 
@@ -112,5 +132,7 @@ FUNCTIONS = {
                                       "sequence_ids", "num_sequences", "bias", "ref_bias", "vocab_start",
                                       "vocab_size", "group"}),
     LinearPPOLoss: (linear_ppo_loss, {"ref_logps", "bias", "vocab_start", "vocab_size", "group"}),
+    LinearGRPOLoss: (linear_grpo_loss, {"ref_logps", "sampling_logps", "num_items_in_batch", "bias", "vocab_start",
+                                        "vocab_size", "group"}),
     BradleyTerryLoss: (bradley_terry_loss, {"margin"}),
 }

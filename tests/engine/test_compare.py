@@ -82,6 +82,7 @@ def test_compare_smoke_rows_intervals_report(smoke):
             iv = row[m]
             assert len(iv["values"]) == 2 and iv["mean"] == pytest.approx(sum(iv["values"]) / 2)
             assert iv["ci"] == pytest.approx(12.7062047 * abs(iv["values"][0] - iv["values"][1]) / 2, rel=1e-6)
+    assert rows[("GRPO", "in")]["loss_type"] == "bnpo" and rows[("PPO", "in")]["loss_type"] is None
     sft = rows[("SFT", "in")]
     # The SFT policy against itself: exact KL 0; its fresh samples against the SFT samples: a coin flip
     # (48 prompts per seed: standard error ≈ 0.07, so [0.25, 0.75] is > 3 s.e.).
@@ -100,6 +101,7 @@ def test_compare_smoke_rows_intervals_report(smoke):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
     md = (base / "first" / "report.md").read_text()
     assert "## Findings" in md and "![reward vs KL](frontier.png)" in md and "| DPO-iterative |" in md
+    assert "| GRPO | in | KL coef 0.05, bnpo loss |" in md  # the GRPO row states its loss type
     findings = md.split("## Findings")[1].split("## The seed document's claims")[0]
     assert findings.count("\n- ") == 3  # three generated sentences
     claims = md.split("## The seed document's claims")[1].split("## Results")[0]

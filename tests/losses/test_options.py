@@ -69,10 +69,13 @@ def test_gamma_is_an_alias_of_simpo_gamma():
 
 
 def test_average_logps_defaults_on_for_simpo_alone():
-    assert fa.DPOOptions(loss_type="simpo").average_logps is True
-    assert fa.DPOOptions(loss_type="sigmoid").average_logps is False
-    assert fa.DPOOptions(loss_type=["simpo", "sft"]).average_logps is False
-    assert fa.DPOOptions(loss_type="simpo", average_logps=False).average_logps is False
+    assert fa.DPOOptions(loss_type="simpo").per_token_means is True
+    assert fa.DPOOptions(loss_type="sigmoid").per_token_means is False
+    assert fa.DPOOptions(loss_type=["simpo", "sft"]).per_token_means is False
+    assert fa.DPOOptions(loss_type="simpo", average_logps=False).per_token_means is False
+    # unset stays unset: a bundle whose loss type is replaced re-decides (as `fusealign dpo --loss-type simpo` does)
+    import dataclasses
+    assert dataclasses.replace(fa.DPOOptions(beta=0.5), loss_type=["simpo"]).per_token_means is True
     g = torch.Generator().manual_seed(1)
     h, W = torch.randn(4, 6, 8, generator=g), torch.randn(13, 8, generator=g)
     y = torch.randint(0, 13, (4, 6), generator=g)

@@ -190,7 +190,7 @@ def _sft(p: Pairs, o: DPOOptions):
     every entry. With `loss_type=["sigmoid", "sft"], loss_weights=[1, α]` it is RPO (Pang et al. 2024), and
     with ["sigmoid", "bco_pair", "sft"] MPO (Wang et al. 2024)."""
     lengths = p.chosen_lengths.to(p.chosen_logps.dtype)
-    total = (p.chosen_logps * lengths if o.average_logps else p.chosen_logps).sum()
+    total = (p.chosen_logps * lengths if o.per_token_means else p.chosen_logps).sum()
     return (-total / lengths.sum().clamp(min=1)).expand(p.chosen_logps.shape[0])
 
 
@@ -244,8 +244,8 @@ F_DIVERGENCE_LOSSES = frozenset({"sigmoid", "cdpo", "robust", "hinge", "ipo", "i
 class DPOOptions:
     """Options of the DPO family, with TRL 1.16's names and meanings; checked here, once, whoever builds them
     (a caller, `linear_dpo_loss`'s keywords, the CLI's `fusealign dpo` flags). `loss_type` and `loss_weights` are
-    stored as tuples; `average_logps=None` resolves to True for `simpo` alone (SimPO is defined on per-token means),
-    else False."""
+    stored as tuples; `average_logps=None` (unset) means per-token means for `simpo` alone (SimPO is defined on
+    them), sums otherwise: `.per_token_means` is the resolved choice."""
 
     beta: float = option_field(0.1, "β: strength of the implicit KL to the reference (τ of IPO, 1/margin of the "
                                     "hinge)")
@@ -318,8 +318,13 @@ class DPOOptions:
                              f"pass summed log-probs (average_logps=False), or use 'ipo_sum' on averaged ones")
         if not (math.isfinite(self.nll_coef) and self.nll_coef >= 0):
             raise ValueError(f"nll_coef must be >= 0, got {self.nll_coef}")
-        for name, value in (("loss_type", types), ("loss_weights", weights), ("average_logps", average)):
+        for name, value in (("loss_type", types), ("loss_weights", weights)):
             object.__setattr__(self, name, value)  # normalised once; frozen afterwards
+
+    @property
+    def per_token_means(self) -> bool:
+        """The sequence log-probs are per-token means (`average_logps`, or its default: simpo alone)."""
+        return self.loss_type == ("simpo",) if self.average_logps is None else bool(self.average_logps)
 
     @property
     def terms(self) -> tuple:
@@ -550,7 +555,7 @@ def linear_dpo_loss(
 
     seq_logps, counts = _sequence_sums(token_logps, targets, sequence_ids, n_seq, ignore_index)
     _check_every_sequence_has_completion(counts, ignore_index)
-    if o.average_logps:
+    if o.per_token_means:
         seq_logps = seq_logps / counts
     if on_the_fly:
         if tuple(ref_hidden.shape[:-1]) != tuple(hidden.shape[:-1]):
@@ -558,7 +563,7 @@ def linear_dpo_loss(
                              f"{tuple(hidden.shape[:-1])}")
         with torch.no_grad():  # the fused no-grad path: nothing saved
             ref_seq = per_sequence(score(ref_hidden, ref_weight, ref_bias, ("logps",))[0])
-            if o.average_logps:
+            if o.per_token_means:
                 ref_seq = ref_seq / counts
         ref_chosen_logps, ref_rejected_logps = ref_seq[:B], ref_seq[B:]
     wpo = {}
