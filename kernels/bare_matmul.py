@@ -48,11 +48,13 @@ def _bare_matmul_kernel(
             tl.store(out, r.to(c_ptr.dtype.element_ty), mask=(offs_n < N)[:, None] & (v0 + cols < V)[None, :])
 
 
-def bare_matmul(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """hidden: (N, H), weight: (V, H) -> hidden @ weight.T: (N, V) in hidden's dtype."""
+def bare_matmul(hidden: torch.Tensor, weight: torch.Tensor, *, heads: int = 1, extra_stats: bool = False) -> torch.Tensor:
+    """hidden: (N, H), weight: (V, H) -> hidden @ weight.T: (N, V) in hidden's dtype, with the tiling the persistent
+    forward uses for (heads, extra_stats) — 128 × 256 on sm_90 by default, 128 × 128 for two heads or the extra
+    statistics."""
     N, H = hidden.shape
     V = weight.shape[0]
-    cfg = persistent_config(H, V, hidden.dtype, arch=target_arch(hidden.device))
+    cfg = persistent_config(H, V, hidden.dtype, heads=heads, extra_stats=extra_stats, arch=target_arch(hidden.device))
     splits = triton.cdiv(V, cfg.split_cols)
     out = torch.empty((N, V), device=hidden.device, dtype=hidden.dtype)
     if not use_tma(hidden, weight):
