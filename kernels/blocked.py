@@ -136,7 +136,7 @@ def vocab_sliced_backward(
             write_dz(rows, dz, cols)
             if dh is not None:
                 if dh32 is None:
-                    _mm_to(dh[rows], dz, W_work[cols])
+                    mm_vocab_to(dh[rows], dz, W_work[cols])
                 else:
                     addmm_f32_(dh32[rows], dz, W_work[cols], chunk_bytes)
             if dW is not None:
@@ -154,6 +154,19 @@ def vocab_sliced_backward(
     if db is not None:
         db.copy_(db32)
     return dh, dW, db
+
+
+def mm_vocab_to(out: torch.Tensor, dz: torch.Tensor, w: torch.Tensor) -> None:
+    """out (n, H) = dz (n, V) @ w (V, H), a GEMM that reduces over the vocabulary, with fp32 reductions.
+
+    K = V (128k) is the shape cuBLAS splits along K, and with bf16/fp16 outputs PyTorch lets it reduce the
+    split partial sums in the output's precision by default (`allow_bf16_reduced_precision_reduction`,
+    `allow_fp16_reduced_precision_reduction` are True): an error growing with V. An fp32 output makes every
+    reduction fp32 whatever those flags say (issue 30), for an (n, H) fp32 temporary — O(N·H), no (·, V)."""
+    if out.dtype == torch.float32:
+        _mm_to(out, dz, w)
+    else:
+        out.copy_(mm_f32(dz, w))
 
 
 def _mm_to(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:

@@ -26,10 +26,12 @@ def check_linear_head(
     softcap: Optional[float],
     *,
     names: tuple = ("hidden", "weight", "targets", "bias"),
+    allow_empty: bool = False,
 ) -> tuple:
     """Validate a fused-head call; returns `(H, V)`.
 
     hidden: (…, H), weight: (V, H), targets: (…) int or None, bias: (V,) or None.
+    `allow_empty`: V = 0 is a vocabulary shard with no rows (vocab_parallel.py), not an error.
     """
     h_name, w_name, y_name, b_name = names
     for name, t in ((h_name, hidden), (w_name, weight)):
@@ -52,7 +54,7 @@ def check_linear_head(
             f"hidden size mismatch: {h_name} has H={hidden.shape[-1]} but {w_name} has H={H} "
             f"({w_name} must be (V, H), not (H, V))"
         )
-    if V == 0:
+    if V == 0 and not allow_empty:
         raise ValueError(f"{w_name} has an empty vocabulary (V=0)")
     if hidden.device != weight.device:
         raise ValueError(f"{h_name} is on {hidden.device} but {w_name} is on {weight.device}; move them together")

@@ -11,6 +11,7 @@ merge — so the numbers live here, once.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 from dataclasses import dataclass
 from typing import Optional
@@ -116,6 +117,18 @@ def check_outputs(outputs, return_entropy: bool) -> tuple:
     if unknown or not outputs or len(set(outputs)) != len(outputs):
         raise ValueError(f"outputs must be distinct names from {OUTPUTS}, got {outputs!r}")
     return outputs
+
+
+def on_device(t: torch.Tensor):
+    """The launch context of an op over `t`: CUDA's current device — and with it the current stream — set to
+    t's device for the op's kernels and GEMMs; a no-op off CUDA.
+
+    Triton launches on `torch.cuda.current_device()` and its current stream, not the tensors' device: a head on
+    cuda:1 (`device_map="auto"` puts lm_head on the last GPU) called while cuda:0 is current would run on
+    device 0's stream — an illegal address, or with peer access wrong values with no ordering (issue 30).
+    Every public op enters this once, around its whole forward or backward (linear_logps.py, linear_kl.py,
+    vocab_parallel.shard_stats); tests/kernels/test_device_guard.py checks every launch runs inside it."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
 
 def needs_grad(*tensors) -> bool:

@@ -6,10 +6,22 @@ chunk (recomputing the logits it needs), the parameter gradients are
 Memory: the (chunk, V) ∂r buffer and the backend's own (chunk, V) temporaries together stay within
 `chunk_bytes` (the chunk's rows are chosen so); besides that, O(N·H + V·H): the returned gradients.
 On CUDA ∂r is kept in the input dtype so both GEMMs run on tensor cores (fp32 accumulation inside each
-GEMM); on the CPU everything is fp32. A low-precision backward that needs more than one chunk slices the
+GEMM) — bf16 for fp16 inputs, whose range would flush small gradients to 0 (`dz_dtype`); on the CPU
+everything is fp32. A low-precision backward that needs more than one chunk slices the
 vocabulary instead of the tokens when the backend's writer takes a column slice (blocked.py: no (V, H)
 fp32 buffer, an (N, H) fp32 ∂h accumulator); without one, ∂W accumulates in an fp32 (V, H) buffer,
 added to in blocks that bound the temporary by `chunk_bytes`.
+
+Precision switches (issue 30), decided per GEMM:
+  * ∂h = ∂r W reduces over the vocabulary (K = V): always fp32 reductions (an fp32 output, blocked.mm_vocab_to),
+    whatever `allow_bf16/fp16_reduced_precision_reduction` say — that error would grow with V.
+  * ∂W = ∂rᵀ h reduces over one chunk's tokens: it follows PyTorch's global switches, as every other GEMM of
+    the model does; forcing an fp32 output there would cost a (V, H) fp32 write and read per chunk.
+  * fp32 inputs: both GEMMs follow `torch.backends.cuda.matmul.allow_tf32` / `set_float32_matmul_precision`:
+    a model that asks for TF32 gets TF32 gradients here too (inputs rounded to 10 bits, fp32 accumulation).
+    The forward's log-probs do not depend on it: the Triton kernels' fp32 dots are IEEE (tiles.dot_precision).
+  The GPU suite's first stage measures ∂h and ∂W against float64 with each switch on and off
+  (tests/kernels/test_precision_gpu.py).
 """
 
 from __future__ import annotations
@@ -18,8 +30,20 @@ from typing import Callable, Optional
 
 import torch
 
-from .blocked import addmm_f32_, takes_cols, vocab_sliced_backward
+from .blocked import addmm_f32_, mm_vocab_to, takes_cols, vocab_sliced_backward
 from .chunked import autocast_off, chunk_rows
+
+
+def dz_dtype(dtype: torch.dtype, device_type: str) -> torch.dtype:
+    """The dtype of ∂r and of the backward GEMMs' operands for inputs of `dtype` on `device_type`.
+
+    CUDA: the input's, so both GEMMs run on tensor cores — except fp16, whose range ends at 6e-8 (subnormal):
+    a token-mean loss over 64k tokens (g ≈ 1.5e-5) would flush g·p to 0 for every p below ~4e-3 and lose
+    the precision of far more (issue 30). bf16 keeps fp32's exponent range at the same speed, for one bf16 copy
+    of the fp16 weight (V·H·2 bytes, inside the O(V·H) term of the bound). CPU: fp32 (its BLAS is fp32)."""
+    if device_type != "cuda":
+        return torch.float32
+    return torch.bfloat16 if dtype == torch.float16 else dtype
 
 
 @autocast_off
@@ -34,6 +58,7 @@ def head_backward(
     temp_bytes_per_logit: int = 0,
     needs=(True, True, True),
     sliced: Optional[bool] = None,
+    work_dtype: Optional[torch.dtype] = None,
 ):
     """hidden: (N, H), weight: (V, H), bias: (V,)|None, row_ignored: (N,) bool.
 
@@ -42,6 +67,7 @@ def head_backward(
     `cols` parameter, `write_dz(rows, dz, cols)`, fills `dz: (n, cols)` for a vocabulary slice.
     `sliced`: take the vocabulary-sliced path (blocked.py) — None: for a low-precision multi-chunk ∂W
     with a slice-capable writer; True/False force it (tests run it on the CPU in fp32).
+    `work_dtype`: the dtype of ∂r and the GEMM operands, default `dz_dtype(...)` (tests pass CUDA's on the CPU).
     Returns (dh (N, H) | None, dW (V, H) | None, db (V,) | None) per `needs`.
     """
     N, H = hidden.shape
@@ -50,11 +76,11 @@ def head_backward(
     dh = torch.zeros_like(hidden) if want_h else None
     dW = torch.zeros_like(weight) if want_w else None
     db = torch.zeros_like(bias) if want_b else None
-    if N == 0 or not (want_h or want_w or want_b):
+    if N == 0 or V == 0 or not (want_h or want_w or want_b):  # V = 0: an empty vocabulary shard
         return dh, dW, db
     dev = hidden.device
-    work_dtype = hidden.dtype if hidden.is_cuda else torch.float32
-    W_work = weight if weight.dtype == work_dtype else weight.to(work_dtype)  # (V, H), CPU only
+    work_dtype = work_dtype or dz_dtype(hidden.dtype, hidden.device.type)
+    W_work = weight if weight.dtype == work_dtype else weight.to(work_dtype)  # (V, H): CPU fp32, CUDA bf16 of fp16
     dz_bytes = torch.empty((), dtype=work_dtype).element_size()
     step = chunk_rows(N, V, chunk_bytes, dz_bytes + temp_bytes_per_logit)
     single = step >= N
@@ -76,7 +102,7 @@ def head_backward(
         dz_c = dz[: h_c.shape[0]]
         write_dz(rows, dz_c)
         if want_h:
-            dh[rows] = dz_c @ W_work
+            mm_vocab_to(dh[rows], dz_c, W_work)
         if want_w:
             # Ignored rows have ∂r = 0, but 0 · NaN = NaN: zero their (possibly garbage) hidden states
             # so they contribute exactly nothing. (chunk, H) extra traffic, negligible next to the GEMM.

@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from . import vocab_parallel as vp
 from .checks import check_linear_head
-from .common import DEFAULT_CHUNK_BYTES, HeadOptions, backend_impl, needs_grad
+from .common import DEFAULT_CHUNK_BYTES, KL_ROWS, HeadOptions, backend_impl, needs_grad, on_device
 from .head_backward import head_backward
 from .linear_kl_torch import kl_combine_stats
 
@@ -31,7 +31,14 @@ DIRECTIONS = ("forward", "reverse")
 
 def _forward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, valid, reverse, opts: HeadOptions,
              shard: Optional[vp.VocabShard] = None):
-    """-> kl, lse (policy), lse_ref: (N,) fp32 (with `shard`: the whole vocabulary's, from this rank's rows)."""
+    """-> kl, lse (policy), lse_ref: (N,) fp32 (with `shard`: the whole vocabulary's, from this rank's rows),
+    launched on the tensors' device (common.on_device)."""
+    with on_device(hidden):
+        return _forward_here(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, valid, reverse, opts, shard)
+
+
+def _forward_here(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, valid, reverse, opts: HeadOptions,
+                  shard: Optional[vp.VocabShard] = None):
     if hidden.shape[0] == 0 and shard is None:
         e = hidden.new_zeros((0,), dtype=torch.float32)
         return e, e.clone(), e.clone()
@@ -42,8 +49,9 @@ def _forward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, valid, reve
         ((hidden, weight, bias), (ref_hidden, ref_weight, ref_bias))
     if shard is None:
         kl, lse_a, lse_b = impl.kl_fwd(a[0], a[1], b[0], b[1], valid, bias_a=a[2], bias_b=b[2], **kw)
-    else:
-        stats = impl.kl_partial_stats(a[0], a[1], b[0], b[1], bias_a=a[2], bias_b=b[2], **kw)
+    else:  # an empty shard: neutral statistics, and still the gather (vocab_parallel.empty_stats)
+        stats = vp.empty_stats(KL_ROWS, hidden.shape[0], hidden.device) if shard.size == 0 else \
+            impl.kl_partial_stats(a[0], a[1], b[0], b[1], bias_a=a[2], bias_b=b[2], **kw)
         kl, lse_a, lse_b = kl_combine_stats(vp.gather_ranks(vp.merge_kl_partials(stats), shard.group), valid)
     lse, lse_ref = (lse_b, lse_a) if reverse else (lse_a, lse_b)
     return kl, lse, lse_ref
@@ -70,23 +78,32 @@ class LinearKLFunction(torch.autograd.Function):
         hidden, weight, bias, ref_hidden, ref_weight, ref_bias, valid, lse, lse_ref, kl = ctx.saved_tensors
         if g is None:
             return (None,) * 10
-        needs, shard = ctx.needs_input_grad[:3], ctx.shard
-        g = g.reshape(-1).float().contiguous()
-        opts, impl = ctx.opts, backend_impl("kl", ctx.opts.backend, hidden, weight)
+        with on_device(hidden):
+            dh, dW, db = _backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, valid, lse, lse_ref, kl, g,
+                                   ctx.reverse, ctx.opts, ctx.needs_input_grad[:3], ctx.shard)
+        return dh, dW, db, None, None, None, None, None, None, None
 
-        def write_dz(rows, dz, cols=slice(None)):
-            # cols: a vocabulary slice (head_backward's sliced path): both heads' rows of W and b.
-            sl = lambda t: None if t is None else t[cols]  # noqa: E731
-            impl.kl_bwd_dz(hidden[rows], weight[cols], sl(bias), ref_hidden[rows], ref_weight[cols], sl(ref_bias),
-                           valid[rows], lse[rows], lse_ref[rows], kl[rows], g[rows], dz, reverse=ctx.reverse,
-                           temperature=opts.temperature, softcap=opts.softcap)
 
-        want_h = needs[0] or shard is not None  # the all-reduce below needs every rank's part
-        dh, dW, db = head_backward(hidden, weight, bias, valid == 0, write_dz, chunk_bytes=opts.chunk_bytes,
-                                   temp_bytes_per_logit=impl.BWD_BYTES_PER_LOGIT, needs=(want_h, needs[1], needs[2]))
-        if shard is not None:
-            dist.all_reduce(dh, group=shard.group)  # ∂h sums over the whole vocabulary
-        return (dh if needs[0] else None), dW, db, None, None, None, None, None, None, None
+def _backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, valid, lse, lse_ref, kl, g, reverse,
+              opts: HeadOptions, needs, shard: Optional[vp.VocabShard]):
+    """Gradients (dh (N, H), dW (V, H), db (V,)) of the policy side for upstream g: (N,); with `shard`, this rank's
+    dW, db and dh summed over the group (a collective)."""
+    g = g.reshape(-1).float().contiguous()
+    impl = backend_impl("kl", opts.backend, hidden, weight)
+
+    def write_dz(rows, dz, cols=slice(None)):
+        # cols: a vocabulary slice (head_backward's sliced path): both heads' rows of W and b.
+        sl = lambda t: None if t is None else t[cols]  # noqa: E731
+        impl.kl_bwd_dz(hidden[rows], weight[cols], sl(bias), ref_hidden[rows], ref_weight[cols], sl(ref_bias),
+                       valid[rows], lse[rows], lse_ref[rows], kl[rows], g[rows], dz, reverse=reverse,
+                       temperature=opts.temperature, softcap=opts.softcap)
+
+    want_h = needs[0] or shard is not None  # the all-reduce below needs every rank's part
+    dh, dW, db = head_backward(hidden, weight, bias, valid == 0, write_dz, chunk_bytes=opts.chunk_bytes,
+                               temp_bytes_per_logit=impl.BWD_BYTES_PER_LOGIT, needs=(want_h, needs[1], needs[2]))
+    if shard is not None:
+        dist.all_reduce(dh, group=shard.group)  # ∂h sums over the whole vocabulary
+    return (dh if needs[0] else None), dW, db
 
 
 def linear_kl(
@@ -130,9 +147,9 @@ def linear_kl(
                                                       name="ref_weight")
         if (ref_shard.start, ref_shard.size) != (shard.start, shard.size):
             raise ValueError("weight and ref_weight must be sharded over the vocabulary the same way")
-    H, V = check_linear_head(hidden, weight, None, bias, temperature, softcap)
+    H, V = check_linear_head(hidden, weight, None, bias, temperature, softcap, allow_empty=shard is not None)
     check_linear_head(ref_hidden, ref_weight, None, ref_bias, temperature, softcap,
-                      names=("ref_hidden", "ref_weight", "", "ref_bias"))
+                      names=("ref_hidden", "ref_weight", "", "ref_bias"), allow_empty=shard is not None)
     if ref_weight.shape[0] != V:
         raise ValueError(f"ref_weight has V={ref_weight.shape[0]} but weight has V={V}; the vocabularies must match")
     if tuple(ref_hidden.shape[:-1]) != tuple(hidden.shape[:-1]):

@@ -34,7 +34,9 @@ def kl_partial_stats(ha, wa, hb, wb, *, bias_a=None, bias_b=None, temperature, s
         e = a.exp()
         s_a = e.sum(-1)
         # Σ e (a − b) of the unshifted logits = Σ e (a' − b') + (m_a − m_b) s_a with a', b' shifted.
-        c = torch.bmm(e.unsqueeze(1), a.sub_(b).unsqueeze(2)).view(-1) + (m_a - m_b).squeeze(1) * s_a
+        # Where both heads are −inf (a −inf-masked padded vocabulary) e = 0 and a − b is NaN: that term is 0.
+        diff = a.sub_(b).masked_fill_(e == 0, 0.0)
+        c = torch.bmm(e.unsqueeze(1), diff.unsqueeze(2)).view(-1) + (m_a - m_b).squeeze(1) * s_a
         del a, b, e
         stats[0, 0, rows], stats[0, 1, rows], stats[0, 2, rows] = m_a.squeeze(1), s_a, m_b.squeeze(1)
         stats[0, 4, rows] = c
@@ -77,7 +79,8 @@ def kl_bwd_dz(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, valid, lse
     if reverse:
         grad.sub_(logq.exp_())  # p − q
     else:
-        grad.mul_(logq.neg_().add_(logp).sub_(kl.unsqueeze(1)))  # p (log p − log q − KL)
+        # p (log p − log q − KL); p = 0 where both heads are −inf, where the log-ratio is NaN: that term is 0.
+        grad.mul_(logq.neg_().add_(logp).sub_(kl.unsqueeze(1)).masked_fill_(grad == 0, 0.0))
     del logq
     grad.mul_(torch.where(valid != 0, g, 0.0).unsqueeze(1))
     if softcap is not None:

@@ -70,7 +70,9 @@ def _kl_fwd_kernel(
         m_a_new = tl.maximum(m_a, tl.max(a, axis=1))
         alpha = tl.exp(m_a - m_a_new)
         e_a = tl.exp(a - m_a_new[:, None])
-        c = alpha * c + tl.sum(tl.where(mask_v, e_a * (a - b), 0.0), axis=1)
+        # e_a = 0 covers masked columns and −inf logits; where both heads are −inf (a vocabulary padded by a −inf
+        # bias) a − b is NaN, and 0·NaN would make the whole row's KL NaN: guarded as the log-prob kernel's 0·log 0.
+        c = alpha * c + tl.sum(tl.where(e_a > 0, e_a * (a - b), 0.0), axis=1)
         s_a = alpha * s_a + tl.sum(e_a, axis=1)
         m_a = m_a_new
         m_b_new = tl.maximum(m_b, tl.max(b, axis=1))
@@ -149,7 +151,8 @@ def _kl_bwd_dz_kernel(
         dz = g[:, None] * (p - tl.exp(logq))
     else:
         kl = tl.load(kl_ptr + offs_n, mask=mask_n, other=0.0)
-        dz = g[:, None] * p * (logp - logq - kl[:, None])
+        # p = 0 where z = −inf: the term is 0 (0·(−inf − (−inf)) would be NaN).
+        dz = tl.where(p > 0, g[:, None] * p * (logp - logq - kl[:, None]), 0.0)
     store_dz(dz, t, valid, dz_ptr, offs_n, offs_v, mask_n, mask_v, stride_dz_n, inv_temp, SOFTCAP)
 
 

@@ -40,13 +40,20 @@ from . import vocab_parallel as vp
 from .blocked import slice_targets
 from .checks import check_linear_head, check_target_range
 from .common import (DEFAULT_CHUNK_BYTES, OUTPUTS, STAT_OUTPUTS, HeadOptions, backend_impl, check_outputs,  # noqa: F401
-                     needs_grad)
+                     needs_grad, on_device, stat_rows)
 from .head_backward import head_backward
 from .linear_logps_torch import combine_stats
 
 
 def logps_forward(hidden, weight, bias, targets, opts: HeadOptions, extra: bool = False,
                   shard: Optional[vp.VocabShard] = None):
+    """As `_logps_forward`, launched on the tensors' device (common.on_device)."""
+    with on_device(hidden):
+        return _logps_forward(hidden, weight, bias, targets, opts, extra, shard)
+
+
+def _logps_forward(hidden, weight, bias, targets, opts: HeadOptions, extra: bool = False,
+                   shard: Optional[vp.VocabShard] = None):
     """hidden: (N, H), targets: (N,) -> (logps, entropy, lse, extras): (N,) fp32 each, and with `extra`
     extras = (log_sum_sq_probs, mean_logits: (N,) fp32, is_top1: (N,) bool), else None. No autograd.
     With `shard`, `weight`/`bias` are this rank's vocabulary rows and the results are the whole head's."""
@@ -60,15 +67,25 @@ def logps_forward(hidden, weight, bias, targets, opts: HeadOptions, extra: bool 
                               ignore_index=opts.ignore_index, chunk_bytes=opts.chunk_bytes, extra=extra)
     # Local ids, unclamped: a target owned by another rank has no logit here (zy = 0), and its sign tells mb
     # whether every column of this shard lies before it.
-    stats = impl.partial_stats(hidden, weight, bias, (targets - shard.start).contiguous(),
-                               temperature=opts.temperature, softcap=opts.softcap, chunk_bytes=opts.chunk_bytes,
-                               extra=extra)
+    if shard.size == 0:  # no rows here: neutral statistics, and still every collective (vocab_parallel.py)
+        stats = vp.empty_stats(stat_rows(extra), N, hidden.device)
+    else:
+        stats = impl.partial_stats(hidden, weight, bias, (targets - shard.start).contiguous(),
+                                   temperature=opts.temperature, softcap=opts.softcap, chunk_bytes=opts.chunk_bytes,
+                                   extra=extra)
     merged = vp.gather_ranks(vp.merge_partials(stats), shard.group)  # (world, R, N), rank order
     return combine_stats(merged, targets, opts.ignore_index, shard.vocab_size)
 
 
 def logps_backward(hidden, weight, bias, targets, lse, entropy, g_logps, g_entropy, opts: HeadOptions,
                    needs=(True, True, True), shard: Optional[vp.VocabShard] = None):
+    """As `_logps_backward`, launched on the tensors' device (common.on_device)."""
+    with on_device(hidden):
+        return _logps_backward(hidden, weight, bias, targets, lse, entropy, g_logps, g_entropy, opts, needs, shard)
+
+
+def _logps_backward(hidden, weight, bias, targets, lse, entropy, g_logps, g_entropy, opts: HeadOptions,
+                    needs=(True, True, True), shard: Optional[vp.VocabShard] = None):
     """Gradients (dh (N, H), dW (V, H), db (V,)) for upstream g_logps / g_entropy: (N,) fp32 or None.
     With `shard`: this rank's dW, db, and dh summed over the group (a collective: every rank calls it)."""
     N = hidden.shape[0]
@@ -178,7 +195,7 @@ def linear_logps(
     over the group. Each rank sends R·N floats, never N·V.
     """
     weight, bias, shard = vp.shard_of(weight, bias, vocab_start, vocab_size, group)
-    H, V = check_linear_head(hidden, weight, targets, bias, temperature, softcap)
+    H, V = check_linear_head(hidden, weight, targets, bias, temperature, softcap, allow_empty=shard is not None)
     names = check_outputs(outputs, return_entropy)
     extra = any(n in STAT_OUTPUTS for n in names)
     opts = HeadOptions.of(temperature=temperature, softcap=softcap, ignore_index=ignore_index, backend=backend,

@@ -129,10 +129,14 @@ def linear_kl_reference(
                                          dtype=dtype), -1)
     logq = torch.log_softmax(head_logits(ref_hidden, ref_weight, ref_bias, temperature=temperature, softcap=softcap,
                                          dtype=dtype), -1)
+    # 0·log 0 = 0: a column at −inf in both heads (a −inf-masked padded vocabulary) adds nothing; the log-ratio
+    # is zeroed before the product so that its NaN reaches neither the value nor the gradient.
     if direction == "forward":
-        kl = (logp.exp() * (logp - logq)).sum(-1)
+        p = logp.exp()
+        kl = (p * torch.where(p > 0, logp - logq, 0.0)).sum(-1)
     else:
-        kl = (logq.exp() * (logq - logp)).sum(-1)
+        q = logq.exp()
+        kl = (q * torch.where(q > 0, logq - logp, 0.0)).sum(-1)
     if mask is not None:
         kl = torch.where(mask.bool(), kl, torch.zeros_like(kl))
     return kl

@@ -32,8 +32,9 @@ import torch
 import torch.distributed as dist
 
 from .checks import check_linear_head
-from .common import (DEFAULT_CHUNK_BYTES, EXTRA_STAT_ROWS, KL_ROW_C, KL_ROW_MA, KL_ROW_MB, KL_ROW_SA, KL_ROW_SB, ROW_A,
-                     ROW_M, ROW_MB, ROW_Q, ROW_S, ROW_ZS, ROW_ZY, HeadOptions, backend_impl)
+from .common import (DEFAULT_CHUNK_BYTES, EXTRA_STAT_ROWS, KL_ROW_C, KL_ROW_MA, KL_ROW_MB, KL_ROW_SA, KL_ROW_SB,
+                     KL_ROWS, ROW_A, ROW_M, ROW_MB, ROW_Q, ROW_S, ROW_ZS, ROW_ZY, HeadOptions, backend_impl, on_device,
+                     stat_rows)
 from .linear_logps_torch import combine_stats  # noqa: F401  (the merge of shards' statistics; re-exported)
 
 
@@ -115,6 +116,8 @@ def explicit_shard(weight, vocab_start: int, vocab_size: Optional[int], group) -
         t = torch.tensor([size], dtype=torch.int64, device=weight.device if weight.is_cuda else "cpu")
         dist.all_reduce(t, group=group)
         vocab_size = int(t.item())
+    if vocab_size <= 0:
+        raise ValueError(f"vocab_size={vocab_size}: every rank's shard is empty; the head needs at least one row")
     if not 0 <= vocab_start <= vocab_size - size:
         raise ValueError(f"vocab_start={vocab_start} with a shard of {size} rows does not fit vocab_size={vocab_size}")
     return VocabShard(int(vocab_start), size, int(vocab_size), group)
@@ -133,6 +136,21 @@ def shard_of(weight, bias, vocab_start: Optional[int], vocab_size: Optional[int]
 
 
 # --- statistics ---------------------------------------------------------------------------------------------
+# What the kernels leave for a split with no columns: maxima at NEG_BIG (finite, so e^{m−M} = 0 and (m − M)·0 = 0
+# in the merges, where −inf would give 0·(−inf) = NaN), sums 0. An empty shard (V = 5 over 4 ranks: torch.chunk
+# leaves the last rank no rows) contributes these and still joins every collective — a rank that raised instead
+# would leave the others waiting in the all-gather forever (issue 30).
+NEG_BIG = -1.0e30
+
+
+def empty_stats(rows: int, N: int, device) -> torch.Tensor:
+    """(1, rows, N) fp32 statistics of an empty vocabulary slice: log-probs (rows 4 or 7) or KL (5)."""
+    stats = torch.zeros((1, rows, N), device=device, dtype=torch.float32)
+    maxima = (ROW_M, ROW_MB) if rows == EXTRA_STAT_ROWS else (KL_ROW_MA, KL_ROW_MB) if rows == KL_ROWS else (ROW_M,)
+    stats[0, list(maxima)] = NEG_BIG
+    return stats
+
+
 def merge_partials(stats: torch.Tensor) -> torch.Tensor:
     """(P, R, N) per-split statistics (R = 4 or 7: m, s, a, zy[, q, zs, mb]) -> (1, R, N), in a fixed order."""
     m = stats[:, ROW_M]
@@ -168,7 +186,7 @@ def shard_stats(hidden, weight_shard, targets, *, vocab_start: int, bias_shard=N
     targets: (N,) global ids  ->  (P, 4, N) fp32 statistics (P ≥ 1 vocabulary splits), (P, 7, N) with
     `extra`. No autograd, no communication."""
     check_linear_head(hidden, weight_shard, targets, bias_shard, temperature, softcap,
-                      names=("hidden", "weight_shard", "targets", "bias_shard"))
+                      names=("hidden", "weight_shard", "targets", "bias_shard"), allow_empty=True)
     opts = HeadOptions.of(temperature=temperature, softcap=softcap, ignore_index=-100, backend=backend,
                           chunk_bytes=chunk_bytes, device=hidden.device)
     # Local ids, left unclamped: a target outside [0, V_p) has no logit here (zy = 0), and its sign says
@@ -176,7 +194,9 @@ def shard_stats(hidden, weight_shard, targets, *, vocab_start: int, bias_shard=N
     local = (targets.reshape(-1) - vocab_start).contiguous()
     h2 = hidden.reshape(-1, hidden.shape[-1])
     bias_shard = None if bias_shard is None else bias_shard.contiguous()
-    with torch.no_grad():
+    if weight_shard.shape[0] == 0:
+        return empty_stats(stat_rows(extra), h2.shape[0], h2.device)
+    with torch.no_grad(), on_device(h2):
         return backend_impl("logps", opts.backend).partial_stats(
             h2, weight_shard, bias_shard, local, temperature=opts.temperature, softcap=opts.softcap,
             chunk_bytes=opts.chunk_bytes, extra=extra)
