@@ -294,6 +294,10 @@ def _run_public_ops(H: int, V: int, dtype, N: int = 32):
 
 # Shape classes the tile configurations cover (issue #9): every (H, V, dtype) is compiled.
 SHAPE_CLASSES = [(H, V) for H in (2048, 4096, 8192) for V in (32000, 128256, 151936, 262144)]
+# The quick check (the main test command): every kernel for both architectures and every dtype at one shape
+# class, and the public ops' own launches (every flag variant) in the first dtype; the sweep over SHAPE_CLASSES
+# and every dtype is its own CI step (.ci/run).
+QUICK_SHAPE_CLASSES = [(4096, 128256)]
 
 
 def _run_launchers(H: int, V: int, dtype, N: int = 256):
@@ -398,9 +402,10 @@ def collect_launches(dtypes=("bfloat16", "float16", "float32"), shapes=None, arc
     shapes = SHAPE_CLASSES if shapes is None else shapes
     with capture_launches() as launches:
         if scope in ("all", "default"):
-            for name in dtypes:
+            for i, name in enumerate(dtypes):
                 dtype = getattr(torch, name)
-                _run_public_ops(64, 300, dtype)
+                if shapes is not QUICK_SHAPE_CLASSES or i == 0:  # quick: the ops' flag variants in one dtype
+                    _run_public_ops(64, 300, dtype)
                 for H, V in shapes:
                     _run_launchers(H, V, dtype)
             _run_mixed_kl(dtypes)
@@ -477,8 +482,12 @@ def main(argv=None) -> int:
     p.add_argument("--json", action="store_true", help="print one JSON object per kernel report")
     p.add_argument("--scope", choices=("all", "default", "candidates"), default="all",
                    help="the default kernels, the candidates (kernels/candidates.py), or both")
+    p.add_argument("--shapes", choices=("all", "quick"), default="all",
+                   help="the default kernels' launchers at every shape class (H x V), or at one "
+                        "(QUICK_SHAPE_CLASSES: every kernel and variant still compiled, per architecture and dtype)")
     args = p.parse_args(argv)
-    reports = check_all(tuple(args.arch), tuple(args.dtype), scope=args.scope)
+    shapes = QUICK_SHAPE_CLASSES if args.shapes == "quick" else None
+    reports = check_all(tuple(args.arch), tuple(args.dtype), shapes=shapes, scope=args.scope)
     bad = 0
     for r in reports:
         problems = r.problems()

@@ -4,8 +4,9 @@ The interpreter (TRITON_INTERPRET=1, which the rest of the CPU suite uses) accep
 rejects; this test runs Triton's real compiler and the `ptxas` shipped in the triton wheel in a child
 process without the interpreter (see fusealign/kernels/compile_check.py), over the launches of
 linear_logps / linear_kl / linear_dpo_loss / linear_ppo_loss (forward and backward, with and without
-entropy gradient, bias, softcap, temperature ≠ 1, both KL directions) and over the shape classes
-H ∈ {2048, 4096, 8192} × V ∈ {32000, 128256, 151936, 262144}, in bf16, fp16 and fp32. It checks:
+entropy gradient, bias, softcap, temperature ≠ 1, both KL directions) and over one shape class (H = 4,096,
+V = 128,256; with FUSEALIGN_COMPILE_SWEEP=1, its own step in .ci/run, every shape class
+H ∈ {2048, 4096, 8192} × V ∈ {32000, 128256, 151936, 262144}), in bf16, fp16 and fp32. It checks:
 no register spills, wgmma (not mma.sync) for bf16/fp16 dots on sm_90, pipelined operand loads
 (cp.async or TMA) in every kernel with a dot, and shared memory within the target's limit. The candidates
 (kernels/candidates.py) are compiled in a second run with their per-architecture tiles: the same checks,
@@ -41,10 +42,19 @@ def _child_env(tmp_path):
     return env
 
 
+# The main test command compiles every kernel at one shape class (minutes on 2 cores); FUSEALIGN_COMPILE_SWEEP=1
+# (its own step in .ci/run) compiles every shape class H ∈ {2048, 4096, 8192} × V ∈ {32000, …, 262144}.
+SHAPES = "all" if os.environ.get("FUSEALIGN_COMPILE_SWEEP") == "1" else "quick"
+
+
 def _compile(tmp_path_factory, scope):
     tmp = tmp_path_factory.mktemp(f"compile-{scope}")
-    out = subprocess.run([sys.executable, "-m", "fusealign.kernels.compile_check", "--json", "--scope", scope],
-                         capture_output=True, text=True, env=_child_env(tmp), timeout=1500)
+    # quick: the candidates in bf16, the dtype they are built for (every candidate kernel and flag set); the
+    # sweep adds fp16, fp32 and the mixed-dtype KL heads.
+    dtypes = ["--dtype", "bfloat16"] if scope == "candidates" and SHAPES == "quick" else []
+    out = subprocess.run([sys.executable, "-m", "fusealign.kernels.compile_check", "--json", "--scope", scope,
+                          "--shapes", SHAPES, *dtypes], capture_output=True, text=True, env=_child_env(tmp),
+                         timeout=1500)
     lines = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
     assert lines, f"no report (exit {out.returncode}):\n{out.stderr[-4000:]}"
     return lines, out
