@@ -12,10 +12,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ["setup", "a1_gpu_tests", "a2_kernel_tests", "b_candidates", "c_select", "d_train", "e_rest"]
 
 
+@pytest.mark.ci_step  # 60–130 s: its own step of .ci/run, beside the README's test command
 def test_gpu_suite_dry_run(tmp_path):
     env = dict(os.environ, OUT=str(tmp_path / "out"), PYTHON=sys.executable, TRITON_INTERPRET="1")
     env.pop("SUITE_RECORDS", None)

@@ -94,13 +94,8 @@ def test_adaptive_kl_moves_towards_target():
 
 
 @pytest.fixture(scope="module")
-def sft_dir(tmp_path_factory):
-    from fusealign.engine.config import SFTConfig
-    from fusealign.engine.recipes import run_sft
-
-    out = tmp_path_factory.mktemp("sft")
-    run_sft(SFTConfig(output_dir=str(out), max_steps=150, device="cpu"))
-    return str(latest_checkpoint(out))
+def sft_dir(trained_sft):
+    return str(latest_checkpoint(trained_sft[0]))  # conftest.py: the 150-step SFT run, trained once per session
 
 
 @pytest.mark.parametrize("advantage", ["gae", "grpo"])

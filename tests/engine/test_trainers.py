@@ -21,10 +21,8 @@ def metrics(run_dir):
 
 
 @pytest.fixture(scope="module")
-def sft_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("sft")
-    summary = run_sft(SFTConfig(output_dir=str(out), max_steps=150, device="cpu"))
-    return out, summary
+def sft_run(trained_sft):
+    return trained_sft  # conftest.py: the 150-step SFT run, trained once per session
 
 
 def test_sft_loss_falls_and_checkpoint_loads(sft_run):
