@@ -2,7 +2,8 @@
 # One device call, ≤ 8 minutes on an H100/H200, ordered by value; every step under its own timeout
 # (they add up to 480 s with the set-up). Every record is appended to $OUT/records.jsonl and flushed as it is
 # measured, so a run killed at any point still returns what it had.
-#   device run: carry [".whl"] (../shared/tools/peer-wheels.sh trl==1.16.0), timeout_s 560,
+#   device run: carry [".whl"] (../shared/tools/peer-wheels.sh trl==1.16.0 pytest-xdist==3.8.0 execnet:
+#               stage a2's `pytest -n 8`), timeout_s 560,
 #               command: bash benchmarks/gpu_suite.sh
 #   CI / here:  bash benchmarks/gpu_suite.sh --dry-run   (CPU, interpreter, tiny shapes, no CUDA-only peers)
 #
