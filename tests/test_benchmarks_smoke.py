@@ -11,10 +11,12 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 KEYS = {"op", "impl", "mode", "N", "H", "V", "dtype", "median_ms", "p20_ms", "p80_ms", "peak_mem_bytes"}
 
 
-@pytest.mark.parametrize("script", ["bench_logps.py", "bench_dpo.py", "bench_kl.py", "bench_train.py", "bench_ppo.py"])
+@pytest.mark.parametrize("script", ["bench_logps.py", "bench_dpo.py", "bench_kl.py", "bench_train.py", "bench_ppo.py",
+                                    "bench_cpu.py"])
 def test_benchmark_smoke(script, tmp_path, monkeypatch):
     out = tmp_path / "r.json"
-    monkeypatch.setattr(sys, "argv", [script, "--device", "cpu", "--out", str(out)])
+    smoke = ["--smoke"] if script == "bench_cpu.py" else []  # its default is the full CPU grid
+    monkeypatch.setattr(sys, "argv", [script, "--device", "cpu", "--out", str(out)] + smoke)
     runpy.run_path(str(BENCH / script), run_name="__main__")
     data = json.loads(out.read_text())
     assert {"device", "driver", "torch", "triton", "commit", "date"} <= set(data["header"])
@@ -23,3 +25,6 @@ def test_benchmark_smoke(script, tmp_path, monkeypatch):
     assert recs and all(keys <= set(r) for r in recs if "error" not in r)  # a missing peer is recorded, not fatal
     ours = [r for r in recs if r["impl"] == "fusealign"]
     assert ours and all(r["median_ms"] and r["median_ms"] > 0 for r in ours)
+    if script == "bench_cpu.py":  # correctness beside every time, peak memory from its own process
+        assert all(r["errors"] for r in ours) and all(r["ratio"] for r in ours)
+        assert data["memory"] and all(m["peak_mem_bytes"] is not None for m in data["memory"])
