@@ -8,6 +8,12 @@ Memory: the (chunk, V) ∂r buffer and the backend's own (chunk, V) temporaries 
 and for low-precision weights with more than one chunk an fp32 (V, H) accumulator for ∂W. On CUDA ∂r
 is kept in the input dtype so both GEMMs run on tensor cores (fp32 accumulation inside each GEMM);
 on the CPU everything is fp32.
+
+The ∂r buffer is the backend's workspace (issue 23): the torch backend forms its logits in it and turns
+them into ∂r in place (its temporaries: `temp_bytes_per_logit` of the buffer's dtype, 0 for fp32), so the
+buffer is allocated once per call and nothing is copied into it. A caller that kept the forward's logit
+tile passes it as `dz_buffer` (the whole batch, one chunk): the backend turns it into ∂r in place and the
+backward does 2 GEMMs, not 3.
 """
 
 from __future__ import annotations
@@ -19,6 +25,11 @@ import torch
 from .chunked import autocast_off, chunk_rows, mm_f32
 
 
+def dz_dtype(hidden: torch.Tensor) -> torch.dtype:
+    """The ∂r buffer's dtype: the input dtype on CUDA (tensor-core GEMMs), fp32 on the CPU."""
+    return hidden.dtype if hidden.is_cuda else torch.float32
+
+
 @autocast_off
 def head_backward(
     hidden: torch.Tensor,
@@ -28,13 +39,18 @@ def head_backward(
     write_dz: Callable[[slice, torch.Tensor], None],
     *,
     chunk_bytes: int,
-    temp_bytes_per_logit: int = 0,
+    temp_bytes_per_logit=0,
     needs=(True, True, True),
+    weight_work: Optional[torch.Tensor] = None,
+    dz_buffer: Optional[torch.Tensor] = None,
 ):
     """hidden: (N, H), weight: (V, H), bias: (V,)|None, row_ignored: (N,) bool.
 
     `write_dz(rows, dz)` fills `dz: (n, V)` with ∂L/∂r for `hidden[rows]` (zeros on ignored rows),
-    holding `temp_bytes_per_logit` bytes of its own (n, V) temporaries while it runs.
+    holding `temp_bytes_per_logit` bytes of its own (n, V) temporaries while it runs (an int, or a
+    function of the ∂r buffer's dtype). `weight_work`: the weight already in the work dtype (fp32 on the
+    CPU) when the caller has it, so that it is not upcast twice. `dz_buffer`: an (N, V) buffer of the work
+    dtype to use as the one chunk's ∂r buffer (the forward's kept logits: `write_dz` knows what it holds).
     Returns (dh (N, H) | None, dW (V, H) | None, db (V,) | None) per `needs`.
     """
     N, H = hidden.shape
@@ -46,12 +62,18 @@ def head_backward(
     if N == 0 or not (want_h or want_w or want_b):
         return dh, dW, db
     dev = hidden.device
-    work_dtype = hidden.dtype if hidden.is_cuda else torch.float32
-    W_work = weight if weight.dtype == work_dtype else weight.to(work_dtype)  # (V, H), CPU only
+    work_dtype = dz_dtype(hidden)
+    if weight_work is not None and weight_work.dtype == work_dtype:
+        W_work = weight_work
+    else:
+        W_work = weight if weight.dtype == work_dtype else weight.to(work_dtype)  # (V, H), CPU only
     dz_bytes = torch.empty((), dtype=work_dtype).element_size()
-    step = chunk_rows(N, V, chunk_bytes, dz_bytes + temp_bytes_per_logit)
+    temp = temp_bytes_per_logit(work_dtype) if callable(temp_bytes_per_logit) else temp_bytes_per_logit
+    step = N if dz_buffer is not None else chunk_rows(N, V, chunk_bytes, dz_bytes + temp)
     single = step >= N
-    dz = torch.empty((step, V), device=dev, dtype=work_dtype)
+    if dz_buffer is not None and (tuple(dz_buffer.shape) != (N, V) or dz_buffer.dtype != work_dtype):
+        raise ValueError(f"dz_buffer must be ({N}, {V}) {work_dtype}, got {tuple(dz_buffer.shape)} {dz_buffer.dtype}")
+    dz = dz_buffer if dz_buffer is not None else torch.empty((min(step, N), V), device=dev, dtype=work_dtype)
     # ∂W sums over every token: one GEMM when a single chunk covers N; else accumulate in fp32 —
     # in dW itself when the weight is fp32, else in an fp32 (V, H) buffer.
     dW32 = None
@@ -64,12 +86,17 @@ def head_backward(
         dz_c = dz[: h_c.shape[0]]
         write_dz(rows, dz_c)
         if want_h:
-            dh[rows] = dz_c @ W_work
+            if dh.dtype == work_dtype:
+                torch.mm(dz_c, W_work, out=dh[rows])  # straight into ∂h: no (chunk, H) temporary
+            else:
+                dh[rows] = dz_c @ W_work
         if want_w:
             # Ignored rows have ∂r = 0, but 0 · NaN = NaN: zero their (possibly garbage) hidden states
             # so they contribute exactly nothing. (chunk, H) extra traffic, negligible next to the GEMM.
             h_work = h_c.masked_fill(row_ignored[rows].unsqueeze(1), 0).to(work_dtype)
-            if single:
+            if single and dW.dtype == work_dtype:
+                torch.mm(dz_c.T, h_work, out=dW)
+            elif single:
                 dW.copy_(dz_c.T @ h_work)
             elif dW32.dtype == work_dtype:
                 dW32.addmm_(dz_c.T, h_work)

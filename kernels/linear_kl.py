@@ -6,7 +6,10 @@ Math (token t; z = policy logits, z_ref = reference logits, both softcap(h Wᵀ)
     ∂KL_fwd/∂z_v = p_v (log p_v − log q_v − KL),   ∂KL_rev/∂z_v = p_v − q_v
 Gradients flow to the policy side only (`hidden`, `weight`); the reference is a constant.
 Saved for backward: inputs (no copies) and per-token lse, lse_ref, KL — O(N). Both logit tiles are
-recomputed in backward; no (N, V) tensor exists (see linear_kl_triton.py / linear_kl_torch.py).
+recomputed in backward; no (N, V) tensor exists (see linear_kl_triton.py / linear_kl_torch.py) — except
+on the torch backend when both heads' fp32 logits for the whole batch fit `chunk_bytes` (2·N·V·4 bytes,
+one forward chunk): the forward keeps the two tiles and the backward forms ∂r from them in place (no
+logit GEMM; consumed by the first backward, a second one under `retain_graph=True` recomputes).
 The reference head may be wider (distillation): ref_weight is (V, H_ref) with H_ref ≠ H allowed. Each
 head may carry a bias; gradients reach the policy's bias too.
 """
@@ -19,8 +22,9 @@ import torch
 
 from . import linear_kl_torch as _torch_impl
 from .checks import check_chunk_bytes, check_linear_head
+from .chunked import head_weight
 from .head_backward import head_backward
-from .linear_logps import DEFAULT_CHUNK_BYTES, HeadOptions, resolve_backend
+from .linear_logps import DEFAULT_CHUNK_BYTES, HeadOptions, keeps_tile, resolve_backend
 
 DIRECTIONS = ("forward", "reverse")
 
@@ -33,20 +37,26 @@ def _impl(backend: str):
     return _torch_impl
 
 
-def _forward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, valid, reverse, opts: HeadOptions):
-    """-> kl, lse (policy), lse_ref: (N,) fp32."""
+def _forward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, valid, reverse, opts: HeadOptions,
+             keep: bool = False):
+    """-> kl, lse (policy), lse_ref: (N,) fp32; with `keep` (torch backend) a 4th element, the kept
+    (policy, reference) final-logit tiles when both fitted one chunk, else None."""
     if hidden.shape[0] == 0:
         e = hidden.new_zeros((0,), dtype=torch.float32)
-        return e, e.clone(), e.clone()
+        return (e, e.clone(), e.clone()) + ((None,) if keep else ())
     kw = dict(temperature=opts.temperature, softcap=opts.softcap, chunk_bytes=opts.chunk_bytes)
     impl = _impl(opts.backend)
+    if keep:
+        kw["keep"] = True
     if reverse:  # KL(Q‖P): A = reference, B = policy
-        kl, lse_ref, lse = impl.kl_fwd(ref_hidden, ref_weight, hidden, weight, valid, bias_a=ref_bias, bias_b=bias,
-                                       **kw)
+        out = impl.kl_fwd(ref_hidden, ref_weight, hidden, weight, valid, bias_a=ref_bias, bias_b=bias, **kw)
+        kl, lse_ref, lse = out[:3]
+        tiles = out[3][::-1] if keep and out[3] is not None else None
     else:
-        kl, lse, lse_ref = impl.kl_fwd(hidden, weight, ref_hidden, ref_weight, valid, bias_a=bias, bias_b=ref_bias,
-                                       **kw)
-    return kl, lse, lse_ref
+        out = impl.kl_fwd(hidden, weight, ref_hidden, ref_weight, valid, bias_a=bias, bias_b=ref_bias, **kw)
+        kl, lse, lse_ref = out[:3]
+        tiles = out[3] if keep else None
+    return (kl, lse, lse_ref) + ((tiles,) if keep else ())
 
 
 class LinearKLFunction(torch.autograd.Function):
@@ -55,8 +65,11 @@ class LinearKLFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, valid, reverse: bool, opts: HeadOptions):
-        kl, lse, lse_ref = _forward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, valid, reverse, opts)
+        keep = keeps_tile(hidden, opts)
+        out = _forward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, valid, reverse, opts, keep=keep)
+        kl, lse, lse_ref = out[:3]
         ctx.save_for_backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, valid, lse, lse_ref, kl)
+        ctx.kept = out[3] if keep else None  # (policy, reference) tiles: intermediates, plain attributes
         ctx.reverse, ctx.opts = reverse, opts
         ctx.set_materialize_grads(False)
         return kl
@@ -68,15 +81,40 @@ class LinearKLFunction(torch.autograd.Function):
         needs = ctx.needs_input_grad[:3] if g is not None else (False, False, False)
         g = None if g is None else g.reshape(-1).float().contiguous()
         opts, impl = ctx.opts, _impl(ctx.opts.backend)
+        kept = None
+        if g is not None:  # ∂r overwrites the policy's kept tile: a second backward (retain_graph) recomputes
+            kept, ctx.kept = ctx.kept, None
+        dh, dW, db = kl_backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, valid, lse, lse_ref, kl, g,
+                                 ctx.reverse, opts, impl, needs, kept)
+        return dh, dW, db, None, None, None, None, None, None
 
+
+def kl_backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, valid, lse, lse_ref, kl, g, reverse,
+                opts: HeadOptions, impl, needs, kept=None):
+    """(dh, dW, db) of Σ g·KL through head_backward; `kept`: the torch backend's (policy, reference) tiles."""
+    if opts.backend != "torch":
         def write_dz(rows, dz):
             impl.kl_bwd_dz(hidden[rows], weight, bias, ref_hidden[rows], ref_weight, ref_bias, valid[rows],
-                           lse[rows], lse_ref[rows], kl[rows], g[rows], dz, reverse=ctx.reverse,
+                           lse[rows], lse_ref[rows], kl[rows], g[rows], dz, reverse=reverse,
                            temperature=opts.temperature, softcap=opts.softcap)
 
-        dh, dW, db = head_backward(hidden, weight, bias, valid == 0, write_dz, chunk_bytes=opts.chunk_bytes,
-                                   temp_bytes_per_logit=impl.BWD_BYTES_PER_LOGIT, needs=needs)
-        return dh, dW, db, None, None, None, None, None, None
+        return head_backward(hidden, weight, bias, valid == 0, write_dz, chunk_bytes=opts.chunk_bytes,
+                             temp_bytes_per_logit=impl.BWD_BYTES_PER_LOGIT, needs=needs)
+    # torch backend: both weights upcast once per call; the reference's logits in one workspace for all chunks
+    # (or the kept tile); the policy's in head_backward's ∂r buffer (or the kept tile, as that buffer).
+    w, w_ref = head_weight(weight), head_weight(ref_weight)
+    ref_ws = [None if kept is None else kept[1]]
+
+    def write_dz(rows, dz):
+        if ref_ws[0] is None:  # the first chunk is the largest
+            ref_ws[0] = torch.empty(dz.shape, device=dz.device, dtype=torch.float32)
+        impl.kl_bwd_dz(hidden[rows], w, bias, ref_hidden[rows], w_ref, ref_bias, valid[rows], lse[rows],
+                       lse_ref[rows], kl[rows], g[rows], dz, reverse=reverse, temperature=opts.temperature,
+                       softcap=opts.softcap, logits_in_dz=kept is not None, ref_logits=ref_ws[0])
+
+    return head_backward(hidden, weight, bias, valid == 0, write_dz, chunk_bytes=opts.chunk_bytes,
+                         temp_bytes_per_logit=impl.bwd_bytes_per_logit, needs=needs, weight_work=w,
+                         dz_buffer=None if kept is None else kept[0])
 
 
 def linear_kl(

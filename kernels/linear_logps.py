@@ -12,7 +12,9 @@ the first):
 
 Saved for backward: the inputs (no copies) and per-token `lse` and `entropy`, fp32 — O(N).
 Recomputed in backward: logits, one bounded token chunk at a time. No (N, V) tensor exists at any
-point. Memory bound: every (chunk, V) buffer alive at once — the backward's gradient tile and, on the
+point — except on the torch backend when the whole batch's fp32 logits fit `chunk_bytes` (N·V·4 bytes,
+one forward chunk): the forward keeps that tile and the backward turns it into ∂r in place (3 GEMMs
+instead of 4; consumed by the first backward, so a second one, under `retain_graph=True`, recomputes). Memory bound: every (chunk, V) buffer alive at once — the backward's gradient tile and, on the
 torch backend, its logit temporaries — fits `chunk_bytes` together; peak extra memory of forward +
 backward is ≤ 1.25 × chunk_bytes (allocator slack) + O(N·H + V·H) (the gradients, and an fp32 ∂W
 accumulator for low-precision weights when the backward needs more than one chunk).
@@ -35,7 +37,8 @@ import torch
 
 from . import linear_logps_torch as _torch_impl
 from .checks import check_chunk_bytes, check_linear_head, check_target_range
-from .head_backward import head_backward
+from .chunked import head_weight
+from .head_backward import dz_dtype, head_backward
 
 DEFAULT_CHUNK_BYTES = 256 * 2**20
 BACKENDS = ("auto", "triton", "torch")
@@ -79,20 +82,30 @@ def _impl(opts: HeadOptions):
     return _torch_impl
 
 
-def logps_forward(hidden, weight, bias, targets, opts: HeadOptions, extra: bool = False):
+def logps_forward(hidden, weight, bias, targets, opts: HeadOptions, extra: bool = False, entropy: bool = True,
+                  keep: bool = False):
     """hidden: (N, H), targets: (N,) -> (logps, entropy, lse, extras): (N,) fp32 each, and with `extra`
-    extras = (log_sum_sq_probs, mean_logits: (N,) fp32, is_top1: (N,) bool), else None. No autograd."""
+    extras = (log_sum_sq_probs, mean_logits: (N,) fp32, is_top1: (N,) bool), else None. No autograd.
+    `entropy=False`: entropy is None (the torch backend then skips its reductions). `keep=True` adds a 5th
+    element: the torch backend's (N, V) fp32 final-logit tile when it fitted one chunk, else None."""
     N = hidden.shape[0]
     if N == 0:
         empty = lambda dtype=torch.float32: hidden.new_zeros((0,), dtype=dtype)  # noqa: E731
-        return empty(), empty(), empty(), ((empty(), empty(), empty(torch.bool)) if extra else None)
-    return _impl(opts).logps_fwd(hidden, weight, bias, targets, temperature=opts.temperature, softcap=opts.softcap,
-                                 ignore_index=opts.ignore_index, chunk_bytes=opts.chunk_bytes, extra=extra)
+        out = (empty(), empty() if entropy else None, empty(), ((empty(), empty(), empty(torch.bool)) if extra else None))
+        return out + (None,) if keep else out
+    kw = dict(temperature=opts.temperature, softcap=opts.softcap, ignore_index=opts.ignore_index,
+              chunk_bytes=opts.chunk_bytes, extra=extra)
+    if opts.backend == "torch":
+        return _torch_impl.logps_fwd(hidden, weight, bias, targets, entropy=entropy, keep=keep, **kw)
+    logps, ent, lse, extras = _impl(opts).logps_fwd(hidden, weight, bias, targets, **kw)
+    out = (logps, ent if entropy else None, lse, extras)
+    return out + (None,) if keep else out
 
 
 def logps_backward(hidden, weight, bias, targets, lse, entropy, g_logps, g_entropy, opts: HeadOptions,
-                   needs=(True, True, True)):
-    """Gradients (dh (N, H), dW (V, H), db (V,)) for upstream g_logps / g_entropy: (N,) fp32 or None."""
+                   needs=(True, True, True), kept=None):
+    """Gradients (dh (N, H), dW (V, H), db (V,)) for upstream g_logps / g_entropy: (N,) fp32 or None.
+    `kept`: the forward's (N, V) fp32 final logits (torch backend), turned into ∂r in place (consumed)."""
     N = hidden.shape[0]
     if g_logps is None and g_entropy is None:
         needs = (False, False, False)
@@ -100,29 +113,45 @@ def logps_backward(hidden, weight, bias, targets, lse, entropy, g_logps, g_entro
     if g_entropy is not None:
         g_entropy = g_entropy.reshape(N).float().contiguous()
     impl = _impl(opts)
+    on_torch = opts.backend == "torch"
+    # The torch backend's chunk matmuls and the ∂h GEMM share one fp32 weight (one upcast per call on the CPU).
+    w_dz = head_weight(weight) if on_torch else weight
+    extra_kw = dict(logits_in_dz=kept is not None) if on_torch else {}
 
     def write_dz(rows, dz):
         impl.logps_bwd_dz(
-            hidden[rows], weight, bias, targets[rows], lse[rows],
+            hidden[rows], w_dz, bias, targets[rows], lse[rows],
             None if g_entropy is None else entropy[rows],
             g_logps[rows], None if g_entropy is None else g_entropy[rows], dz,
-            temperature=opts.temperature, softcap=opts.softcap, ignore_index=opts.ignore_index,
+            temperature=opts.temperature, softcap=opts.softcap, ignore_index=opts.ignore_index, **extra_kw,
         )
 
+    temp = impl.bwd_bytes_per_logit if on_torch else impl.BWD_BYTES_PER_LOGIT
     return head_backward(hidden, weight, bias, targets == opts.ignore_index, write_dz,
-                         chunk_bytes=opts.chunk_bytes, temp_bytes_per_logit=impl.BWD_BYTES_PER_LOGIT, needs=needs)
+                         chunk_bytes=opts.chunk_bytes, temp_bytes_per_logit=temp, needs=needs,
+                         weight_work=w_dz if on_torch else None, dz_buffer=kept)
+
+
+def keeps_tile(hidden, opts: HeadOptions) -> bool:
+    """Whether a forward may keep its logit tile for the backward: the torch backend with an fp32 ∂r buffer
+    (the tile becomes that buffer); partial_stats then keeps it only if all rows fitted one chunk."""
+    return opts.backend == "torch" and dz_dtype(hidden) == torch.float32
 
 
 class LinearLogpsFunction(torch.autograd.Function):
     """Autograd over flattened inputs: hidden (N, H), weight (V, H), bias (V,)|None, targets (N,).
 
-    Returns logps, entropy (differentiable) and, with `extra`, log_sum_sq_probs, mean_logits, is_top1
-    (non-differentiable), else three None."""
+    Returns logps, entropy (differentiable; None with `entropy=False`) and, with `extra`, log_sum_sq_probs,
+    mean_logits, is_top1 (non-differentiable), else three None. On the torch backend the forward's logit tile
+    is kept for the backward when it fits `chunk_bytes` (`ctx.kept`, see logps_backward)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, opts: HeadOptions, extra: bool = False):
-        logps, entropy, lse, extras = logps_forward(hidden, weight, bias, targets, opts, extra)
+    def forward(ctx, hidden, weight, bias, targets, opts: HeadOptions, extra: bool = False, entropy: bool = True):
+        keep = keeps_tile(hidden, opts)
+        out = logps_forward(hidden, weight, bias, targets, opts, extra, entropy, keep=keep)
+        (logps, entropy, lse, extras), kept = out[:4], (out[4] if keep else None)
         ctx.save_for_backward(hidden, weight, bias, targets, lse, entropy)
+        ctx.kept = kept  # an intermediate, not an input or output: a plain attribute
         ctx.opts = opts
         ctx.set_materialize_grads(False)
         if extras is None:
@@ -134,9 +163,13 @@ class LinearLogpsFunction(torch.autograd.Function):
     @torch.autograd.function.once_differentiable  # double backward would silently miss the softmax terms
     def backward(ctx, g_logps, g_entropy, *_stats):
         hidden, weight, bias, targets, lse, entropy = ctx.saved_tensors
+        kept = None
+        if g_logps is not None or g_entropy is not None:
+            # ∂r overwrites the kept tile: a second backward through this graph (retain_graph) recomputes.
+            kept, ctx.kept = ctx.kept, None
         dh, dW, db = logps_backward(hidden, weight, bias, targets, lse, entropy, g_logps, g_entropy,
-                                    ctx.opts, needs=ctx.needs_input_grad[:3])
-        return dh, dW, db, None, None, None
+                                    ctx.opts, needs=ctx.needs_input_grad[:3], kept=kept)
+        return dh, dW, db, None, None, None, None
 
 
 def check_outputs(outputs, return_entropy: bool) -> tuple:
@@ -215,6 +248,7 @@ def linear_logps(
     check_chunk_bytes(chunk_bytes)
     names = check_outputs(outputs, return_entropy)
     extra = any(n in STAT_OUTPUTS for n in names)
+    want_entropy = "entropy" in names  # otherwise the torch backend skips the entropy reductions
     opts = HeadOptions(float(temperature), None if softcap is None else float(softcap), int(ignore_index),
                        resolve_backend(backend, hidden.device), chunk_bytes)
     check_target_range(targets, V if vp is None else vp.vocab_size, ignore_index)
@@ -229,11 +263,11 @@ def linear_logps(
     if vp is not None:
         from .vocab_parallel import vocab_parallel_logps
 
-        per_token = vocab_parallel_logps(h2, weight, bias, y, vp, opts, extra)
+        per_token = vocab_parallel_logps(h2, weight, bias, y, vp, opts, extra, want_entropy)
     elif needs_grad:
-        per_token = LinearLogpsFunction.apply(h2, weight, bias, y, opts, extra)
+        per_token = LinearLogpsFunction.apply(h2, weight, bias, y, opts, extra, want_entropy)
     else:  # no-grad fast path: nothing saved
-        logps, entropy, _, extras = logps_forward(h2, weight, bias, y, opts, extra)
+        logps, entropy, _, extras = logps_forward(h2, weight, bias, y, opts, extra, want_entropy)
         per_token = (logps, entropy) + (extras or (None, None, None))
     by_name = dict(zip(OUTPUTS, per_token))
     result = tuple(by_name[n].view(shape) for n in names)

@@ -31,8 +31,9 @@ import torch.distributed as dist
 from . import linear_kl_torch as _kl_torch
 from . import linear_logps_torch as _torch_impl
 from .checks import check_linear_head
+from .chunked import head_weight
 from .head_backward import head_backward
-from .linear_logps import DEFAULT_CHUNK_BYTES, HeadOptions, resolve_backend
+from .linear_logps import DEFAULT_CHUNK_BYTES, HeadOptions, keeps_tile, resolve_backend
 
 combine_stats = _torch_impl.combine_stats
 
@@ -198,13 +199,23 @@ class VocabParallelLogpsFunction(torch.autograd.Function):
     targets (N,) -> logps, entropy (differentiable) and, with `extra`, TRL's three statistics."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, shard: VocabShard, opts: HeadOptions, extra: bool):
+    def forward(ctx, hidden, weight, bias, targets, shard: VocabShard, opts: HeadOptions, extra: bool,
+                entropy: bool = True):
         local = (targets - shard.start).contiguous()
-        stats = _impl(opts.backend).partial_stats(hidden, weight, bias, local, temperature=opts.temperature,
-                                                  softcap=opts.softcap, chunk_bytes=opts.chunk_bytes, extra=extra)
+        kw = dict(temperature=opts.temperature, softcap=opts.softcap, chunk_bytes=opts.chunk_bytes, extra=extra)
+        kept = None
+        if opts.backend == "torch":  # only the statistics asked for; this shard's logit tile kept when it fits
+            # Under no_grad the ctx (and a kept tile) is dropped as soon as apply returns.
+            keep = keeps_tile(hidden, opts)
+            out = _torch_impl.partial_stats(hidden, weight, bias, local, entropy=entropy, keep=keep, **kw)
+            stats, kept = out if keep else (out, None)
+        else:
+            stats = _impl(opts.backend).partial_stats(hidden, weight, bias, local, **kw)
         merged = gather_ranks(merge_partials(stats), shard.group)
-        logps, entropy, lse, extras = combine_stats(merged, targets, opts.ignore_index, shard.vocab_size)
+        logps, ent, lse, extras = combine_stats(merged, targets, opts.ignore_index, shard.vocab_size)
+        entropy = ent if entropy else None
         ctx.save_for_backward(hidden, weight, bias, targets, lse, entropy)
+        ctx.kept = kept  # consumed by the first backward (see LinearLogpsFunction)
         ctx.shard, ctx.opts = shard, opts
         ctx.set_materialize_grads(False)
         if extras is None:
@@ -220,33 +231,41 @@ class VocabParallelLogpsFunction(torch.autograd.Function):
         N = hidden.shape[0]
         needs = ctx.needs_input_grad[:3]
         if g_logps is None and g_entropy is None:
-            return None, None, None, None, None, None, None
+            return None, None, None, None, None, None, None, None
+        kept, ctx.kept = ctx.kept, None  # ∂r overwrites it: a second backward (retain_graph) recomputes
         g_logps = hidden.new_zeros(N, dtype=torch.float32) if g_logps is None else g_logps.float().contiguous()
         g_entropy = None if g_entropy is None else g_entropy.float().contiguous()
         y = _backward_targets(targets, shard, opts.ignore_index)
         impl = _impl(opts.backend)
+        on_torch = opts.backend == "torch"
+        w_dz = head_weight(weight) if on_torch else weight  # one upcast per call, shared with the ∂h GEMM
+        extra_kw = dict(logits_in_dz=kept is not None) if on_torch else {}
 
         def write_dz(rows, dz):
-            impl.logps_bwd_dz(hidden[rows], weight, bias, y[rows], lse[rows],
+            impl.logps_bwd_dz(hidden[rows], w_dz, bias, y[rows], lse[rows],
                               None if g_entropy is None else entropy[rows], g_logps[rows],
                               None if g_entropy is None else g_entropy[rows], dz,
-                              temperature=opts.temperature, softcap=opts.softcap, ignore_index=opts.ignore_index)
+                              temperature=opts.temperature, softcap=opts.softcap, ignore_index=opts.ignore_index,
+                              **extra_kw)
 
         # ∂h of every rank is needed: the all-reduce below is a collective.
         dh, dW, db = head_backward(hidden, weight, bias, targets == opts.ignore_index, write_dz,
-                                   chunk_bytes=opts.chunk_bytes, temp_bytes_per_logit=impl.BWD_BYTES_PER_LOGIT,
-                                   needs=(True, needs[1], needs[2]))
+                                   chunk_bytes=opts.chunk_bytes,
+                                   temp_bytes_per_logit=impl.bwd_bytes_per_logit if on_torch else impl.BWD_BYTES_PER_LOGIT,
+                                   needs=(True, needs[1], needs[2]), weight_work=w_dz if on_torch else None,
+                                   dz_buffer=kept)
         dist.all_reduce(dh, group=shard.group)  # ∂h sums over the whole vocabulary: every shard's part
-        return (dh if needs[0] else None), dW, db, None, None, None, None
+        return (dh if needs[0] else None), dW, db, None, None, None, None, None
 
 
-def vocab_parallel_logps(h2, weight, bias, y, shard: VocabShard, opts: HeadOptions, extra: bool):
+def vocab_parallel_logps(h2, weight, bias, y, shard: VocabShard, opts: HeadOptions, extra: bool,
+                         entropy: bool = True):
     """Flattened inputs -> the 5-tuple of per-token outputs (as LinearLogpsFunction)."""
     if torch.is_grad_enabled() and (h2.requires_grad or weight.requires_grad
                                     or (bias is not None and bias.requires_grad)):
-        return VocabParallelLogpsFunction.apply(h2, weight, bias, y, shard, opts, extra)
+        return VocabParallelLogpsFunction.apply(h2, weight, bias, y, shard, opts, extra, entropy)
     with torch.no_grad():
-        return VocabParallelLogpsFunction.apply(h2, weight, bias, y, shard, opts, extra)
+        return VocabParallelLogpsFunction.apply(h2, weight, bias, y, shard, opts, extra, entropy)
 
 
 # --- KL ------------------------------------------------------------------------------------------------------
@@ -258,14 +277,21 @@ class VocabParallelKLFunction(torch.autograd.Function):
                 shard: VocabShard, opts: HeadOptions):
         impl = _kl_impl(opts.backend)
         kw = dict(temperature=opts.temperature, softcap=opts.softcap, chunk_bytes=opts.chunk_bytes)
+        keep = keeps_tile(hidden, opts)  # torch backend: this shard's two tiles kept when they fit one chunk
+        if keep:
+            kw["keep"] = True
         if reverse:  # KL(Q‖P): A = reference, B = policy
-            stats = impl.kl_partial_stats(ref_hidden, ref_weight, hidden, weight, bias_a=ref_bias, bias_b=bias, **kw)
+            out = impl.kl_partial_stats(ref_hidden, ref_weight, hidden, weight, bias_a=ref_bias, bias_b=bias, **kw)
         else:
-            stats = impl.kl_partial_stats(hidden, weight, ref_hidden, ref_weight, bias_a=bias, bias_b=ref_bias, **kw)
+            out = impl.kl_partial_stats(hidden, weight, ref_hidden, ref_weight, bias_a=bias, bias_b=ref_bias, **kw)
+        stats, tiles = out if keep else (out, None)
+        if tiles is not None and reverse:
+            tiles = tiles[::-1]  # (policy, reference)
         merged = gather_ranks(merge_kl_partials(stats), shard.group)
         kl, lse_a, lse_b = _kl_torch.kl_combine_stats(merged, valid)
         lse, lse_ref = (lse_b, lse_a) if reverse else (lse_a, lse_b)
         ctx.save_for_backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, valid, lse, lse_ref, kl)
+        ctx.kept = tiles
         ctx.reverse, ctx.shard, ctx.opts = reverse, shard, opts
         ctx.set_materialize_grads(False)
         return kl
@@ -276,16 +302,13 @@ class VocabParallelKLFunction(torch.autograd.Function):
         hidden, weight, bias, ref_hidden, ref_weight, ref_bias, valid, lse, lse_ref, kl = ctx.saved_tensors
         if g is None:
             return (None,) * 10
+        from .linear_kl import kl_backward
+
         opts, impl = ctx.opts, _kl_impl(ctx.opts.backend)
         g = g.reshape(-1).float().contiguous()
         needs = ctx.needs_input_grad[:3]
-
-        def write_dz(rows, dz):
-            impl.kl_bwd_dz(hidden[rows], weight, bias, ref_hidden[rows], ref_weight, ref_bias, valid[rows],
-                           lse[rows], lse_ref[rows], kl[rows], g[rows], dz, reverse=ctx.reverse,
-                           temperature=opts.temperature, softcap=opts.softcap)
-
-        dh, dW, db = head_backward(hidden, weight, bias, valid == 0, write_dz, chunk_bytes=opts.chunk_bytes,
-                                   temp_bytes_per_logit=impl.BWD_BYTES_PER_LOGIT, needs=(True, needs[1], needs[2]))
+        kept, ctx.kept = ctx.kept, None  # consumed: a second backward (retain_graph) recomputes
+        dh, dW, db = kl_backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, valid, lse, lse_ref, kl, g,
+                                 ctx.reverse, opts, impl, (True, needs[1], needs[2]), kept)
         dist.all_reduce(dh, group=ctx.shard.group)
         return (dh if needs[0] else None), dW, db, None, None, None, None, None, None, None
