@@ -13,7 +13,9 @@ median of the same run:
   matmul      bare head GEMMs: forward h Wᵀ; forward + backward also ∂h = G W and ∂W = Gᵀ h, with an (N, V)
               upstream gradient G prepared outside the timed region (3 GEMMs; KL: 2 forward, 4 in all)
   naive       fusealign.kernels.reference in fp32 (materialised logits, autograd)
-  fusealign   fa.linear_logps / fa.linear_kl, backend="torch"
+  fusealign   fa.linear_logps / fa.linear_kl, backend="torch", default chunk_bytes (256 MiB): the forward keeps
+              its logit tile(s) for the backward when they fit, else the backward recomputes them
+  fusealign_recompute   the same with chunk_bytes = half the tile(s): two chunks, the backward recomputes
   cce         Cut Cross-Entropy linear_cross_entropy(impl="torch_compile", reduction="none")  (−log p)
   trl         TRL 1.16 trl.kernels.ChunkedLogProbFunction (chunk_size 32768, as TRL's trainers call it)
   torch_lce   torch.nn.functional.linear_cross_entropy(reduction="none"), defaults (if this torch has it)
@@ -43,11 +45,14 @@ from common import RESULTS, header  # noqa: E402
 
 SHAPES = ((512, 512, 32000), (2048, 1024, 32000), (1024, 1024, 128256))
 KL_SHAPES = ((512, 512, 32000), (2048, 1024, 32000))
-MEM_SHAPES = ((8192, 256, 65536),)
+# Peak memory: the issue's shape (2 GiB of logits: fusealign's tile does not fit chunk_bytes, it recomputes) and
+# the smallest timing shape (the tile fits and is kept: fusealign then holds it, up to chunk_bytes).
+MEM_SHAPES = ((8192, 256, 65536), (512, 512, 32000))
+MEM_IMPLS = ("matmul", "naive", "fusealign", "cce", "trl")
 SMOKE = dict(shapes=((64, 32, 1000),), kl_shapes=((64, 32, 1000),), mem_shapes=((64, 32, 1000),), reps=2)
-LOGPS_IMPLS = ("matmul", "naive", "fusealign", "cce", "trl", "torch_lce")
-KL_IMPLS = ("matmul", "naive", "fusealign")
-ENTROPY_IMPLS = ("naive", "fusealign", "trl")  # the others return log-probs only
+LOGPS_IMPLS = ("matmul", "naive", "fusealign", "fusealign_recompute", "cce", "trl", "torch_lce")
+KL_IMPLS = ("matmul", "naive", "fusealign", "fusealign_recompute")
+ENTROPY_IMPLS = ("naive", "fusealign", "fusealign_recompute", "trl")  # the others return log-probs only
 # torch_lce (defaults) is ~13x the matmul: timed only where one call is short.
 SLOW_IMPL_MAX_NHV = 2**33
 OUT = RESULTS / "cpu" / "cpu.json"
@@ -73,6 +78,11 @@ def logps_impls():
         out = fa.linear_logps(h, W, y, return_entropy=entropy, backend="torch")
         return out if entropy else (out,)
 
+    def fusealign_recompute(h, W, y, entropy):
+        half = 4 * W.shape[0] * -(-h.shape[0] // 2)  # two chunks of the (N, V) fp32 tile: not kept
+        out = fa.linear_logps(h, W, y, return_entropy=entropy, backend="torch", chunk_bytes=half)
+        return out if entropy else (out,)
+
     def cce(h, W, y, entropy):
         from cut_cross_entropy import linear_cross_entropy
 
@@ -87,7 +97,8 @@ def logps_impls():
     def torch_lce(h, W, y, entropy):
         return (-torch.nn.functional.linear_cross_entropy(h, W, y, reduction="none"),)
 
-    impls = dict(matmul=matmul, naive=naive, fusealign=fusealign, cce=cce, trl=trl)
+    impls = dict(matmul=matmul, naive=naive, fusealign=fusealign, fusealign_recompute=fusealign_recompute, cce=cce,
+                 trl=trl)
     if hasattr(torch.nn.functional, "linear_cross_entropy"):
         impls["torch_lce"] = torch_lce
     return impls
@@ -106,7 +117,11 @@ def kl_impls():
     def fusealign(h, W, hr, Wr):
         return (fa.linear_kl(h, W, hr, Wr, backend="torch"),)
 
-    return dict(matmul=matmul, naive=naive, fusealign=fusealign)
+    def fusealign_recompute(h, W, hr, Wr):
+        half = 8 * W.shape[0] * -(-h.shape[0] // 2)  # two chunks of both heads' tiles: not kept
+        return (fa.linear_kl(h, W, hr, Wr, backend="torch", chunk_bytes=half),)
+
+    return dict(matmul=matmul, naive=naive, fusealign=fusealign, fusealign_recompute=fusealign_recompute)
 
 
 def inputs(N, H, V, kl=False):
@@ -314,7 +329,7 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--impls", default=",".join(LOGPS_IMPLS))
     p.add_argument("--modes", default="fwd,fwd_bwd")
-    p.add_argument("--mem-impls", default=",".join(LOGPS_IMPLS), help="implementations measured for peak memory")
+    p.add_argument("--mem-impls", default=",".join(MEM_IMPLS), help="implementations measured for peak memory")
     p.add_argument("--no-mem", action="store_true", help="skip the per-process peak-memory runs")
     p.add_argument("--no-ref", action="store_true", help="skip the float64 references (no errors reported)")
     p.add_argument("--smoke", action="store_true", help="tiny shapes, two repeats (the test suite's check)")
@@ -360,7 +375,7 @@ def main(argv=None):
             for shape in shapes:
                 for entropy in ((False, True) if op == "logps" else (False,)):
                     for name in names:
-                        if entropy and name not in ENTROPY_IMPLS or name == "torch_lce":
+                        if entropy and name not in ENTROPY_IMPLS:
                             continue
                         peak, err = peak_memory(op, name, "fwd_bwd", entropy, shape, args.threads)
                         rec = dict(op=op, impl=name, mode="fwd_bwd", entropy=entropy, N=shape[0], H=shape[1],

@@ -14,12 +14,14 @@ import json
 import sys
 from pathlib import Path
 
-ORDER = ("matmul", "naive", "fusealign", "cce", "trl", "torch_lce")
+ORDER = ("matmul", "naive", "fusealign", "fusealign_recompute", "cce", "trl", "torch_lce")
 LABEL = dict(matmul="bare head matmul(s)", naive="naive `log_softmax(h @ Wᵀ)` (fp32)",
-             fusealign="**fusealign** `backend=\"torch\"`", cce="Cut Cross-Entropy `impl=\"torch_compile\"`",
+             fusealign="**fusealign** `backend=\"torch\"`",
+             fusealign_recompute="fusealign, `chunk_bytes` = half the tile (recomputes)", cce="Cut Cross-Entropy `impl=\"torch_compile\"`",
              trl="TRL `ChunkedLogProbFunction`", torch_lce="`torch.nn.functional.linear_cross_entropy`")
 KL_LABEL = dict(matmul="bare head matmuls (both heads)", naive="naive two-head KL (fp32)",
-                fusealign="**fusealign** `linear_kl`, `backend=\"torch\"`")
+                fusealign="**fusealign** `linear_kl`, `backend=\"torch\"`",
+                fusealign_recompute="fusealign `linear_kl`, `chunk_bytes` = half the tiles (recomputes)")
 COLUMNS = (("fwd", False, "forward"), ("fwd", True, "forward +H"), ("fwd_bwd", False, "fwd + bwd"),
            ("fwd_bwd", True, "fwd + bwd +H"))
 
