@@ -39,20 +39,30 @@ def mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 # Bytes per slab: the elementwise epilogue works on (slab, V) views of a chunk's tile, with at most two
-# scratch slabs beside it, so that all three stay in the caches (L2 + the shared L3) between passes. One row
-# at least, so a scratch slab is O(V) bytes. Measured on the 2-core AMD EPYC of issue 23 (benchmarks/NOTES.md).
+# scratch slabs beside it, so that all three stay in the caches (L2 + the shared L3) between passes. Measured
+# on the 2-core AMD EPYC of issue 23 (benchmarks/NOTES.md).
 SLAB_BYTES = 4 << 20
 
 
-def slab_rows(V: int) -> int:
-    """Rows of the largest slab `slabs` makes for a vocabulary of V (the scratch buffers' height)."""
-    return max(1, SLAB_BYTES // (4 * max(V, 1)))
+SMALL_SLAB_BYTES = 256 << 10  # a scratch slab this small is negligible whatever the chunk
 
 
-def slabs(n: int, V: int):
-    """Row slices of a (n, V) fp32 tile, each ≤ SLAB_BYTES (one row at least)."""
-    step = slab_rows(V)
-    return [slice(s, min(n, s + step)) for s in range(0, n, step)]
+def slab_rows(V: int, chunk_rows: int) -> int:
+    """Rows per slab for a chunk of `chunk_rows` rows: ≤ SLAB_BYTES, and ≤ 1/16 of the chunk unless that is under
+    SMALL_SLAB_BYTES; one row at least — so two scratch slabs add at most 1/8 of the chunk's tile (or 512 KiB,
+    or two rows: O(V)) to its memory."""
+    row = 4 * max(V, 1)
+    return max(1, min(SLAB_BYTES // row, max(chunk_rows // 16, SMALL_SLAB_BYTES // row)))
+
+
+def slabs(n: int, k: int):
+    """Row slices of a chunk of n rows, k at a time."""
+    return [slice(s, min(n, s + k)) for s in range(0, n, k)]
+
+
+def scratch(k: int, V: int, device, count: int):
+    """`count` fp32 (k, V) scratch slabs, allocated once per call (or per chunk in a backward: ≤ 1/8 of it)."""
+    return [torch.empty((k, V), device=device, dtype=torch.float32) for _ in range(count)]
 
 
 def head_weight(weight: torch.Tensor) -> torch.Tensor:

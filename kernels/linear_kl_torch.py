@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from .chunked import (LogitMap, autocast_off, chunk_rows, finish_logits_, head_weight, mm_into, slab_rows, slabs,
-                      softcap_factor_from_logits)
+from .chunked import (LogitMap, autocast_off, chunk_rows, finish_logits_, head_weight, mm_into, scratch, slab_rows,
+                      slabs, softcap_factor_from_logits)
 
 FWD_BYTES_PER_LOGIT = 8  # both heads' logit tiles (exponentials and products go to two O(V) scratch slabs)
 # Besides head_backward's ∂r buffer: the reference's fp32 tile, and the policy's fp32 tile when that buffer is
@@ -25,11 +25,6 @@ _LOWEST = torch.finfo(torch.float32).min
 def bwd_bytes_per_logit(dz_dtype: torch.dtype) -> int:
     """Bytes per logit kl_bwd_dz holds besides a `dz_dtype` ∂r buffer."""
     return 4 if dz_dtype == torch.float32 else 8
-
-
-def _scratch(rows, V, device, count):
-    k = min(rows, slab_rows(V))
-    return [torch.empty((k, V), device=device, dtype=torch.float32) for _ in range(count)]
 
 
 @autocast_off
@@ -48,14 +43,15 @@ def kl_partial_stats(ha, wa, hb, wb, *, bias_a=None, bias_b=None, temperature, s
     rows0 = min(step, N)
     ws_a = torch.empty((rows0, V), device=dev, dtype=torch.float32)
     ws_b = torch.empty((rows0, V), device=dev, dtype=torch.float32)
-    d, e = _scratch(rows0, V, dev, 2)
+    k_slab = slab_rows(V, rows0)
+    d, e = scratch(k_slab, V, dev, 2)
     for start in range(0, N, step):
         rows = slice(start, min(N, start + step))
         n = rows.stop - rows.start
         A = mm_into(ws_a[:n], ha[rows], Wa, la.alpha)
         B = mm_into(ws_b[:n], hb[rows], Wb, lb.alpha)
         st = stats[0, :, rows]
-        for r in slabs(n, V):
+        for r in slabs(n, k_slab):
             a = finish_logits_(A[r], la)
             b = finish_logits_(B[r], lb)
             k = a.shape[0]
@@ -123,9 +119,9 @@ def kl_bwd_dz(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, valid, lse
         Q = torch.empty((n, V), device=dev, dtype=torch.float32) if ref_logits is None else ref_logits[:n]
         mm_into(Q, ref_hidden, head_weight(ref_weight), lq.alpha)
     gv = (torch.where(valid != 0, g, 0.0) / temperature).unsqueeze(1)  # with the 1/T of ∂r = ∂z / T
-    (p,) = _scratch(n, V, dev, 1)
-    factor = _scratch(n, V, dev, 1)[0] if softcap is not None else None
-    for r in slabs(n, V):
+    k_slab = slab_rows(V, n)
+    p, factor = scratch(k_slab, V, dev, 2 if softcap is not None else 1) + [None] * (softcap is None)
+    for r in slabs(n, k_slab):
         x, q = out[r], Q[r]
         k = x.shape[0]
         f = None if factor is None else factor[:k]

@@ -27,11 +27,11 @@ from __future__ import annotations
 
 import torch
 
-from .chunked import (LogitMap, autocast_off, chunk_rows, finish_logits_, head_weight, mm_into, slab_rows, slabs,
-                      softcap_factor_from_logits)
+from .chunked import (LogitMap, autocast_off, chunk_rows, finish_logits_, head_weight, mm_into, scratch, slab_rows,
+                      slabs, softcap_factor_from_logits)
 
-# (chunk, V) buffers alive at once, in bytes per logit (fp32 tiles are 4). Besides them: two (slab, V) fp32
-# scratch slabs (chunked.SLAB_BYTES each, at least one row: O(V)) and O(N) statistics.
+# (chunk, V) buffers alive at once, in bytes per logit (fp32 tiles are 4). Besides them: at most two (slab, V)
+# fp32 scratch slabs (chunked.slab_rows: ≤ 1/16 of the chunk's rows each, one row at least) and O(N) statistics.
 FWD_BYTES_PER_LOGIT = 4  # partial_stats: the logit tile (exponentials and products go to the scratch slabs)
 FWD_EXTRA_BYTES_PER_LOGIT = 4  # the extra statistics' masks are slab-sized too
 # logps_bwd_dz forms ∂r in head_backward's buffer itself: nothing more when that buffer is fp32 (CPU, fp32
@@ -46,12 +46,6 @@ _LOWEST = torch.finfo(torch.float32).min
 def bwd_bytes_per_logit(dz_dtype: torch.dtype) -> int:
     """Bytes per logit logps_bwd_dz holds besides a `dz_dtype` ∂r buffer."""
     return 0 if dz_dtype == torch.float32 else 4
-
-
-def _scratch(rows: int, V: int, device, count: int):
-    """`count` fp32 (slab, V) scratch buffers for one call (slab ≤ chunked.SLAB_BYTES, one row at least)."""
-    k = min(rows, slab_rows(V))
-    return [torch.empty((k, V), device=device, dtype=torch.float32) for _ in range(count)]
 
 
 @autocast_off
@@ -74,7 +68,8 @@ def partial_stats(hidden, weight, bias, targets, *, temperature, softcap, chunk_
     W = head_weight(weight)  # one upcast per call for a low-precision weight on the CPU
     lm = LogitMap(bias, temperature, softcap, dev)
     ws = torch.empty((min(step, N), V), device=dev, dtype=torch.float32)  # the one logit workspace
-    shifted, prod = _scratch(min(step, N), V, dev, 2)
+    k_slab = slab_rows(V, min(step, N))
+    shifted, prod = scratch(k_slab, V, dev, 2)
     cols = torch.arange(V, device=dev) if extra else None
     neg_inf = torch.full((), -torch.inf, device=dev) if extra else None
     for start in range(0, N, step):
@@ -83,7 +78,7 @@ def partial_stats(hidden, weight, bias, targets, *, temperature, softcap, chunk_
         z = mm_into(ws[:n], hidden[sl], W, lm.alpha)  # (n, V) products, then the final logits in place, by slab
         y = targets[sl]
         st = stats[0, :, sl]  # (ROWS, n) view
-        for r in slabs(n, V):
+        for r in slabs(n, k_slab):
             x = finish_logits_(z[r], lm)  # (k, V), stays the final logits z
             k = x.shape[0]
             if extra:  # from the unshifted logits, so that z_y and max_{v<y} z_v compare exactly
@@ -224,10 +219,11 @@ def logps_bwd_dz(hidden, weight, bias, targets, lse, entropy, g_logps, g_entropy
     else:
         c0 = (-g).unsqueeze(1)
     need = (softcap is not None) + (g_entropy is not None)
-    scratch = _scratch(n, V, dev, need)
-    factor = scratch.pop() if softcap is not None else None
-    p = scratch.pop() if g_entropy is not None else None
-    for r in slabs(n, V):
+    k_slab = slab_rows(V, n)
+    bufs = scratch(k_slab, V, dev, need)
+    factor = bufs.pop() if softcap is not None else None
+    p = bufs.pop() if g_entropy is not None else None
+    for r in slabs(n, k_slab):
         x = out[r]
         k = x.shape[0]
         f = None if factor is None else factor[:k]
