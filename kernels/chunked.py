@@ -78,7 +78,7 @@ class LogitMap:
     """z = softcap·tanh((h Wᵀ + b)/softcap)/T as `alpha` · (h Wᵀ) in the GEMM, then per slab `finish_logits_`:
     without softcap alpha = 1/T and x + b/T; with it alpha = 1/softcap, then (x + b/softcap), tanh, · softcap/T.
     The bias is upcast and pre-scaled once per call. `minus_inf`: whether a logit can be −inf (a −inf bias:
-    masked vocabulary) — known on the CPU from the bias (one O(V) check), assumed elsewhere (no host sync)."""
+    masked vocabulary) — known on the CPU from the bias (one O(V) check), assumed elsewhere (no host sync).""" 
 
     def __init__(self, bias, temperature: float, softcap, device):
         self.temperature, self.softcap = float(temperature), softcap
@@ -86,12 +86,12 @@ class LogitMap:
         self.alpha = scale
         self.bias = None if bias is None else bias.float() * scale
         self.post = None if softcap is None else softcap / temperature  # after tanh
-        if bias is None or softcap is not None:  # softcap(−inf) = −softcap: finite
+        if softcap is not None:  # softcap(−inf) = −softcap: finite
             self.minus_inf = False
-        elif device.type == "cpu":
-            self.minus_inf = bool(torch.isneginf(bias).any())
-        else:
+        elif device.type != "cpu":
             self.minus_inf = True
+        else:  # (an infinite weight or hidden entry can also make one: the backends check the result for it)
+            self.minus_inf = bias is not None and bool(torch.isneginf(bias).any())
 
 
 def mm_into(out: torch.Tensor, hidden_c: torch.Tensor, weight: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:

@@ -56,11 +56,9 @@ def head_backward(
     N, H = hidden.shape
     V = weight.shape[0]
     want_h, want_w, want_b = needs[0], needs[1], needs[2] and bias is not None
-    dh = torch.zeros_like(hidden) if want_h else None
-    dW = torch.zeros_like(weight) if want_w else None
     db = torch.zeros_like(bias) if want_b else None
     if N == 0 or not (want_h or want_w or want_b):
-        return dh, dW, db
+        return (torch.zeros_like(hidden) if want_h else None), (torch.zeros_like(weight) if want_w else None), db
     dev = hidden.device
     work_dtype = dz_dtype(hidden)
     if weight_work is not None and weight_work.dtype == work_dtype:
@@ -71,6 +69,10 @@ def head_backward(
     temp = temp_bytes_per_logit(work_dtype) if callable(temp_bytes_per_logit) else temp_bytes_per_logit
     step = N if dz_buffer is not None else chunk_rows(N, V, chunk_bytes, dz_bytes + temp)
     single = step >= N
+    # Every row of ∂h is written below, and ∂W too when one chunk covers N: no zero-fill pass (a (V, H) fill
+    # costs as much as a slab epilogue on the CPU).
+    dh = torch.empty_like(hidden) if want_h else None
+    dW = (torch.empty_like(weight) if single else torch.zeros_like(weight)) if want_w else None
     if dz_buffer is not None and (tuple(dz_buffer.shape) != (N, V) or dz_buffer.dtype != work_dtype):
         raise ValueError(f"dz_buffer must be ({N}, {V}) {work_dtype}, got {tuple(dz_buffer.shape)} {dz_buffer.dtype}")
     dz = dz_buffer if dz_buffer is not None else torch.empty((min(step, N), V), device=dev, dtype=work_dtype)

@@ -105,7 +105,8 @@ def logps_forward(hidden, weight, bias, targets, opts: HeadOptions, extra: bool 
 def logps_backward(hidden, weight, bias, targets, lse, entropy, g_logps, g_entropy, opts: HeadOptions,
                    needs=(True, True, True), kept=None):
     """Gradients (dh (N, H), dW (V, H), db (V,)) for upstream g_logps / g_entropy: (N,) fp32 or None.
-    `kept`: the forward's (N, V) fp32 final logits (torch backend), turned into ∂r in place (consumed)."""
+    `kept`: the torch backend's Kept tile from the forward (the (N, V) fp32 final logits, or their exponentials
+    for log-probs without softcap), turned into ∂r in place (consumed)."""
     N = hidden.shape[0]
     if g_logps is None and g_entropy is None:
         needs = (False, False, False)
@@ -117,6 +118,7 @@ def logps_backward(hidden, weight, bias, targets, lse, entropy, g_logps, g_entro
     # The torch backend's chunk matmuls and the ∂h GEMM share one fp32 weight (one upcast per call on the CPU).
     w_dz = head_weight(weight) if on_torch else weight
     extra_kw = dict(logits_in_dz=kept is not None) if on_torch else {}
+    shift = None if kept is None else kept.shift  # set when the kept tile holds exp(z − shift)
 
     def write_dz(rows, dz):
         impl.logps_bwd_dz(
@@ -124,12 +126,13 @@ def logps_backward(hidden, weight, bias, targets, lse, entropy, g_logps, g_entro
             None if g_entropy is None else entropy[rows],
             g_logps[rows], None if g_entropy is None else g_entropy[rows], dz,
             temperature=opts.temperature, softcap=opts.softcap, ignore_index=opts.ignore_index, **extra_kw,
+            **({} if shift is None else dict(exp_shift=shift[rows])),
         )
 
     temp = impl.bwd_bytes_per_logit if on_torch else impl.BWD_BYTES_PER_LOGIT
     return head_backward(hidden, weight, bias, targets == opts.ignore_index, write_dz,
                          chunk_bytes=opts.chunk_bytes, temp_bytes_per_logit=temp, needs=needs,
-                         weight_work=w_dz if on_torch else None, dz_buffer=kept)
+                         weight_work=w_dz if on_torch else None, dz_buffer=None if kept is None else kept.tile)
 
 
 def keeps_tile(hidden, opts: HeadOptions) -> bool:

@@ -56,7 +56,9 @@ def partial_stats(hidden, weight, bias, targets, *, temperature, softcap, chunk_
     owned by another vocabulary shard); mb compares column indices with the target whatever its range.
 
     `entropy=False` leaves row a (Σ e (z − m)) NaN: it is not computed. With `keep=True` returns
-    (stats, tile): tile the (N, V) fp32 final logits when all N rows fitted one chunk, else None.
+    (stats, kept): when all N rows fitted one chunk, kept = Kept(tile, shift) with tile the (N, V) fp32 final
+    logits z — or, without entropy and softcap (a backward that needs only p), e = exp(z − m) with shift = m
+    (N,), so that the backward's p = e·e^{m − lse} costs one pass — else None.
     """
     N = hidden.shape[0]
     V = weight.shape[0]
@@ -72,15 +74,18 @@ def partial_stats(hidden, weight, bias, targets, *, temperature, softcap, chunk_
     shifted, prod = scratch(k_slab, V, dev, 2)
     cols = torch.arange(V, device=dev) if extra else None
     neg_inf = torch.full((), -torch.inf, device=dev) if extra else None
+    keep_exp = keep and step >= N and not entropy and softcap is None  # the tile ends as e = exp(z − m)
     for start in range(0, N, step):
         sl = slice(start, min(N, start + step))
         n = sl.stop - sl.start
         z = mm_into(ws[:n], hidden[sl], W, lm.alpha)  # (n, V) products, then the final logits in place, by slab
         y = targets[sl]
+        y_col = y.clamp(0, V - 1).long().unsqueeze(1)
         st = stats[0, :, sl]  # (ROWS, n) view
         for r in slabs(n, k_slab):
-            x = finish_logits_(z[r], lm)  # (k, V), stays the final logits z
+            x = finish_logits_(z[r], lm)  # (k, V), stays the final logits z (unless keep_exp)
             k = x.shape[0]
+            st[3, r] = x.gather(1, y_col[r]).squeeze(1)
             if extra:  # from the unshifted logits, so that z_y and max_{v<y} z_v compare exactly
                 st[5, r] = x.sum(-1, dtype=torch.float64)
                 torch.where(cols < y[r].unsqueeze(1), x, neg_inf, out=prod[:k])
@@ -88,6 +93,12 @@ def partial_stats(hidden, weight, bias, targets, *, temperature, softcap, chunk_
             # Shifted by the row max, as the Triton kernel does: a row holding ±inf or NaN gives NaN
             # (inf − inf), never a finite number.
             torch.amax(x, -1, out=st[0, r])
+            if keep_exp:
+                e = x.sub_(st[0, r].unsqueeze(1)).exp_()
+                torch.sum(e, -1, out=st[1, r])
+                if extra:
+                    torch.sum(torch.mul(e, e, out=prod[:k]), -1, out=st[4, r])
+                continue
             d = torch.sub(x, st[0, r].unsqueeze(1), out=shifted[:k])  # z − m
             if entropy:
                 if lm.minus_inf:
@@ -100,13 +111,22 @@ def partial_stats(hidden, weight, bias, targets, *, temperature, softcap, chunk_
                 torch.sum(e, -1, out=st[1, r])
             if extra:
                 torch.sum(e.square_(), -1, out=st[4, r])
-        zy = z.gather(1, y.clamp(0, V - 1).long().unsqueeze(1)).squeeze(1)
-        st[3] = torch.where((y >= 0) & (y < V), zy, 0.0)
-        if entropy and not lm.minus_inf:
+        st[3] = torch.where((y >= 0) & (y < V), st[3], 0.0)
+        if entropy and not lm.minus_inf and dev.type == "cpu":
             _repair_minus_inf_rows(z, st)
     if keep:
-        return stats, (ws if step >= N else None)
+        kept = None
+        if step >= N:
+            kept = Kept(ws, stats[0, 0].clone() if keep_exp else None)
+        return stats, kept
     return stats
+
+
+class Kept:
+    """A forward's (N, V) fp32 tile kept for the backward: the final logits z (shift None), or e = exp(z − shift)."""
+
+    def __init__(self, tile: torch.Tensor, shift=None):
+        self.tile, self.shift = tile, shift
 
 
 def _repair_minus_inf_rows(z, st):
@@ -170,7 +190,7 @@ def logps_fwd(hidden, weight, bias, targets, *, temperature, softcap, ignore_ind
     stats, tile = out if keep else (out, None)
     logps, ent, lse, extras = combine_stats(stats, targets, ignore_index, weight.shape[0])
     result = (logps, ent if entropy else None, lse, extras)
-    return result + (tile,) if keep else result
+    return result + (tile,) if keep else result  # tile: a Kept or None
 
 
 def zero_rows_(dz: torch.Tensor, ignored: torch.Tensor) -> torch.Tensor:
@@ -186,7 +206,7 @@ def zero_rows_(dz: torch.Tensor, ignored: torch.Tensor) -> torch.Tensor:
 
 @autocast_off
 def logps_bwd_dz(hidden, weight, bias, targets, lse, entropy, g_logps, g_entropy, dz, *,
-                 temperature, softcap, ignore_index, logits_in_dz=False):
+                 temperature, softcap, ignore_index, logits_in_dz=False, exp_shift=None):
     """Write ∂L/∂(raw logits) for one chunk into `dz: (n, V)`; see linear_logps_triton.py.
 
     The logits are formed in `dz` itself when it is fp32 (nothing else of size (n, V); an fp32 tile when dz is
@@ -195,7 +215,8 @@ def logps_bwd_dz(hidden, weight, bias, targets, lse, entropy, g_logps, g_entropy
     the per-row factors (g, e, H and 1/T) folded into two row coefficients, so that the entropy gradient costs
     four passes over a slab (log p, p, the coefficient, the product) and log-probs alone three.
     `weight` should be the call's `head_weight` (upcast once per call, not per chunk). With `logits_in_dz`,
-    dz already holds the final logits z (the forward's kept tile): no GEMM.
+    dz already holds the final logits z (the forward's kept tile): no GEMM; with `exp_shift` (n,) as well, it
+    holds e = exp(z − exp_shift) instead (log-probs only, no softcap): ∂r = e·(−g e^{shift − lse}/T), one pass.
     """
     n, V = dz.shape
     dev = dz.device
@@ -218,6 +239,14 @@ def logps_bwd_dz(hidden, weight, bias, targets, lse, entropy, g_logps, g_entropy
         c0 = (-g - g_entropy * inv_t * entropy).unsqueeze(1)
     else:
         c0 = (-g).unsqueeze(1)
+    if exp_shift is not None:
+        if g_entropy is not None or softcap is not None or not logits_in_dz:
+            raise ValueError("exp_shift: a kept exp(z − m) tile serves a log-probs gradient without softcap only")
+        c0 = c0 * (exp_shift - lse).exp().unsqueeze(1)  # −g/T · e^{m − lse}: p = e·e^{m − lse}
+        for r in slabs(n, slab_rows(V, n)):
+            out[r].mul_(c0[r]).scatter_add_(1, cols[r], gy[r])
+        zero_rows_(out, ~valid)
+        return dz if out is dz else dz.copy_(out)
     need = (softcap is not None) + (g_entropy is not None)
     k_slab = slab_rows(V, n)
     bufs = scratch(k_slab, V, dev, need)

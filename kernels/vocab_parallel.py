@@ -240,20 +240,21 @@ class VocabParallelLogpsFunction(torch.autograd.Function):
         on_torch = opts.backend == "torch"
         w_dz = head_weight(weight) if on_torch else weight  # one upcast per call, shared with the ∂h GEMM
         extra_kw = dict(logits_in_dz=kept is not None) if on_torch else {}
+        shift = None if kept is None else kept.shift  # set when the kept tile holds exp(z − shift)
 
         def write_dz(rows, dz):
             impl.logps_bwd_dz(hidden[rows], w_dz, bias, y[rows], lse[rows],
                               None if g_entropy is None else entropy[rows], g_logps[rows],
                               None if g_entropy is None else g_entropy[rows], dz,
                               temperature=opts.temperature, softcap=opts.softcap, ignore_index=opts.ignore_index,
-                              **extra_kw)
+                              **extra_kw, **({} if shift is None else dict(exp_shift=shift[rows])))
 
         # ∂h of every rank is needed: the all-reduce below is a collective.
         dh, dW, db = head_backward(hidden, weight, bias, targets == opts.ignore_index, write_dz,
                                    chunk_bytes=opts.chunk_bytes,
                                    temp_bytes_per_logit=impl.bwd_bytes_per_logit if on_torch else impl.BWD_BYTES_PER_LOGIT,
                                    needs=(True, needs[1], needs[2]), weight_work=w_dz if on_torch else None,
-                                   dz_buffer=kept)
+                                   dz_buffer=None if kept is None else kept.tile)
         dist.all_reduce(dh, group=shard.group)  # ∂h sums over the whole vocabulary: every shard's part
         return (dh if needs[0] else None), dW, db, None, None, None, None, None
 

@@ -149,6 +149,17 @@ def test_logps_only_skips_entropy_and_matches(mm_calls):
         alone = fa.linear_logps(h, W, y, backend="torch")
         both = fa.linear_logps(h, W, y, backend="torch", return_entropy=True)
     assert torch.equal(alone, both[0])
+    # What is kept: for log-probs alone (no softcap) the exponentials e = exp(z − m), their shift m with them
+    # (the backward's p = e·e^{m − lse} is one pass); with entropy or a softcap, the final logits themselves.
+    kw = dict(temperature=1.0, chunk_bytes=KEEP, keep=True)
+    _, kept = lt.partial_stats(h, W, None, y, softcap=None, entropy=False, **kw)
+    z = h @ W.T
+    assert torch.equal(kept.shift, z.amax(-1)) and torch.allclose(kept.tile, (z - kept.shift[:, None]).exp())
+    for entropy, softcap in ((True, None), (False, 5.0)):
+        _, kept = lt.partial_stats(h, W, None, y, softcap=softcap, entropy=entropy, **kw)
+        assert kept.shift is None and torch.allclose(kept.tile, z if softcap is None else 5 * torch.tanh(z / 5), atol=1e-5)
+    _, kept = lt.partial_stats(h, W, None, y, softcap=None, entropy=False, **dict(kw, chunk_bytes=KEEP - 1))
+    assert kept is None
 
 
 @pytest.mark.parametrize("direction", ["forward", "reverse"])
