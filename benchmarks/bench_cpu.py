@@ -274,7 +274,9 @@ def machine(threads):
             versions["cut_cross_entropy"] = version("cut-cross-entropy")
         except Exception:
             pass
-    return dict(cpu_model=model, cores=os.cpu_count(), threads=threads, versions=versions,
+    env = {k: os.environ[k] for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+           if k in os.environ}
+    return dict(cpu_model=model, cores=os.cpu_count(), threads=threads, versions=versions, env=env,
                 mkl=torch.backends.mkl.is_available(), cpu_capability=torch.backends.cpu.get_cpu_capability())
 
 

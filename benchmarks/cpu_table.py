@@ -52,7 +52,9 @@ def cpu_table(data: dict) -> str:
     lines = [f"CPU: {h.get('cpu_model')}, {h.get('threads')} threads of {h.get('cores')} cores, fp32, torch "
              f"{h.get('torch')}, commit `{(h.get('commit') or '')[:10]}`, {h.get('date')}; load average "
              f"{', '.join(f'{x:.1f}' for x in h.get('load_before', []))} before, "
-             f"{', '.join(f'{x:.1f}' for x in h.get('load_after', []))} after; {h.get('reps')} interleaved "
+             f"{', '.join(f'{x:.1f}' for x in h.get('load_after', []))} after; "
+             + "".join(f"{k}={v}; " for k, v in h.get("env", {}).items())
+             + f"{h.get('reps')} interleaved "
              f"repeats. Time as a multiple of the bare matmul's median in the same run (forward: 1 GEMM; "
              f"forward + backward: 3), median [min–max]; +H = with entropy. Peers: "
              + ", ".join(f"{k} {v}" for k, v in sorted(h.get("versions", {}).items())) + ".", ""]
