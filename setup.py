@@ -12,11 +12,15 @@ setup(
     version="0.1.0",
     description="Fused LM-head log-probs, entropy, KL and alignment losses without materialised logits",
     python_requires=">=3.10",
-    packages=["fusealign", "fusealign.losses", "fusealign.integrations", "fusealign.kernels", "fusealign.engine"],
+    packages=["fusealign", "fusealign.losses", "fusealign.integrations", "fusealign.kernels", "fusealign.engine",
+              "fusealign.engine.study"],
+    # The candidate selection table (kernels/candidates.py) travels with the kernels.
+    package_data={"fusealign.kernels": ["tuned.json"]},
     package_dir={
         "fusealign": "python/fusealign",
         "fusealign.kernels": "kernels",
         "fusealign.engine": "engine",
+        "fusealign.engine.study": "engine/study",
     },
     # What the commands use: tqdm (progress), matplotlib (compare's and the benchmarks' plots) — declared, so
     # `pip install .` never leaves a command to skip its output silently.

@@ -150,7 +150,7 @@ def save_sharded_checkpoint(run_dir: Path, step: int, models: dict, optimizer, t
     """Every rank calls this. `models`: {"": the trained model's FSDP root, "critic": …}; each is exported
     consolidated (rank 0: the checkpoint root, or a sub-directory named after it) so that `from_pretrained`
     loads it, and the optimizer is saved sharded through torch.distributed.checkpoint (`dcp/`), which
-    reshards on load to any world size. The trainer state gains `extras` (the state of modules held beside a
+    reshards on load to any world size. The trainer state gains `modules` (the state of modules held beside a
     model, e.g. a value head) and per-rank RNG states. Same atomicity as `save_checkpoint`."""
     import torch.distributed as dist
 
@@ -171,7 +171,8 @@ def save_sharded_checkpoint(run_dir: Path, step: int, models: dict, optimizer, t
     if info.main:
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        torch.save({**trainer_state, "extras": extras, "world_size": info.world_size, "format": STATE_FORMAT},
+        modules = {**trainer_state.get("modules", {}), **extras}
+        torch.save({**trainer_state, "modules": modules, "world_size": info.world_size, "format": STATE_FORMAT},
                    tmp / TRAINER_STATE)
     dist.barrier()
     if info.main:

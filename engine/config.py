@@ -1,7 +1,7 @@
 """Run configurations: dataclasses with a help string per field and validation in __post_init__.
 
-The CLI builds its flags from these fields (`--max-steps`, `--output-dir`, …), so `--help` shows the
-same text as this file. Layers, each field declared once, each only where it applies:
+The CLI builds its flags from these fields (`--max-steps`, `--output-dir`, …, and one flag per field of an
+embedded loss-options bundle), so `--help` shows the same text as this file (and as the bundles'). Layers, each field declared once, each only where it applies:
     RunConfig         every command: where, seed, device, kernel backend
     TrainConfig       every trainer (SFT, RM, DPO, PPO): model, data, optimiser, schedule, checkpoints
     SupervisedConfig  the trainers that step through a data set (SFT, RM, DPO): accumulation, evaluation
@@ -10,8 +10,10 @@ same text as this file. Layers, each field declared once, each only where it app
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Optional
+
+from fusealign.losses import DPOOptions, GRPOOptions, PPOOptions
 
 
 def opt(default, help: str, **kw):
@@ -129,32 +131,28 @@ class RMConfig(SupervisedConfig, FromSFT):
             raise ValueError(f"--center-coef must be >= 0, got {self.center_coef}")
 
 
+def bundle(factory, help: str, derived: tuple = ()):
+    """A config field holding a loss's options bundle (`fa.DPOOptions`, `fa.PPOOptions`, `fa.GRPOOptions`): the CLI
+    gives each of the bundle's fields its own flag (`--beta`, `--loss-type`, …: the bundle's help texts), except
+    those the config defines itself and the `derived` ones the run sets from its own layout; a name two bundles of
+    one config share is one flag that sets both. The run passes the bundle (unchanged, or with the derived fields
+    filled) to the loss."""
+    return field(default_factory=factory, metadata={"help": help, "bundle": True, "derived": derived})
+
+
+# GRPOOptions fields a PPO run sets itself: dr_grpo's constant from --max-new-tokens, TRL's batch layout from
+# --num-minibatches and the world size (PPOConfig.grpo_options).
+GRPO_DERIVED = ("max_completion_length", "gradient_accumulation_steps", "steps_per_generation", "num_processes")
+
+
 @dataclass
 class DPOConfig(SupervisedConfig, FromSFT):
     """Direct preference optimisation and its family: every TRL 1.16 DPO loss type, f-divergences, WPO, SimPO.
 
-    Defaults suit the built-in task (sequence log-ratios of ~10 tokens); TRL's usual β is 0.1.
+    Defaults suit the built-in task (sequence log-ratios of ~10 tokens): β 0.5; TRL's usual β is 0.1.
     """
 
-    beta: float = opt(0.5, "β: strength of the implicit KL to the reference (τ of IPO)")
-    loss_type: list[str] = field(default_factory=lambda: ["sigmoid"], metadata={"help": (
-        "one or more DPO losses, summed with --loss-weights (TRL 1.16's names): sigmoid, hinge, ipo (length-"
-        "normalised), exo_pair, nca_pair, robust, bco_pair, sppo_hard, aot, aot_unpaired, apo_zero, apo_down, "
-        "discopop, sft, sigmoid_norm; and cdpo (conservative DPO), ipo_sum (IPO on sums), simpo")})
-    loss_weights: Optional[list[float]] = opt(None, "one weight per --loss-type (default 1 each), e.g. MPO: "
-                                                    "--loss-type sigmoid bco_pair sft --loss-weights 0.8 0.2 1.0")
-    label_smoothing: float = opt(0.0, "ε in [0, 0.5): flip probability of robust; cdpo, exo_pair, aot, "
-                                      "aot_unpaired and simpo smoothing")
-    f_divergence_type: str = opt("reverse_kl", "reverse_kl, forward_kl, js_divergence or alpha_divergence "
-                                               "(f-DPO; for the losses on the chosen−rejected score difference)")
-    f_alpha_divergence_coef: float = opt(0.5, "α of alpha_divergence (TRL's parametrisation; 1 = reverse KL)")
-    discopop_tau: float = opt(0.05, "τ of the discopop loss")
-    use_weighting: bool = opt(False, "WPO: weight each pair by the policy's length-normalised probabilities "
-                                     "(from the fused pass's log Σp², no logits)")
-    gamma: float = opt(0.0, "SimPO target margin γ")
-    average_logps: Optional[bool] = opt(None, "length-normalise log-probs before the loss (default: on for simpo "
-                                              "alone; ipo and sigmoid_norm normalise by themselves)")
-    nll_coef: float = opt(0.0, "RPO: weight of the chosen-completion NLL (= adding sft with this weight)")
+    loss: DPOOptions = bundle(lambda: DPOOptions(beta=0.5), "the DPO loss's options (fa.DPOOptions)")
     ref_mode: str = opt("precompute", "precompute (one pass, cached on disk) or online (frozen reference model)")
     eval_samples: int = opt(128, "held-out prompts sampled at the end to score the ground-truth reward")
     reward_model: str = opt("", "with --data onpolicy: the reward model that labels the sampled pairs (fusealign rm); "
@@ -169,8 +167,8 @@ class DPOConfig(SupervisedConfig, FromSFT):
 
     def __post_init__(self):
         super().__post_init__()
-        from fusealign.losses import LOSS_TYPES, check_dpo_options
-
+        if not isinstance(self.loss, DPOOptions):
+            raise TypeError(f"DPOConfig.loss must be a fusealign.DPOOptions, got {type(self.loss).__name__}")
         if self.onpolicy_prompts <= 0 or self.resample_every < 0:
             raise ValueError("--onpolicy-prompts must be > 0 and --resample-every >= 0")
         if self.max_new_tokens <= 0 or self.max_new_tokens >= self.max_length:
@@ -178,44 +176,23 @@ class DPOConfig(SupervisedConfig, FromSFT):
                              f"got {self.max_new_tokens}")
         if self.data == "onpolicy" and not self.reward_model and self.model != "builtin":
             raise ValueError("--data onpolicy needs --reward-model (the model that labels the sampled pairs)")
-
-        if isinstance(self.loss_type, str):  # as TRL: one name is a list of one
-            self.loss_type = [self.loss_type]
-        self.loss_type = list(self.loss_type)
-        for t in self.loss_type:
-            if t not in LOSS_TYPES:
-                raise ValueError(f"--loss-type must be among {sorted(LOSS_TYPES)}, got {t!r}")
-        if not self.beta > 0:
-            raise ValueError(f"--beta must be > 0, got {self.beta}")
         if self.ref_mode not in ("precompute", "online"):
             raise ValueError(f"--ref-mode must be precompute or online, got {self.ref_mode!r}")
-        if self.average_logps is None:
-            self.average_logps = self.loss_type == ["simpo"]
-        if self.nll_coef < 0:
-            raise ValueError(f"--nll-coef must be >= 0, got {self.nll_coef}")
-        try:
-            check_dpo_options(beta=self.beta, loss_type=self.loss_type, loss_weights=self.loss_weights,
-                              label_smoothing=self.label_smoothing, gamma=self.gamma,
-                              f_divergence_type=self.f_divergence_type,
-                              f_alpha_divergence_coef=self.f_alpha_divergence_coef, discopop_tau=self.discopop_tau,
-                              use_weighting=self.use_weighting, average_logps=self.average_logps)
-        except (ValueError, TypeError) as e:  # the same message, in flag spelling
-            msg = str(e)
-            for name in ("loss_weights", "label_smoothing", "f_divergence_type", "f_alpha_divergence_coef",
-                         "discopop_tau", "use_weighting", "average_logps", "loss_type", "gamma", "beta"):
-                msg = msg.replace(name, "--" + name.replace("_", "-"))
-            raise ValueError(msg) from None
 
     @property
     def needs_reference(self) -> bool:
-        from fusealign.losses import REFERENCE_FREE
+        return self.loss.needs_reference
 
-        return not set(self.loss_type) <= REFERENCE_FREE
 
 
 @dataclass
 class PPOConfig(TrainConfig, FromSFT):
-    """PPO with a learned reward model (or a Python reward function); GRPO and RLOO advantages."""
+    """PPO with a learned reward model (or a Python reward function); GRPO and RLOO advantages.
+
+    With --advantage gae (a critic) the loss is PPO's clipped surrogate (--clip-eps, --dual-clip, --kl-mode);
+    with --advantage grpo or rloo it is TRL 1.16's GRPOTrainer loss (`fa.grpo_loss`: --loss-type and its options,
+    TRL's names and defaults). --kl-coef is the reward-side KL penalty for all three.
+    """
 
     max_steps: int = opt(60, "PPO iterations (rollout + update)")
     batch_size: int = opt(32, "prompts per rollout")
@@ -231,21 +208,58 @@ class PPOConfig(TrainConfig, FromSFT):
     num_ppo_epochs: int = opt(2, "optimisation epochs per rollout")
     num_minibatches: int = opt(2, "minibatches per epoch")
     max_new_tokens: int = opt(16, "tokens sampled per completion")
-    top_p: float = opt(1.0, "nucleus sampling threshold")
+    top_p: float = opt(1.0, "nucleus sampling threshold (< 1 samples from the truncated distribution: off-policy "
+                            "by sampling/sampling_logp_difference)")
+    top_k: int = opt(0, "top-k sampling: keep the k most likely tokens (0: off; > 0 is off-policy, as --top-p < 1)")
     missing_eos_penalty: float = opt(1.0, "subtracted from a reward model's score of a completion without EOS (0: off)")
     gamma: float = opt(1.0, "discount γ")
     lam: float = opt(0.95, "GAE λ")
-    kl_coef: float = opt(0.05, "β of the KL penalty")
-    kl_mode: str = opt("reward", "reward (per-token k1 in the reward) or loss (k3 term in the loss)")
+    kl_coef: float = opt(0.05, "β of the KL penalty (initial β with --target-kl)")
+    kl_mode: str = opt("reward", "reward (per-token k1 in the reward) or loss (the --kl-estimator term in the loss, "
+                                 "weight β)")
     target_kl: float = opt(0.0, "adaptive KL control: target per-sequence KL (0: fixed β)")
     kl_horizon: int = opt(10000, "adaptive KL horizon (Ziegler et al. 2019)")
-    clip_eps: float = opt(0.2, "policy ratio clip ε")
-    clip_eps_high: Optional[float] = opt(None, "upper clip (default: ε)")
-    dual_clip: Optional[float] = opt(None, "dual-clip constant c > 1 for negative advantages")
+    loss: PPOOptions = bundle(PPOOptions, "the clipped policy loss's options (fa.PPOOptions; its kl_coef is β under "
+                                          "--kl-mode loss, else 0)")
     vf_coef: float = opt(0.1, "value-loss weight")
     cliprange_value: float = opt(0.2, "value clip")
-    entropy_coef: float = opt(0.0, "entropy bonus")
-    early_stop_kl: float = opt(0.0, "stop an iteration's epochs once approx-KL exceeds this (0: off)")
+    early_stop_kl: float = opt(0.0, "stop an iteration's epochs once the epoch's mean approx-KL exceeds this "
+                                    "(0: off)")
+    grpo: GRPOOptions = bundle(GRPOOptions, "with --advantage grpo/rloo: TRL 1.16's GRPO loss (fa.GRPOOptions; "
+                                            "--entropy-coef is shared with the PPO loss)",
+                               derived=GRPO_DERIVED)
+    mask_truncated_completions: bool = opt(False, "with --advantage grpo/rloo: leave completions that did not "
+                                                  "end in EOS out of the loss (DAPO; TRL's default off)")
+
+    def grpo_options(self, num_processes: int = 1) -> GRPOOptions:
+        """The GRPO loss options of this run: one rollout is TRL's generation batch, split into --num-minibatches
+        optimizer steps (steps_per_generation; no accumulation), over `num_processes` ranks; dr_grpo's constant is
+        --max-new-tokens (the longest completion, EOS included)."""
+        return replace(self.grpo, max_completion_length=self.max_new_tokens, gradient_accumulation_steps=1,
+                       steps_per_generation=self.num_minibatches, num_processes=num_processes)
+
+    def _check_loss_options(self):
+        """PPO's loss options go with --advantage gae, TRL's GRPO options with grpo/rloo: a flag of the other family
+        is a mistake, named with the flags to use instead."""
+        def changed(bundle, default, skip):
+            return [_flag(f.name) for f in fields(bundle)
+                    if f.name not in skip and getattr(bundle, f.name) != getattr(default, f.name)]
+
+        shared = {"entropy_coef"} | set(GRPO_DERIVED)
+        if self.advantage == "gae":
+            wrong = changed(self.grpo, GRPOOptions(), shared)
+            if wrong:
+                raise ValueError(f"{', '.join(wrong)}: TRL's GRPO loss options apply to --advantage grpo or rloo; "
+                                 f"PPO with a critic (gae) uses --clip-eps, --clip-eps-high, --dual-clip, --kl-mode")
+            return
+        wrong = changed(self.loss, PPOOptions(), shared | {"kl_coef"})
+        if wrong:
+            raise ValueError(f"{', '.join(wrong)}: with --advantage {self.advantage} the loss is TRL's GRPO loss; "
+                             f"its clipping is --epsilon, --epsilon-high and --delta")
+        if self.kl_mode == "loss":
+            raise ValueError(f"--kl-mode loss is PPO's k3 term; with --advantage {self.advantage} the loss's KL is "
+                             f"TRL's --beta (--kl-coef stays the reward-side penalty)")
+        self.grpo_options()  # the derived fields validated too
 
     def __post_init__(self):
         super().__post_init__()
@@ -263,57 +277,25 @@ class PPOConfig(TrainConfig, FromSFT):
             raise ValueError("--num-ppo-epochs and --num-minibatches must be >= 1")
         if (self.batch_size * self.num_generations) % self.num_minibatches:
             raise ValueError("--batch-size × --num-generations must be divisible by --num-minibatches")
+        if not isinstance(self.loss, PPOOptions):
+            raise TypeError(f"PPOConfig.loss must be a fusealign.PPOOptions, got {type(self.loss).__name__}")
         if not 0 <= self.lam <= 1 or not 0 <= self.gamma <= 1 or self.kl_coef < 0:
             raise ValueError("--lam and --gamma must lie in [0, 1] and --kl-coef must be >= 0")
         if self.max_new_tokens <= 0 or self.max_new_tokens >= self.max_length:
             raise ValueError(f"--max-new-tokens must lie in [1, --max-length={self.max_length}), "
                              f"got {self.max_new_tokens}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"--top-p must lie in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"--top-k must be >= 0 (0: off), got {self.top_k}")
+        if not isinstance(self.grpo, GRPOOptions):
+            raise TypeError(f"PPOConfig.grpo must be a fusealign.GRPOOptions, got {type(self.grpo).__name__}")
+        self._check_loss_options()
 
 
-@dataclass
-class CompareConfig(RunConfig):
-    """Reward-based PPO and GRPO versus reward-free DPO (offline and on-policy pairs) on the built-in task, over
-    several seeds (table with 95 % intervals, compare.json, frontier plot, report.md)."""
+# The trainers' configs, by command; `fusealign compare`'s is the study's own (engine/study/config.py).
+CONFIGS = {"sft": SFTConfig, "rm": RMConfig, "dpo": DPOConfig, "ppo": PPOConfig}
 
-    output_dir: str = opt("runs/compare", "where every stage and the report go")
-    seed: int = opt(0, "unused by compare: --seeds lists the seeds")
-    threads: int = opt(1, "torch intra-op CPU threads per worker, fixed so that the numbers do not depend on the "
-                          "machine's core count (0: torch's default)")
-    jobs: int = opt(0, "worker processes, one stage at a time each (0: one per available CPU core); the numbers "
-                       "do not depend on it")
-    preset: str = opt("default", "smoke (seconds), default (a few minutes on a 2-core CPU) or gpu")
-    seeds: str = opt("", "comma-separated seeds; each re-runs the whole pipeline (default: the preset's)")
-    betas: str = opt("", "comma-separated DPO β sweep (default: the preset's)")
-    kl_coefs: str = opt("", "comma-separated PPO KL-coefficient sweep (default: the preset's)")
-    dpo_data: str = opt("offline,onpolicy,iterative", "comma-separated DPO rows: offline (the setting's labelled "
-                        "pairs), onpolicy (pairs sampled from the SFT policy, labelled by the setting's reward "
-                        "model), iterative (re-sampled from the current DPO policy every K steps)")
-    grpo: bool = opt(True, "also run GRPO (group-normalised advantages, no critic) beside PPO")
-    ood: bool = opt(True, "also run the out-of-distribution preference setting")
-
-    def __post_init__(self):
-        super().__post_init__()
-        from .compare import DPO_DATA, PRESETS
-
-        if self.preset not in PRESETS:
-            raise ValueError(f"--preset must be one of {sorted(PRESETS)}, got {self.preset!r}")
-        if self.jobs < 0:
-            raise ValueError(f"--jobs must be >= 0, got {self.jobs}")
-        if self.seed != 0:
-            raise ValueError("fusealign compare takes --seeds (a comma-separated list), not --seed")
-        try:
-            seeds = [int(x) for x in self.seeds.split(",")] if self.seeds else []
-        except ValueError:
-            raise ValueError(f"--seeds must be comma-separated integers, got {self.seeds!r}") from None
-        if len(set(seeds)) != len(seeds) or any(s < 0 for s in seeds):
-            raise ValueError(f"--seeds must be distinct non-negative integers, got {self.seeds!r}")
-        kinds = [x for x in self.dpo_data.split(",") if x]
-        if not kinds or any(k not in DPO_DATA for k in kinds):
-            raise ValueError(f"--dpo-data must be a comma-separated subset of {', '.join(DPO_DATA)}, "
-                             f"got {self.dpo_data!r}")
-
-
-CONFIGS = {"sft": SFTConfig, "rm": RMConfig, "dpo": DPOConfig, "ppo": PPOConfig, "compare": CompareConfig}
 
 
 def field_help(cls) -> dict:

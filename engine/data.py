@@ -22,7 +22,7 @@ from typing import List, Optional
 import torch
 
 from .errors import DataError  # noqa: F401  (re-exported: callers catch data.DataError)
-from .task import builtin_dataset, is_builtin_data
+from .study.task import builtin_dataset, is_builtin_data
 
 IGNORE = -100
 
@@ -174,7 +174,7 @@ def load_prompts(data: str, tok, *, max_prompt_tokens: int, seed: int = 0, n_bui
     if is_builtin_data(data):
         import random
 
-        from .task import prompt
+        from .study.task import prompt
 
         texts = [prompt(random.Random(f"ppo-{seed}-{i}")) for i in range(n_builtin)]
         return [_encode(tok, t, bos=True, eos=False) for t in texts]

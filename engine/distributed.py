@@ -79,15 +79,6 @@ def init_distributed(device: str = "auto", fsdp: Optional[bool] = None) -> DistI
     return DistInfo(rank, world, local, fsdp_one_rank=world <= 1)
 
 
-def device_for(info: DistInfo, device: str) -> torch.device:
-    """The device of this rank: cuda:LOCAL_RANK when CUDA is used, else the configured device."""
-    if device == "cpu" or not torch.cuda.is_available():
-        return torch.device("cpu")
-    if info.active:
-        return torch.device("cuda", info.local_rank)
-    return torch.device("cuda" if device == "auto" else device)
-
-
 def shutdown(clean: bool = True) -> None:
     """Leave the process group, if this process joined one. After a finished run, behind a barrier: a rank that
     exits while its peer still holds the gloo connection can make the peer abort (SIGABRT) as it tears down.
@@ -175,6 +166,14 @@ def all_reduce_sum(x: float, info: DistInfo) -> float:
         return x
     t = torch.tensor([float(x)], dtype=torch.float64)
     dist.all_reduce(t)
+    return t.item()
+
+
+def all_reduce_max(x: float, info: DistInfo) -> float:
+    if not info.active:
+        return x
+    t = torch.tensor([float(x)], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t.item()
 
 

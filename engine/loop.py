@@ -1,13 +1,13 @@
 """The one run loop every trainer uses: resume-or-fresh, metrics, progress, save cadence, non-finite stop,
 and safe interruption.
 
-    state = resume_or_fresh(run_dir, cfg)           # trainer state of the latest checkpoint, or None
-    last = run_loop(cfg, run_dir, start, step_fn, save_fn, device=..., desc=..., postfix=...)
+    last = run_loop(cfg, state, step_fn, device=..., desc=..., postfix=...)    # state: a state.TrainState
 
+The loop restores `state` (resume-or-fresh: `state.restore()` gives the step to continue from), then
 `step_fn(step)` runs optimizer step `step + 1` and returns its metrics; `check_finite` is what a step
 calls on its loss (and gradient norm) to stop cleanly, naming the last good checkpoint. The loop adds
 `step` and `peak_mem_bytes` (CUDA), writes one JSON line per step to `metrics.jsonl`, and checkpoints
-every `cfg.save_every` steps and at the end through `save_fn(step)`.
+every `cfg.save_every` steps and at the end through `state.save(step)`.
 
 Interruption: on SIGINT / SIGTERM the current step finishes, a checkpoint is written (atomically, like
 every checkpoint) and `Interrupted` is raised — the CLI prints the `--resume` command and exits 130 / 143.
@@ -136,10 +136,12 @@ def _stop_signal(stop: _StopOnSignal, info: DistInfo):
     return int(t.item()) or None
 
 
-def run_loop(cfg, run_dir: Path, start: int, step_fn: Callable[[int], dict], save_fn: Callable[[int], Path], *,
-             device: torch.device, desc: str, postfix: tuple = ("loss",), info: DistInfo = DistInfo()) -> dict:
-    """Steps `start` … cfg.max_steps − 1; returns the last step's metrics (with "step" and "world_size").
-    Metrics, progress and files are rank 0's; saving and stopping are collective."""
+def run_loop(cfg, state, step_fn: Callable[[int], dict], *, device: torch.device, desc: str,
+             postfix: tuple = ("loss",), info: DistInfo = DistInfo()) -> dict:
+    """Restore `state`, then steps start … cfg.max_steps − 1; returns the last step's metrics (with "step" and
+    "world_size"). Metrics, progress and files are rank 0's; saving and stopping are collective."""
+    run_dir = Path(cfg.output_dir)
+    start = state.restore()
     last = {}
     progress = _Progress(cfg, start, desc, postfix) if (info.main and SHOW_PROGRESS) else None
     log = open(run_dir / "metrics.jsonl", "a") if info.main else None
@@ -158,10 +160,10 @@ def run_loop(cfg, run_dir: Path, start: int, step_fn: Callable[[int], dict], sav
                     progress.update(last)
                 saved = None
                 if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.max_steps:
-                    saved = save_fn(step + 1)
+                    saved = state.save(step + 1)
                 signum = _stop_signal(stop, info)
                 if signum is not None:
-                    raise Interrupted(signum, step + 1, saved or save_fn(step + 1))
+                    raise Interrupted(signum, step + 1, saved or state.save(step + 1))
     finally:
         if progress is not None:
             progress.close()

@@ -1,13 +1,14 @@
 """Hugging Face causal LMs on fused heads: backbone hidden states + head weight, never full logits.
 
 The head itself (weight, bias, softcap, logit scale folded into the temperature, the compute dtype) is
-read in one place, `fusealign.integrations.hf` (`head_of`, `head_inputs`, `score_hidden`), which
-`fa.patch_model` uses too. This module adds the engine's batches: packed or padded rows, and only the
-positions whose next token is a completion token are projected (see `select_completion`).
+read in one place, `fusealign.head` (`head_of`, `head_inputs`), which `fa.patch_model` uses too. This module
+adds the engine's batches: packed or padded rows, and only the positions whose next token is a completion
+token are projected (see `select_completion`).
 
 The one completion-head path: `completion_inputs(model, batch)` (backbone → completion positions →
-head, in one dtype) and `score_tokens` on top of it are what every trainer, PPO's scoring and
-update, `compare` and the benchmarks call; nothing else assembles a head for the fused ops.
+head, in one dtype), and `score_tokens` = `completion_inputs` + `fa.linear_logps` (+ a value head on the same
+hidden states), are what every trainer, PPO's scoring and update, `compare` and the benchmarks call; nothing
+else assembles a head for the fused ops. Reward models are read in one place too, `RewardModel.rewards`.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from fusealign.integrations.hf import Head, backbone, head_inputs, head_of, score_hidden  # noqa: F401 (re-exported)
+from fusealign.head import Head, backbone, head_inputs
+from fusealign.losses import sequence_rewards
 
 from .errors import ModelPathError
 
@@ -71,7 +73,7 @@ def completion_inputs(model: nn.Module, batch, *, temperature: float = 1.0) -> C
 
 @dataclass
 class TokenScores:
-    """Per completion token, in batch order: log-probs (N_c,) fp32, entropy (N_c,) fp32 or None,
+    """Per completion token, in batch order: log-probs (N_c,) fp32, entropy (N_c,) fp32 (None unless asked for),
     values (N_c,) fp32 or None, sequence ids (N_c,)."""
 
     logps: torch.Tensor
@@ -82,12 +84,14 @@ class TokenScores:
 
 def score_tokens(model: nn.Module, batch, *, temperature: float = 1.0, backend: str = "auto",
                  entropy: bool = False, value_head: Optional[nn.Linear] = None) -> TokenScores:
-    """Fused per-token log-probs (and entropy, and values of a value head on the same hidden states) of a
-    batch's completion tokens; the full logits are never formed. Gradients flow when grad is enabled."""
-    h_c, y_c, s_c = completion_hidden(model, batch)
-    logps, ent = score_hidden(model, h_c, y_c, temperature=temperature, outputs=("logps", "entropy"), backend=backend)
-    values = None if value_head is None else linear_values(head_inputs(model, h_c)[0], value_head)
-    return TokenScores(logps, ent if entropy else None, values, s_c)
+    """`completion_inputs` + `fa.linear_logps`: fused per-token log-probs (and, with `entropy`, the entropy; with a
+    value head, its values on the same hidden states) of a batch's completion tokens; the full logits are never
+    formed. Gradients flow when grad is enabled."""
+    x = completion_inputs(model, batch, temperature=temperature)
+    per_token = x.head.logps(x.hidden, x.targets, outputs=("logps", "entropy") if entropy else ("logps",),
+                             backend=backend)
+    values = None if value_head is None else linear_values(x.hidden, value_head)
+    return TokenScores(per_token[0], per_token[1] if entropy else None, values, x.seq_ids)
 
 
 def linear_values(hidden: torch.Tensor, value_head: nn.Linear) -> torch.Tensor:
@@ -139,11 +143,15 @@ class RewardModel(nn.Module):
     def config(self):
         return self.lm.config
 
-    def rewards(self, input_ids, attention_mask, position_ids, last_index):
-        """(R, L) batch -> one reward per sequence, read at `last_index`: (S, 2) (row, position) pairs."""
-        h = hidden_states(self.lm, input_ids, attention_mask, position_ids)  # (R, L, H)
-        h_last = h[last_index[:, 0], last_index[:, 1]]  # (S, H)
-        return (h_last @ self.value_head.weight.reshape(-1).to(h_last.dtype)) + self.value_head.bias.to(h_last.dtype)
+    def rewards(self, batch) -> torch.Tensor:
+        """One scalar per sequence of a batch, read at its last token: (S,) fp32. Padded batches through
+        `fa.sequence_rewards`; packed ones (one row) at `batch.last_index`."""
+        h = hidden_states(self.lm, batch.input_ids, batch.attention_mask, batch.position_ids)  # (R, L, H)
+        w, b = self.value_head.weight, self.value_head.bias
+        if batch.attention_mask is not None:
+            return sequence_rewards(h, w.to(h.dtype), batch.attention_mask, value_bias=b.to(h.dtype)).float()
+        h_last = h[batch.last_index[:, 0], batch.last_index[:, 1]]  # (S, H)
+        return (h_last @ w.reshape(-1).to(h_last.dtype) + b.to(h_last.dtype)).float()
 
     def save_pretrained(self, path, **kw):
         self.lm.save_pretrained(path, **kw)
@@ -172,12 +180,52 @@ def critic_values(critic: "RewardModel", batch) -> torch.Tensor:
     return linear_values(completion_hidden(critic.lm, batch)[0], critic.value_head)
 
 
+def _is_dropout_name(name: str) -> bool:
+    """A dropout-like probability by its name: *dropout* (attention_dropout, hidden_dropout_prob, …), *pdrop
+    (resid_pdrop, embd_pdrop, attn_pdrop), *layerdrop (LayerDrop skips whole layers), drop_path* / droppath /
+    drop_connect* (stochastic depth) — the names transformers' configs use (configuration_*.py)."""
+    n = name.lower()
+    return ("dropout" in n or n.endswith("pdrop") or n.endswith("layerdrop") or n.startswith("drop_path")
+            or "droppath" in n or n.startswith("drop_connect"))
+
+
+def _zero_dropout_fields(obj, seen: set) -> None:
+    """p = 0 in every numeric dropout-like attribute of `obj` (a config or a module), and in nested configs."""
+    if id(obj) in seen:
+        return
+    seen.add(id(obj))
+    for name, value in list(vars(obj).items()):
+        if name.startswith("_"):
+            continue
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and _is_dropout_name(name):
+            setattr(obj, name, type(value)(0))
+        elif _is_config(value):  # text_config, vision_config, …
+            _zero_dropout_fields(value, seen)
+
+
+def _is_config(x) -> bool:
+    from transformers import PretrainedConfig
+
+    return isinstance(x, PretrainedConfig)
+
+
 def disable_dropout(model: nn.Module) -> nn.Module:
-    """p = 0 in every dropout layer: RL and DPO compare log-probs of the same tokens across passes, and
-    dropout would make policy and reference (or scoring and training) differ at step 0 (TRL does the same)."""
+    """Dropout off wherever it hides: RL and DPO compare log-probs of the same tokens across passes, and any
+    dropout makes policy and reference (or scoring and training) differ at step 0.
+
+    Three places, because models read dropout in three ways: `nn.Dropout` modules (p = 0, as TRL does);
+    config fields read at run time (Llama/Qwen/Mistral apply `config.attention_dropout` functionally, OPT
+    `config.dropout`: every numeric field named like a dropout, in the config and its nested text/vision
+    configs); and copies cached on modules at init (`self.attention_dropout` on Llama's attention,
+    `self.dropout`, `self.layerdrop` on OPT's layers and decoder). Returns `model`."""
+    seen: set = set()
     for m in model.modules():
         if isinstance(m, nn.Dropout):
             m.p = 0.0
+        _zero_dropout_fields(m, seen)
+        config = getattr(m, "config", None)  # RewardModel.config is a property (the LM's config)
+        if _is_config(config):
+            _zero_dropout_fields(config, seen)
     return model
 
 

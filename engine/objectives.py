@@ -1,10 +1,11 @@
 """Per-batch objectives on fused heads: the backbone runs, only completion positions reach the head.
 
-Each loss returns (loss, metrics, tokens, units): `units` is what the loss averages over (completion tokens
+Each objective returns (loss, metrics, tokens, units): `units` is what the loss averages over (completion tokens
 for SFT, pairs for RM and DPO), so that data-parallel ranks can weight their losses into the global mean
 (distributed.py). Batches of preference pairs are `[chosen; rejected]`:
 sequences 0…B−1 are the chosen completions, B…2B−1 the rejected ones, all in one backbone forward.
-The head is assembled in one place (models.completion_inputs / score_tokens).
+The head is assembled in one place (models.completion_inputs / score_tokens); the losses are `fusealign.losses`'
+(`dpo_objective` calls `fa.linear_dpo_loss` with the run's `fa.DPOOptions`, unchanged).
 """
 
 from __future__ import annotations
@@ -14,11 +15,11 @@ from typing import Optional
 import torch
 
 from fusealign.kernels import segment_sum
-from fusealign.losses import bradley_terry_loss, linear_dpo_loss, sequence_rewards
+from fusealign.losses import DPOOptions, bradley_terry_loss, linear_dpo_loss
 
 from .data import Batch, collate
 from .distributed import InForward, run
-from .models import RewardModel, completion_inputs, hidden_states, score_tokens
+from .models import RewardModel, completion_inputs, score_tokens
 
 
 def sequence_logps(model, batch: Batch, *, average: bool = False, temperature=1.0, backend="auto"):
@@ -31,7 +32,8 @@ def sequence_logps(model, batch: Batch, *, average: bool = False, temperature=1.
     return sums
 
 
-def sft_loss(model, examples, *, pad_id, pack, temperature=1.0, backend="auto"):
+def sft_objective(model, examples, *, pad_id, pack, temperature=1.0, backend="auto"):
+    """Token-mean NLL of the completions."""
     batch = collate([(e.prompt, e.completions[0]) for e in examples], pad_id=pad_id, pack=pack)
     batch = batch.to(next(model.parameters()).device)
     logps = score_tokens(model, batch, temperature=temperature, backend=backend).logps
@@ -45,19 +47,10 @@ def pair_batch(examples, *, pad_id, pack) -> Batch:
     return collate(seqs, pad_id=pad_id, pack=pack)
 
 
-def rewards_of(rm: RewardModel, batch: Batch) -> torch.Tensor:
-    """One scalar per sequence from its last token: padded batches through `fa.sequence_rewards`."""
-    h = hidden_states(rm.lm, batch.input_ids, batch.attention_mask, batch.position_ids)  # (R, L, H)
-    w, b = rm.value_head.weight, rm.value_head.bias
-    if batch.attention_mask is not None:
-        return sequence_rewards(h, w.to(h.dtype), batch.attention_mask, value_bias=b.to(h.dtype)).float()
-    h_last = h[batch.last_index[:, 0], batch.last_index[:, 1]]  # (S, H): packed, one row
-    return (h_last @ w.reshape(-1).to(h_last.dtype) + b.to(h_last.dtype)).float()
-
-
-def rm_loss(rm, examples, *, pad_id, pack, margin=0.0, center_coef=0.0):
+def rm_objective(rm: RewardModel, examples, *, pad_id, pack, margin=0.0, center_coef=0.0):
+    """Bradley-Terry on the reward model's scores of [chosen; rejected]."""
     batch = pair_batch(examples, pad_id=pad_id, pack=pack).to(next(rm.parameters()).device)
-    r = rewards_of(rm, batch)
+    r = rm.rewards(batch)
     B = len(examples)
     rc, rr = r[:B], r[B:]
     loss = bradley_terry_loss(rc, rr, margin=margin if margin else None, center_coef=center_coef)
@@ -66,11 +59,11 @@ def rm_loss(rm, examples, *, pad_id, pack, margin=0.0, center_coef=0.0):
     return loss, metrics, batch.num_tokens, B
 
 
-def dpo_loss(policy, examples, *, pad_id, pack, beta, loss_type, ref_logps: Optional[torch.Tensor] = None,
-             ref_model=None, temperature=1.0, backend="auto", **loss_options):
-    """ref_logps: (B, 2) precomputed (chosen, rejected) sums/means, or ref_model scored on the fly (its hidden
-    states go to the fused loss; an FSDP-sharded reference is scored inside its own forward instead);
-    loss_options: `fa.linear_dpo_loss`'s (loss_weights, label_smoothing, f_divergence_type, use_weighting, …)."""
+def dpo_objective(policy, examples, *, pad_id, pack, options: DPOOptions, ref_logps: Optional[torch.Tensor] = None,
+                  ref_model=None, temperature=1.0, backend="auto"):
+    """`fa.linear_dpo_loss` (with `options`, the run's `fa.DPOOptions`) on [chosen; rejected] of the policy's
+    completion hidden states. ref_logps: (B, 2) precomputed (chosen, rejected) sums/means, or ref_model scored on
+    the fly (its hidden states go to the fused loss; an FSDP-sharded reference is scored inside its own forward)."""
     device = next(policy.parameters()).device
     batch = pair_batch(examples, pad_id=pad_id, pack=pack).to(device)
     B = len(examples)
@@ -80,14 +73,14 @@ def dpo_loss(policy, examples, *, pad_id, pack, beta, loss_type, ref_logps: Opti
         refs = dict(ref_chosen_logps=ref_logps[:, 0].to(device), ref_rejected_logps=ref_logps[:, 1].to(device))
     elif isinstance(ref_model, InForward):
         with torch.no_grad():
-            seq = run(ref_model, sequence_logps, batch, average=loss_options.get("average_logps", False),
-                      temperature=temperature, backend=backend)
+            seq = run(ref_model, sequence_logps, batch, average=options.per_token_means, temperature=temperature,
+                      backend=backend)
         refs = dict(ref_chosen_logps=seq[:B], ref_rejected_logps=seq[B:])
     elif ref_model is not None:
         with torch.no_grad():
             r = completion_inputs(ref_model, batch, temperature=temperature)
         refs = dict(ref_hidden=r.hidden, ref_weight=r.head.weight, ref_bias=r.head.bias)
     loss, metrics = linear_dpo_loss(x.hidden, x.head.weight, x.targets, sequence_ids=x.seq_ids, num_sequences=2 * B,
-                                    beta=beta, loss_type=loss_type, backend=backend, **loss_options,
-                                    **x.head.kwargs(), **refs)
+                                    bias=x.head.bias, softcap=x.head.softcap, temperature=x.head.temperature,
+                                    options=options, backend=backend, **refs)
     return loss, metrics, batch.num_tokens, B

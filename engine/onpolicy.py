@@ -4,7 +4,8 @@ Xu et al. 2024 ("Is DPO superior to PPO for LLM alignment?", §4–5) trace DPO'
 data that the policy would not generate, and close part of it by sampling the pairs from the policy being
 trained and labelling them with the reward model (iterative / online DPO; Xiong et al. 2024, Guo et al. 2024):
 
-    round r:  prompts x_1 … x_n  →  two completions y, y' ~ π per prompt (sampling with a KV cache)
+    round r:  prompts x_1 … x_n  →  two completions y, y' ~ π per prompt (sampling with a KV cache, at the
+              temperature the DPO log-probs use: --temperature)
               →  reward-model scores r(x, y), r(x, y') (minus the missing-EOS penalty, as PPO scores them)
               →  (chosen, rejected) = (the higher, the lower); identical completions carry no preference: dropped
               →  reference log-probs of the new pairs (π_ref = the initial policy, one no-grad pass)
@@ -22,22 +23,23 @@ from typing import Callable, List
 import torch
 
 from .data import Example, collate
-from .objectives import rewards_of
+from .models import RewardModel
 from .sampling import sample
 
 
 @torch.no_grad()
 def label_pairs(policy, reward_model, tok, prompts: List[List[int]], *, seed: int, max_new_tokens: int,
-                missing_eos_penalty: float) -> List[Example]:
-    """Two samples of `policy` per prompt, ordered by the reward model's score -> pair Examples (uid = index)."""
+                missing_eos_penalty: float, temperature: float = 1.0) -> List[Example]:
+    """Two samples of `policy` per prompt from softmax(z / temperature), ordered by the reward model's score
+    -> pair Examples (uid = index)."""
     device = next(reward_model.parameters()).device
     doubled = [p for p in prompts for _ in range(2)]  # y, y' of one prompt are consecutive
-    outs = sample(policy, tok, doubled, max_new_tokens=max_new_tokens, seed=seed)
+    outs = sample(policy, tok, doubled, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
     seqs = [(p, ids + ([tok.eos_token_id] if ended else [])) for p, (ids, ended) in zip(doubled, outs)]
     scores = []
     for i in range(0, len(seqs), 128):
         batch = collate(seqs[i:i + 128], pad_id=tok.pad_token_id, pack=True).to(device)
-        scores.append(rewards_of(reward_model, batch).float().cpu())
+        scores.append(RewardModel.rewards(reward_model, batch).float().cpu())
     ended = torch.tensor([e for _, e in outs])
     score = torch.cat(scores) - missing_eos_penalty * (~ended).float()
     pairs = []
@@ -57,11 +59,13 @@ class OnPolicyPairs:
 
     def __init__(self, policy, reward_model, tok, prompts: List[List[int]], *, batch_size: int, seed: int,
                  prompts_per_round: int, resample_every: int, grad_accum: int, max_new_tokens: int,
-                 missing_eos_penalty: float, reference: Callable[[List[Example]], torch.Tensor]):
+                 missing_eos_penalty: float, reference: Callable[[List[Example]], torch.Tensor],
+                 temperature: float = 1.0):
         self.policy, self.reward_model, self.tok, self.prompts = policy, reward_model, tok, prompts
         self.batch_size, self.seed, self.n = batch_size, seed, prompts_per_round
         self.every = resample_every * grad_accum  # in micro-batches: next_batch is called grad_accum times a step
         self.max_new_tokens, self.penalty, self.reference = max_new_tokens, missing_eos_penalty, reference
+        self.temperature = temperature  # the DPO log-probs' temperature: the pairs are that policy's samples
         self.calls, self.round, self.epoch, self.index = 0, -1, 0, 0
         self.examples: List[Example] = []
         self.table = torch.zeros(0, 2)
@@ -73,7 +77,7 @@ class OnPolicyPairs:
         prompts = [self.prompts[(start + i) % len(self.prompts)] for i in range(self.n)]
         self.examples = label_pairs(self.policy, self.reward_model, self.tok, prompts,
                                     seed=self.seed * 1_000_003 + 7_919 * self.round, max_new_tokens=self.max_new_tokens,
-                                    missing_eos_penalty=self.penalty)
+                                    missing_eos_penalty=self.penalty, temperature=self.temperature)
         if not self.examples:
             raise RuntimeError(f"on-policy round {self.round}: every sampled pair was identical; no preferences")
         self.table = self.reference(self.examples)

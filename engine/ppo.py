@@ -2,42 +2,44 @@
 
 One iteration, as in TRL's PPO trainer and Huang et al. 2024 ("The N implementation details of RLHF
 with PPO"), reading top to bottom in `PPOTrainer.iteration`:
-  rollout      sample k completions per prompt with a KV cache (temperature, top-p, stop on EOS)
+  rollout      sample k completions per prompt with a KV cache (temperature, top-k, top-p, stop on EOS; nothing
+               of the checkpoint's generation config), keeping the sampler's own log-probs (sampling.py)
   score        old-policy and reference log-probs (fused, no grad), values (critic), scores (RM or a
                Python reward function; a completion without EOS can be penalised)
   rewards      per-token −β·k1 KL to the reference, plus the score on the last token   (kl_mode="reward")
                or the score alone, KL entering the loss as k3 (GRPO style)               (kl_mode="loss")
   advantages   GAE(γ, λ) with whitening; or GRPO (group-normalised) / RLOO (leave-one-out), no critic
-  update       num_ppo_epochs × minibatches of fa.ppo_policy_loss + vf_coef · fa.value_loss
-Scoring and update run the same forward (`_forward`: `score_tokens` plus the critic), and the first
+  update       num_ppo_epochs × minibatches of fa.ppo_policy_loss + vf_coef · fa.value_loss (gae), or of
+               fa.grpo_loss — TRL 1.16's GRPOTrainer loss, --loss-type and its options — (grpo, rloo)
+Scoring and update run the same forward (`_forward`: `score_tokens` plus the critic), the first
 epoch's minibatches are scored exactly as they are trained (same sequences, same packing, same
-kernels), so the ratio is exactly 1 at the first minibatch.
+kernels), and dropout is off wherever each role hides it (`models.disable_dropout`), so the ratio is
+exactly 1 at the first minibatch. `sampling/sampling_logp_difference` (TRL's) checks that the rollouts
+came from the distribution scored as `old_logps`.
 """
 
 from __future__ import annotations
 
 import math
+import sys
 import time
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass, replace
 from typing import Callable, List, Optional
 
 import torch
 import torch.distributed as dist
 
-from fusealign.losses import ppo_policy_loss, value_loss
+from fusealign.losses import grpo_loss, ppo_policy_loss, value_loss
 
-from .checkpoint import latest_checkpoint, load_optimizer_and_rng, load_trainer_state, save_checkpoint, \
-    save_optimizer_and_rng, save_sharded_checkpoint
-from .distributed import DistInfo, all_reduce_mean, all_reduce_sum, rank_slice, run, shard
-from .errors import UserError
 from .config import PPOConfig
 from .data import collate, load_prompts
-from .loop import check_finite, resume_or_fresh, run_loop
-from .models import TokenScores, ValueHead, critic_values, disable_dropout, score_tokens
-from .objectives import rewards_of
-from .sampling import sample
-from .trainer import autocast, enable_gradient_checkpointing, lr_lambda
+from .distributed import DistInfo, all_reduce_max, all_reduce_mean, all_reduce_sum, rank_slice, run, shard
+from .errors import UserError
+from .loop import check_finite, run_loop
+from .models import RewardModel, TokenScores, ValueHead, critic_values, disable_dropout, score_tokens
+from .runtime import autocast, enable_gradient_checkpointing
+from .sampling import HFGenerate, SamplingParams, sampling_logp_difference, truncation_notice
+from .state import TrainState, load_modules
 
 
 # --- advantages ----------------------------------------------------------------------------------------
@@ -113,6 +115,50 @@ class AdaptiveKL:
             err = max(-0.2, min(0.2, kl / self.target - 1))
             self.beta *= 1 + err * n / self.horizon
 
+    def state_dict(self) -> dict:
+        return {"beta": self.beta}
+
+    def load_state_dict(self, s: dict) -> None:
+        self.beta = s["beta"]
+
+
+def epoch_should_stop(epoch_approx_kl: list, threshold: float) -> bool:
+    """--early-stop-kl: leave an iteration's remaining epochs once the epoch just finished has a mean approx-KL
+    (over its minibatches) above `threshold` (0: never) — the latest epoch's, as cleanrl's `target_kl` reads the
+    latest estimate, not a running mean over every epoch so far (which a first epoch near 0 would hold down)."""
+    return threshold > 0 and sum(epoch_approx_kl) / len(epoch_approx_kl) > threshold
+
+
+# --- the critic: V(s_t) for GAE (GRPO / RLOO have none) -----------------------------------------------------------
+class SharedCritic:
+    """critic="policy_head": a zero-initialised value head on the policy's own hidden states, evaluated inside the
+    policy's forward (score_tokens(value_head=…)); under FSDP2 it lives in the policy's root."""
+
+    def __init__(self, head: ValueHead):
+        self.head = head
+        self.value_head = head.value_head  # the nn.Linear(H, 1) the policy's forward applies
+
+    def values(self, batch):
+        return None  # computed by the policy's forward
+
+    def modules(self, sharded: bool) -> dict:
+        return {} if sharded else {"value_head": self.head}  # sharded: inside the policy's root (its extras)
+
+
+class SeparateCritic:
+    """critic="separate": its own backbone and value head (a RewardModel, initialised from the reward model)."""
+
+    value_head = None
+
+    def __init__(self, model):
+        self.model = model  # the RewardModel, or its FSDP root
+
+    def values(self, batch) -> torch.Tensor:
+        return run(self.model, critic_values, batch)
+
+    def modules(self, sharded: bool) -> dict:
+        return {"critic": self.model}
+
 
 # --- the rollout buffer -----------------------------------------------------------------------------------
 @dataclass
@@ -131,7 +177,9 @@ class RolloutBatch:
     kl: Optional[torch.Tensor] = None  # (S, T) k1 = log π_old − log π_ref
     rewards: Optional[torch.Tensor] = None  # (S, T) per-token rewards (KL penalty + score on the last token)
     advantages: Optional[torch.Tensor] = None  # (S, T)
+    seq_advantages: Optional[torch.Tensor] = None  # (S,) one advantage per sequence (GRPO / RLOO)
     returns: Optional[torch.Tensor] = None  # (S, T) value targets (GAE)
+    sampler_logps: Optional[torch.Tensor] = None  # (S, T) the sampler's log-probs of the distribution it drew from
 
     def __len__(self) -> int:
         return len(self.seqs)
@@ -160,27 +208,23 @@ class PPOTrainer:
         self.policy_model = policy  # the unwrapped policy (gradient checkpointing, config)
         ref.requires_grad_(False).eval()
         H = (getattr(policy.config, "text_config", None) or policy.config).hidden_size
-        value_head = ValueHead(H).to(self.device) if critic is None and cfg.advantage == "gae" else None
-        if value_head is not None and info.active and cfg.resume:
-            # Sharded below: restore its weights first, from the checkpoint's trainer state.
-            ckpt = latest_checkpoint(Path(cfg.output_dir))
-            if ckpt is not None:
-                s = load_trainer_state(ckpt, trust=cfg.trust_checkpoint)
-                value_head.load_state_dict(s.get("critic") or s["extras"]["value_head"])
+        head = ValueHead(H).to(self.device) if critic is None and cfg.advantage == "gae" else None
+        if head is not None:
+            load_modules(cfg, {"value_head": head})  # resumed before FSDP2 shards it (one process alike)
         bf16 = self.device.type == "cuda" and cfg.bf16
-        extras = {"value_head": value_head} if value_head is not None else {}
-        self.policy = shard(policy, info, bf16=bf16, **extras)
+        self.policy = shard(policy, info, bf16=bf16, **({"value_head": head} if head is not None else {}))
         self.ref = shard(ref, info, bf16=bf16)
-        self.critic = value_head if critic is None else shard(critic, info, bf16=bf16)
+        self.critic = SharedCritic(head) if head is not None else \
+            SeparateCritic(shard(critic, info, bf16=bf16)) if critic is not None else None
         self.reward_model, self.reward_fn = reward_model, reward_fn
         if reward_model is not None:
             reward_model.requires_grad_(False).eval()
             self.reward_model = shard(reward_model, info, bf16=bf16)
-        params = list(self.policy.parameters()) + (list(self.critic.parameters()) if self.critic is not None else [])
-        self.params = [p for p in dict.fromkeys(params) if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
         self.kl_ctl = AdaptiveKL(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon)
+        models = {"": self.policy, **(self.critic.modules(info.active) if self.critic is not None else {})}
+        self.state = TrainState(cfg, models, info=info, tokenizer=tok, extras={"kl_ctl": self.kl_ctl})
+        # TRL's GRPO loss for grpo / rloo advantages (one rollout = its generation batch, over every rank)
+        self.grpo_options = None if cfg.advantage == "gae" else cfg.grpo_options(num_processes=info.world_size)
         self.prompts = prompts or load_prompts("builtin", tok, max_prompt_tokens=cfg.max_length, seed=cfg.seed)
         if cfg.gradient_checkpointing:
             enable_gradient_checkpointing(policy)
@@ -189,16 +233,22 @@ class PPOTrainer:
             raise UserError(f"--batch-size {cfg.batch_size} must split evenly over {info.world_size} ranks, and each "
                             f"rank's samples ({cfg.batch_size} / {info.world_size} × --num-generations) over "
                             f"--num-minibatches {cfg.num_minibatches}")
+        # The rollout engine and what it samples with (a vLLM engine takes the same SamplingParams).
+        self.sampling = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
+                                       max_new_tokens=cfg.max_new_tokens, n=cfg.num_generations)
+        self.rollout_engine = HFGenerate(self.policy, tok)
+        notice = truncation_notice(self.sampling, "ppo")
+        if notice and info.rank == 0:
+            print(notice, file=sys.stderr, flush=True)
         self.step = 0
 
     # --- the one forward: scoring (no grad) and update (grad) -------------------------------------------
     def _forward(self, model, batch, *, critic=None) -> TokenScores:
         """Fused per-token log-probs and entropy of `model` on the completion tokens, with the critic's values."""
-        value_head = critic.value_head if isinstance(critic, ValueHead) else None
         s = run(model, score_tokens, batch, temperature=self.cfg.temperature, backend=self.cfg.backend, entropy=True,
-                value_head=value_head)  # inside the FSDP root's forward when sharded (the value head is in it)
-        if critic is not None and value_head is None:  # a separate critic: its own backbone
-            s.values = run(critic, critic_values, batch)
+                value_head=getattr(critic, "value_head", None))  # inside the FSDP root's forward when sharded
+        if critic is not None and s.values is None:  # a separate critic: its own backbone
+            s.values = critic.values(batch)
         return s
 
     def _minibatches(self, S: int, epoch: int) -> List[List[int]]:
@@ -214,16 +264,20 @@ class PPOTrainer:
     def rollout(self, prompt_ids: List[List[int]]) -> RolloutBatch:
         cfg, tok = self.cfg, self.tok
         prompts = [p for p in prompt_ids for _ in range(cfg.num_generations)]  # groups of k consecutive samples
-        outs = sample(self.policy, tok, prompts, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                      top_p=cfg.top_p, seed=cfg.seed * 100_003 + self.step + 1_000_003 * self.info.rank)
-        seqs = [(p, ids + ([tok.eos_token_id] if ended else [])) for p, (ids, ended) in zip(prompts, outs)]
-        return RolloutBatch(seqs, torch.tensor([e for _, e in outs]), [tok.decode(ids) for ids, _ in outs])
+        params = replace(self.sampling, seed=cfg.seed * 100_003 + self.step + 1_000_003 * self.info.rank)
+        outs = self.rollout_engine.sample(prompt_ids, params)  # the k samples of a prompt consecutive
+        seqs = [(p, o.ids + ([tok.eos_token_id] if o.ended else [])) for p, o in zip(prompts, outs)]
+        sampler_logps = torch.zeros(len(outs), max(len(o.logps) for o in outs))
+        for i, o in enumerate(outs):
+            sampler_logps[i, :len(o.logps)] = o.logps
+        return RolloutBatch(seqs, torch.tensor([o.ended for o in outs]), [tok.decode(o.ids) for o in outs],
+                            sampler_logps=sampler_logps.to(self.device))
 
     def _scores(self, ro: RolloutBatch, idx, batch) -> torch.Tensor:
         # A Python reward function sees `ended` and judges it itself; the penalty is for reward-model scores.
         if self.reward_fn is not None:
             return torch.tensor([self.reward_fn(ro.texts[i], bool(ro.ended[i])) for i in idx], device=self.device)
-        s = run(self.reward_model, rewards_of, batch)
+        s = run(self.reward_model, RewardModel.rewards, batch)
         return s - self.cfg.missing_eos_penalty * (~ro.ended[idx]).float().to(self.device)
 
     @torch.no_grad()
@@ -258,42 +312,81 @@ class PPOTrainer:
         else:
             seq_score = ro.scores - (beta * ro.kl.sum(1) if cfg.kl_mode == "reward" else 0.0)
             per_seq = (grpo_advantages if cfg.advantage == "grpo" else rloo_advantages)(seq_score, cfg.num_generations)
+            ro.seq_advantages = per_seq
             ro.advantages = per_seq[:, None] * m
             ro.returns = torch.zeros_like(ro.advantages)
 
+    def _loss_mask(self, ro: RolloutBatch, idx) -> torch.Tensor:
+        """(S_mb, T) the tokens the GRPO loss reads: completion tokens, of ended completions only with
+        --mask-truncated-completions (TRL's; the truncated ones still count in the group's advantages)."""
+        m = ro.mask[idx]
+        return m & ro.ended[idx].to(m.device)[:, None] if self.cfg.mask_truncated_completions else m
+
+    def _grpo_loss(self, new: TokenScores, ro: RolloutBatch, idx, num_items_in_batch: float):
+        """TRL 1.16's GRPO loss (`fa.grpo_loss`) on one minibatch, padded to (S_mb, T); TRL's metric names plus
+        the engine's own approx-KL and ratio mean (the first minibatch is scored as trained: ratio 1)."""
+        m = ro.mask[idx]
+
+        def padded(flat):  # (N_c,) in batch order -> (S_mb, T); masked_scatter: differentiable, no host sync
+            return torch.zeros(m.shape, dtype=flat.dtype, device=flat.device).masked_scatter(m, flat)
+        logps, old = padded(new.logps), ro.old_logps[idx]
+        loss, metrics = grpo_loss(logps, old, ro.seq_advantages[idx], self._loss_mask(ro, idx),
+                                  ref_logps=ro.ref_logps[idx], entropy=padded(new.entropy),
+                                  num_items_in_batch=num_items_in_batch, options=self.grpo_options)
+        with torch.no_grad():
+            log_ratio = torch.where(m, logps - old, 0.0)
+            n = m.sum().clamp_min(1)
+            metrics["policy/approxkl"] = (0.5 * log_ratio ** 2).sum() / n
+            metrics["policy/ratio_mean"] = torch.where(m, log_ratio.exp(), 0.0).sum() / n
+            metrics["loss/policy"] = loss.detach()
+        return loss, metrics
+
     def update(self, ro: RolloutBatch) -> dict:
-        """num_ppo_epochs × minibatches of clipped policy loss (+ value loss); averaged metrics."""
+        """num_ppo_epochs × minibatches of clipped policy loss (+ value loss), or of TRL's GRPO loss; averaged
+        metrics."""
         cfg, stats = self.cfg, []
-        kl_coef = self.kl_ctl.beta if cfg.kl_mode == "loss" else 0.0
+        # the loss's options as configured, with the KL term's weight β when the KL enters the loss (GRPO style)
+        loss_options = replace(cfg.loss, kl_coef=self.kl_ctl.beta if cfg.kl_mode == "loss" else 0.0)
+        optimizer, params = self.state.optimizer, self.state.params
+        if self.grpo_options is not None:  # TRL's num_items_in_batch: the loss tokens of the whole rollout
+            num_items = all_reduce_sum(float(self._loss_mask(ro, slice(None)).sum()), self.info)
         for epoch in range(cfg.num_ppo_epochs):
+            epoch_kl = []
             for idx in self._minibatches(len(ro), epoch):
                 batch, m = self._batch(ro, idx), ro.mask[idx]
                 new = self._forward(self.policy, batch, critic=self.critic)  # (N_c,) in batch order
-                on = torch.ones_like(new.logps, dtype=torch.bool)
-                loss, metrics = ppo_policy_loss(
-                    new.logps, new.entropy, ro.old_logps[idx][m], ro.advantages[idx][m], on,
-                    ref_logps=ro.ref_logps[idx][m], clip_eps=cfg.clip_eps, clip_eps_high=cfg.clip_eps_high,
-                    dual_clip=cfg.dual_clip, kl_coef=kl_coef, kl_estimator="k3", entropy_coef=cfg.entropy_coef)
-                if new.values is not None:
-                    v_loss, v_metrics = value_loss(new.values, ro.values[idx][m], ro.returns[idx][m],
-                                                   clip_eps=cfg.cliprange_value)
-                    loss = loss + cfg.vf_coef * v_loss
-                    metrics = {**metrics, **v_metrics}
-                # Token-weighted across ranks (as the supervised trainer): FSDP averages the ranks' gradients, so
-                # scale this rank's token mean by its share of the minibatch's tokens; one process: × 1.
-                n_local = float(m.sum())
-                loss = loss * (n_local * self.info.world_size / all_reduce_sum(n_local, self.info))
-                self.optimizer.zero_grad(set_to_none=True)
+                if self.grpo_options is not None:
+                    loss, metrics = self._grpo_loss(new, ro, idx, num_items)  # TRL's normalisers across ranks
+                else:
+                    on = torch.ones_like(new.logps, dtype=torch.bool)
+                    loss, metrics = ppo_policy_loss(new.logps, new.entropy, ro.old_logps[idx][m],
+                                                    ro.advantages[idx][m], on, ref_logps=ro.ref_logps[idx][m],
+                                                    options=loss_options)
+                    if new.values is not None:
+                        v_loss, v_metrics = value_loss(new.values, ro.values[idx][m], ro.returns[idx][m],
+                                                       clip_eps=cfg.cliprange_value)
+                        loss = loss + cfg.vf_coef * v_loss
+                        metrics = {**metrics, **v_metrics}
+                    # Token-weighted across ranks (as the supervised trainer): FSDP averages the ranks' gradients,
+                    # so scale this rank's token mean by its share of the minibatch's tokens; one process: × 1.
+                    n_local = float(m.sum())
+                    loss = loss * (n_local * self.info.world_size / all_reduce_sum(n_local, self.info))
+                optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
-                self.optimizer.step()
+                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
+                optimizer.step()
                 stats.append({k: float(v) for k, v in metrics.items()})
+                epoch_kl.append(stats[-1]["policy/approxkl"])
             if cfg.early_stop_kl:  # decided on every rank's KL together: all ranks leave the epochs at once
-                kl = all_reduce_mean({"kl": sum(s["policy/approxkl"] for s in stats) / len(stats)}, self.info)["kl"]
-                if kl > cfg.early_stop_kl:
+                kl = all_reduce_mean({"kl": sum(epoch_kl) / len(epoch_kl)}, self.info)["kl"]
+                if epoch_should_stop([kl], cfg.early_stop_kl):
                     break
-        mean = {k: sum(s[k] for s in stats) / len(stats) for k in stats[0]}
-        return {**mean, "first/ratio_mean": stats[0]["policy/ratio_mean"], "first/clipfrac": stats[0]["policy/clipfrac"]}
+        mean = {}
+        for k in stats[0]:  # NaN (e.g. TRL's clip_ratio/low_min with every sequence masked) is left out
+            vals = [s[k] for s in stats if s[k] == s[k]]
+            mean[k] = sum(vals) / len(vals) if vals else math.nan
+        first_clip = stats[0].get("policy/clipfrac", stats[0].get("clip_ratio/region_mean", 0.0))
+        return {**mean, "first/ratio_mean": stats[0]["policy/ratio_mean"], "first/clipfrac": first_clip}
 
     def iteration(self, prompt_ids: List[List[int]]) -> dict:
         t0 = time.perf_counter()
@@ -312,88 +405,64 @@ class PPOTrainer:
         non_score = (-self.kl_ctl.beta * ro.kl).sum(1)
         out = {
             "objective/kl": seq_kl.mean().item(),
-            "objective/entropy": (ro.entropy * m).sum(1).mean().item(),
+            # TRL's PPOTrainer: Σ_t −log π(y_t) of the sampled tokens per sequence, averaged (over completion tokens
+            # only: TRL filled padding with INVALID_LOGPROB = 1, i.e. −1 a padding position). Its expectation is the
+            # sequence entropy when sampling is on-policy; entropy_exact is the same quantity from the exact
+            # per-position entropies (lower variance, and still the policy's under top-k / top-p sampling).
+            "objective/entropy": (-ro.old_logps * m).sum(1).mean().item(),
+            "objective/entropy_exact": (ro.entropy * m).sum(1).mean().item(),
             "objective/non_score_reward": non_score.mean().item(),
             "objective/rlhf_reward": (ro.scores + non_score).mean().item(),
             "objective/scores": ro.scores.mean().item(),
             "policy/approxkl_avg": upd["policy/approxkl"],
-            "policy/clipfrac_avg": upd["policy/clipfrac"],
             "loss/policy_avg": upd["loss/policy"],
-            "loss/value_avg": upd.get("loss/value", 0.0),
-            "val/clipfrac_avg": upd.get("val/clipfrac", 0.0),
-            "val/explained_variance": explained_variance(ro.values, ro.returns, ro.mask)
-            if self.critic is not None else None,
             "val/ratio": upd["policy/ratio_mean"],
             "first/ratio_mean": upd["first/ratio_mean"],
             "first/clipfrac": upd["first/clipfrac"],
             "kl_coef": self.kl_ctl.beta,
             "eos_rate": ro.ended.float().mean().item(),
+            **sampling_logp_difference(ro.old_logps, ro.sampler_logps, ro.mask),
             "rollout_tokens_per_s": n_tok / max(t_roll, 1e-9),
             "train_tokens_per_s": n_tok * self.cfg.num_ppo_epochs / max(t_update, 1e-9),
             "time/rollout_s": t_roll, "time/score_s": t_score, "time/update_s": t_update,
         }
+        if self.grpo_options is None:  # PPO with a critic: TRL's PPOTrainer names
+            out.update({"policy/clipfrac_avg": upd["policy/clipfrac"], "loss/value_avg": upd.get("loss/value", 0.0),
+                        "val/clipfrac_avg": upd.get("val/clipfrac", 0.0),
+                        "val/explained_variance": explained_variance(ro.values, ro.returns, ro.mask)
+                        if self.critic is not None else None})
+        else:  # TRL's GRPOTrainer names: the loss's metrics (means over minibatches) and the rollout's
+            group_std = ro.scores.view(-1, self.cfg.num_generations).std(1)
+            lengths = ro.mask.sum(1).float()
+            zero_std = torch.isclose(group_std, torch.zeros_like(group_std))
+            out.update({k: upd[k] for k in upd if not k.startswith(("policy/", "loss/", "first/"))})
+            out.update({"reward": ro.scores.mean().item(), "reward_std": ro.scores.std().item(),
+                        "frac_reward_zero_std": zero_std.float().mean().item(),
+                        "completions/mean_length": lengths.mean().item(),
+                        "completions/clipped_ratio": 1.0 - ro.ended.float().mean().item()})
         return out
 
-    # --- state and the run loop --------------------------------------------------------------------------
-    def state_dict(self) -> dict:
-        """The trainer state (the optimizer and RNG states go beside it: checkpoint.save_optimizer_and_rng)."""
-        value_head = isinstance(self.critic, ValueHead) and not self.info.active  # sharded: in "extras"
-        return {"step": self.step, "scheduler": self.scheduler.state_dict(), "kl_coef": self.kl_ctl.beta,
-                "config": asdict(self.cfg), "critic": self.critic.state_dict() if value_head else None}
-
-    def load_state_dict(self, s: dict) -> None:
-        self.step = s["step"]
-        self.scheduler.load_state_dict(s["scheduler"])
-        self.kl_ctl.beta = s["kl_coef"]
-        value_head = s.get("critic") or s.get("extras", {}).get("value_head")  # from one process / from several
-        if value_head is not None and not self.info.active:  # sharded: restored before sharding (__init__)
-            self.critic.load_state_dict(value_head)
-        load_optimizer_and_rng(latest_checkpoint(Path(self.cfg.output_dir)), self._optimized_models(),
-                               self.optimizer, self.info.rank)
-
-    def _optimized_models(self) -> dict:
-        """The modules whose parameters the optimizer holds (DCP keys its state by their parameter names)."""
-        if isinstance(self.critic, ValueHead) and not self.info.active:
-            return {"": self.policy, "value_head": self.critic}
-        separate = self.critic is not None and not isinstance(self.critic, ValueHead)
-        return {"": self.policy, **({"critic": self.critic} if separate else {})}
-
+    # --- the run loop ---------------------------------------------------------------------------------------
     def train(self) -> dict:
-        cfg, run_dir, info = self.cfg, Path(self.cfg.output_dir), self.info
-        state = resume_or_fresh(run_dir, cfg, info)
-        if state is not None:
-            self.load_state_dict(state)
+        cfg, info = self.cfg, self.info
 
         def step_fn(step: int) -> dict:
+            self.step = step
             start = (step * cfg.batch_size) % len(self.prompts)
             prompts = [self.prompts[(start + i) % len(self.prompts)] for i in range(cfg.batch_size)]
             out = self.iteration(rank_slice(prompts, info))  # each rank: its own prompts
+            worst = all_reduce_max(out["sampling/sampling_logp_difference/max"], info)
             out = all_reduce_mean(out, info)  # every rank has the same number of sequences: plain means
+            out["sampling/sampling_logp_difference/max"] = worst  # TRL: the max over ranks, not their mean
             for k in ("rollout_tokens_per_s", "train_tokens_per_s"):  # the job's rate: the sum over ranks
                 out[k] *= info.world_size
             # adaptive β from the whole rollout's KL (the same β on every rank)
             self.kl_ctl.update(out["objective/kl"], cfg.batch_size * cfg.num_generations)
-            check_finite(out["loss/policy_avg"], "PPO loss", step + 1, run_dir)
-            out["lr"] = self.scheduler.get_last_lr()[0]
-            self.scheduler.step()
+            check_finite(out["loss/policy_avg"], "PPO loss", step + 1, self.state.run_dir)
+            out["lr"] = self.state.scheduler.get_last_lr()[0]
+            self.state.scheduler.step()
             self.step = step + 1
             return out
 
-        def save_fn(at: int) -> Path:
-            if info.active:
-                state = {"step": at, "scheduler": self.scheduler.state_dict(), "kl_coef": self.kl_ctl.beta,
-                         "config": asdict(cfg)}
-                return save_sharded_checkpoint(run_dir, at, self._optimized_models(), self.optimizer, self.tok, state,
-                                               keep=cfg.save_total_limit, info=info)
-            separate = self.critic is not None and not isinstance(self.critic, ValueHead)
-
-            def extra(d: Path) -> None:
-                if separate:
-                    self.critic.save_pretrained(d / "critic")
-                save_optimizer_and_rng(d, self._optimized_models(), self.optimizer)
-
-            return save_checkpoint(run_dir, at, self.policy, self.tok, self.state_dict(), keep=cfg.save_total_limit,
-                                   extra=extra)
-
-        return run_loop(cfg, run_dir, self.step, step_fn, save_fn, device=self.device, desc="ppo",
+        return run_loop(cfg, self.state, step_fn, device=self.device, desc="ppo",
                         postfix=("objective/scores", "objective/kl"), info=info)

@@ -20,18 +20,19 @@ from safetensors.torch import load_file, save_file
 
 from fusealign.losses import BATCH_LOSSES
 
-from . import task
+from .study import task
 from .checkpoint import latest_checkpoint, write_text_atomic
 from .config import DPOConfig, PPOConfig, RMConfig, SFTConfig, TrainConfig
 from .data import DataStream, check_data_file, check_vocab, load_examples, load_prompts
 from .errors import CheckpointError, DataError, ModelPathError, OutputDirError
 from .models import RewardModel, disable_dropout, fingerprint, load_causal_lm, model_from_config
 from .onpolicy import OnPolicyPairs
-from .objectives import dpo_loss, pair_batch, rewards_of, rm_loss, sequence_logps, sft_loss
+from .objectives import dpo_objective, pair_batch, rm_objective, sequence_logps, sft_objective
 from .ppo import PPOTrainer
 from .sampling import sample
 from .distributed import check_world_size, init_distributed, run, shard
-from .trainer import autocast, resolve_device, set_threads, train
+from .runtime import autocast, resolve_device, set_threads
+from .trainer import train
 
 
 def _defaults(cfg: TrainConfig, kind: str) -> TrainConfig:
@@ -152,7 +153,7 @@ def run_sft(cfg: SFTConfig) -> dict:
     inner = model
     model = shard(model, info, bf16=_bf16_params(cfg, resolve_device(cfg.device)))
     stream = DataStream(examples, cfg.batch_size, cfg.seed)
-    last = train(cfg, model, lambda ex: sft_loss(inner, ex, pad_id=tok.pad_token_id, pack=cfg.pack,
+    last = train(cfg, model, lambda ex: sft_objective(inner, ex, pad_id=tok.pad_token_id, pack=cfg.pack,
                                                   temperature=cfg.temperature, backend=cfg.backend),
                  stream, tokenizer=tok, desc="sft", info=info)
     return finish(cfg, {**last, "data/lines": stats.lines, "data/skipped": stats.skipped,
@@ -192,13 +193,13 @@ def run_rm(cfg: RMConfig) -> dict:
             margins = []
             for i in range(0, len(held), 64):
                 batch = pair_batch(held[i:i + 64], pad_id=tok.pad_token_id, pack=cfg.pack).to(device)
-                r = run(rm, rewards_of, batch)  # every rank scores every held-out pair (FSDP: same steps)
+                r = run(rm, RewardModel.rewards, batch)  # every rank scores every held-out pair (FSDP: same steps)
                 B = batch.num_sequences // 2
                 margins.append((r[:B] - r[B:]).float())
         m = torch.cat(margins)
         return {"eval/accuracy": (m > 0).float().mean().item(), "eval/margin": m.mean().item()}
 
-    last = train(cfg, rm, lambda ex: rm_loss(inner, ex, pad_id=tok.pad_token_id, pack=cfg.pack, margin=cfg.margin,
+    last = train(cfg, rm, lambda ex: rm_objective(inner, ex, pad_id=tok.pad_token_id, pack=cfg.pack, margin=cfg.margin,
                                              center_coef=cfg.center_coef),
                  DataStream(examples, cfg.batch_size, cfg.seed), tokenizer=tok, eval_fn=evaluate, desc="rm",
                  info=info)
@@ -262,7 +263,7 @@ def run_dpo(cfg: DPOConfig) -> dict:
                                         skip_bad_lines=cfg.skip_bad_lines)
     info = init_distributed(cfg.device, cfg.fsdp)
     check_world_size("dpo --data onpolicy", info, not onpolicy, "on-policy pairs are sampled in one process for now")
-    batch_wide = sorted(set(cfg.loss_type) & set(BATCH_LOSSES)) + (["--nll-coef"] if cfg.nll_coef else [])
+    batch_wide = sorted(set(cfg.loss.loss_type) & set(BATCH_LOSSES)) + (["--nll-coef"] if cfg.loss.nll_coef else [])
     check_world_size(f"dpo with {', '.join(batch_wide)}", info, not batch_wide or info.world_size == 1,
                      "these terms depend on the whole batch (sorted across it, or a token mean over it) and each "
                      "rank holds a slice of it")
@@ -278,7 +279,7 @@ def run_dpo(cfg: DPOConfig) -> dict:
         ref_key = fingerprint(ref_model) if info.active else None  # before sharding splits its weights
         ref_model = shard(ref_model, info, bf16=bf16)
     precompute = ref_model is not None and cfg.ref_mode == "precompute"
-    ref_kw = dict(pad_id=tok.pad_token_id, average=cfg.average_logps, temperature=cfg.temperature,
+    ref_kw = dict(pad_id=tok.pad_token_id, average=cfg.loss.per_token_means, temperature=cfg.temperature,
                   backend=cfg.backend, cfg=cfg, ref_key=ref_key)
     lookup = None
     if onpolicy:  # pairs sampled from the policy (again every K steps with --resample-every), labelled by an RM
@@ -288,7 +289,7 @@ def run_dpo(cfg: DPOConfig) -> dict:
         stream = OnPolicyPairs(policy, reward_model, tok, prompts, batch_size=cfg.batch_size, seed=cfg.seed,
                                prompts_per_round=cfg.onpolicy_prompts, resample_every=cfg.resample_every,
                                grad_accum=cfg.grad_accum, max_new_tokens=cfg.max_new_tokens,
-                               missing_eos_penalty=cfg.missing_eos_penalty,
+                               missing_eos_penalty=cfg.missing_eos_penalty, temperature=cfg.temperature,
                                reference=(lambda exs: reference_logps(ref_model, exs, cache_dir=None, **ref_kw))
                                if precompute else None)
         lookup = stream.ref_logps if precompute else None
@@ -303,13 +304,9 @@ def run_dpo(cfg: DPOConfig) -> dict:
     before = gt_reward(policy, tok, n=cfg.eval_samples, seed=cfg.seed) if builtin else None
 
     def loss_fn(ex):
-        return dpo_loss(inner_policy, ex, pad_id=tok.pad_token_id, pack=cfg.pack, beta=cfg.beta, loss_type=cfg.loss_type,
-                        loss_weights=cfg.loss_weights, label_smoothing=cfg.label_smoothing, gamma=cfg.gamma,
-                        f_divergence_type=cfg.f_divergence_type, f_alpha_divergence_coef=cfg.f_alpha_divergence_coef,
-                        discopop_tau=cfg.discopop_tau, use_weighting=cfg.use_weighting,
-                        average_logps=cfg.average_logps, nll_coef=cfg.nll_coef,
-                        ref_logps=lookup(ex) if lookup is not None else None, ref_model=online_ref,
-                        temperature=cfg.temperature, backend=cfg.backend)
+        return dpo_objective(inner_policy, ex, pad_id=tok.pad_token_id, pack=cfg.pack, options=cfg.loss,
+                             ref_logps=lookup(ex) if lookup is not None else None, ref_model=online_ref,
+                             temperature=cfg.temperature, backend=cfg.backend)
 
     last = train(cfg, policy, loss_fn, stream, tokenizer=tok, desc="dpo", info=info)
     summary = dict(last)

@@ -1,69 +1,27 @@
 """The supervised training step shared by SFT, reward modelling and DPO, on the run loop (loop.py).
 
 step: micro-batches → loss (fused head) → backward → clip → AdamW → schedule → metrics.
-A loss function maps a list of examples to (loss, metrics, tokens); everything else lives here.
+An objective maps a list of examples to (loss, metrics, tokens[, units]); the state (models, optimizer, schedule,
+data position) is a `TrainState` (state.py); everything else lives here.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
-import os
 import time
-from dataclasses import asdict
-from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 
-from .checkpoint import latest_checkpoint, load_optimizer_and_rng, save_checkpoint, save_optimizer_and_rng, \
-    save_sharded_checkpoint
-from .config import SupervisedConfig, TrainConfig
+from .config import SupervisedConfig
 from .data import DataStream
 from .distributed import DistInfo, all_reduce_mean, all_reduce_sum, rank_slice, run, unwrap
-from .loop import NonFiniteLoss, check_finite, resume_or_fresh, run_loop
+from .errors import NonFiniteLoss  # noqa: F401  (re-exported: what a trainer raises on a non-finite loss)
+from .loop import check_finite, run_loop
+from .runtime import autocast, enable_gradient_checkpointing
+from .state import TrainState
 
-__all__ = ["train", "autocast", "resolve_device", "set_threads", "lr_lambda", "enable_gradient_checkpointing", "NonFiniteLoss"]
-
-
-def resolve_device(name: str) -> torch.device:
-    """cpu, cuda[:i] or auto; under torchrun with CUDA, each rank's own GPU (cuda:LOCAL_RANK)."""
-    if name in ("auto", "cuda") and torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def set_threads(n: int) -> None:
-    """torch's intra-op CPU threads (0: leave torch's default). CPU kernels may split a reduction by thread, so
-    the count is part of what makes a run reproducible."""
-    if n and torch.get_num_threads() != n:
-        torch.set_num_threads(n)
-
-
-def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
-    """Linear warm-up to the peak, then cosine / linear decay to 0 at max_steps, or constant."""
-    def f(step: int) -> float:
-        if step < cfg.warmup_steps:
-            return (step + 1) / (cfg.warmup_steps + 1)
-        if cfg.schedule == "constant":
-            return 1.0
-        progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
-        return 0.5 * (1 + math.cos(math.pi * progress)) if cfg.schedule == "cosine" else 1.0 - progress
-    return f
-
-
-def autocast(cfg: TrainConfig, device: torch.device):
-    """bf16 autocast on CUDA when --bf16 (the default); full precision elsewhere."""
-    if device.type == "cuda" and cfg.bf16:
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
-    target = getattr(model, "lm", model)  # a RewardModel checkpoints its backbone
-    (getattr(target, "activation_checkpointing_enable", None) or target.gradient_checkpointing_enable)()
+__all__ = ["train", "NonFiniteLoss"]
 
 
 def train(
@@ -84,17 +42,8 @@ def train(
     by units_rank · world / units_total, so that FSDP's gradient average is the gradient of the global batch's
     mean, and the logged metrics are the units-weighted means over ranks.
     """
-    run_dir = Path(cfg.output_dir)
     device = next(model.parameters()).device
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
-    state = resume_or_fresh(run_dir, cfg, info)
-    if state is not None:  # the model itself was loaded from that checkpoint by the caller
-        # The optimizer through DCP: a run may resume on another number of ranks than it was saved from.
-        load_optimizer_and_rng(latest_checkpoint(run_dir), {"": model}, optimizer, info.rank)
-        scheduler.load_state_dict(state["scheduler"])
-        stream.load_state_dict(state["data"])
+    state = TrainState(cfg, {"": model}, info=info, tokenizer=tokenizer, extras={"data": stream})
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(unwrap(model))
     model.train()
@@ -119,36 +68,26 @@ def train(
 
     def step_fn(step: int) -> dict:
         t0 = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
+        state.optimizer.zero_grad(set_to_none=True)
         totals, tokens = {}, 0
         for _ in range(cfg.grad_accum):
             loss, logged, n_tok = micro_step(stream.next_batch())
-            check_finite(logged["loss"], "loss", step + 1, run_dir)  # the rank-mean: every rank stops together
+            check_finite(logged["loss"], "loss", step + 1, state.run_dir)  # the rank-mean: every rank stops together
             (loss / cfg.grad_accum).backward()
             tokens += n_tok
             for k, v in logged.items():
                 totals[k] = totals.get(k, 0.0) + v / cfg.grad_accum
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
+        grad_norm = torch.nn.utils.clip_grad_norm_(state.params,
+                                                   cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
         grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
-        check_finite(grad_norm, "gradient norm", step + 1, run_dir)
-        optimizer.step()
-        lr = scheduler.get_last_lr()[0]
-        scheduler.step()
+        check_finite(grad_norm, "gradient norm", step + 1, state.run_dir)
+        state.optimizer.step()
+        lr = state.scheduler.get_last_lr()[0]
+        state.scheduler.step()
         out = {**totals, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens / (time.perf_counter() - t0)}
         if eval_fn is not None and cfg.eval_every and (step + 1) % cfg.eval_every == 0:
             out.update(eval_fn())
             model.train()
         return out
 
-    def save_fn(at: int) -> Path:
-        trainer_state = {"step": at, "scheduler": scheduler.state_dict(), "data": stream.state_dict(),
-                         "config": asdict(cfg)}
-        if info.active:
-            return save_sharded_checkpoint(run_dir, at, {"": model}, optimizer, tokenizer, trainer_state,
-                                           keep=cfg.save_total_limit, info=info)
-        return save_checkpoint(run_dir, at, model, tokenizer, trainer_state, keep=cfg.save_total_limit,
-                               extra=lambda d: save_optimizer_and_rng(d, {"": model}, optimizer))
-
-    start = state["step"] if state is not None else 0
-    return run_loop(cfg, run_dir, start, step_fn, save_fn, device=device, desc=desc, postfix=("loss", "lr"),
-                    info=info)
+    return run_loop(cfg, state, step_fn, device=device, desc=desc, postfix=("loss", "lr"), info=info)

@@ -7,9 +7,10 @@ validation) and `reference` (the naive specs).
 """
 
 from . import checks, reference
-from .linear_kl import linear_kl
-from .linear_logps import DEFAULT_CHUNK_BYTES, LinearLogpsFunction, linear_logps
+from .common import DEFAULT_CHUNK_BYTES, HeadOptions
+from .linear_kl import LinearKLFunction, linear_kl
+from .linear_logps import LinearLogpsFunction, linear_logps
 from .segments import segment_sum
 
 __all__ = ["checks", "reference", "linear_logps", "linear_kl", "segment_sum", "LinearLogpsFunction",
-           "DEFAULT_CHUNK_BYTES"]
+           "LinearKLFunction", "HeadOptions", "DEFAULT_CHUNK_BYTES"]

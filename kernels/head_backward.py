@@ -4,10 +4,12 @@ For raw logits r = h Wᵀ + b and any loss whose logit gradient ∂r a backend c
 chunk (recomputing the logits it needs), the parameter gradients are
     ∂h[chunk] = ∂r W,    ∂W = Σ_chunks ∂rᵀ h[chunk],    ∂b = Σ_chunks Σ_rows ∂r.
 Memory: the (chunk, V) ∂r buffer and the backend's own (chunk, V) temporaries together stay within
-`chunk_bytes` (the chunk's rows are chosen so); besides that, O(N·H + V·H): the returned gradients,
-and for low-precision weights with more than one chunk an fp32 (V, H) accumulator for ∂W. On CUDA ∂r
-is kept in the input dtype so both GEMMs run on tensor cores (fp32 accumulation inside each GEMM);
-on the CPU everything is fp32.
+`chunk_bytes` (the chunk's rows are chosen so); besides that, O(N·H + V·H): the returned gradients.
+On CUDA ∂r is kept in the input dtype so both GEMMs run on tensor cores (fp32 accumulation inside each
+GEMM); on the CPU everything is fp32. A low-precision backward that needs more than one chunk slices the
+vocabulary instead of the tokens when the backend's writer takes a column slice (blocked.py: no (V, H)
+fp32 buffer, an (N, H) fp32 ∂h accumulator); without one, ∂W accumulates in an fp32 (V, H) buffer,
+added to in blocks that bound the temporary by `chunk_bytes`.
 
 The ∂r buffer is the backend's workspace (issue 23): the torch backend forms its logits in it and turns
 them into ∂r in place (its temporaries: `temp_bytes_per_logit` of the buffer's dtype, 0 for fp32), so the
@@ -22,12 +24,20 @@ from typing import Callable, Optional
 
 import torch
 
-from .chunked import autocast_off, chunk_rows, mm_f32
+from .blocked import addmm_f32_, takes_cols, vocab_sliced_backward
+from .chunked import autocast_off, chunk_rows
 
 
 def dz_dtype(hidden: torch.Tensor) -> torch.dtype:
     """The ∂r buffer's dtype: the input dtype on CUDA (tensor-core GEMMs), fp32 on the CPU."""
     return hidden.dtype if hidden.is_cuda else torch.float32
+
+
+def keeps_tile(hidden: torch.Tensor, opts) -> bool:
+    """Whether an op's forward may keep its logit tile(s) for the backward (`opts`: a HeadOptions): the torch
+    backend with an fp32 ∂r buffer (the kept tile becomes that buffer); the backend then keeps it only if all
+    rows fitted one chunk."""
+    return opts.backend == "torch" and dz_dtype(hidden) == torch.float32
 
 
 @autocast_off
@@ -41,6 +51,7 @@ def head_backward(
     chunk_bytes: int,
     temp_bytes_per_logit=0,
     needs=(True, True, True),
+    sliced: Optional[bool] = None,
     weight_work: Optional[torch.Tensor] = None,
     dz_buffer: Optional[torch.Tensor] = None,
 ):
@@ -48,9 +59,13 @@ def head_backward(
 
     `write_dz(rows, dz)` fills `dz: (n, V)` with ∂L/∂r for `hidden[rows]` (zeros on ignored rows),
     holding `temp_bytes_per_logit` bytes of its own (n, V) temporaries while it runs (an int, or a
-    function of the ∂r buffer's dtype). `weight_work`: the weight already in the work dtype (fp32 on the
-    CPU) when the caller has it, so that it is not upcast twice. `dz_buffer`: an (N, V) buffer of the work
-    dtype to use as the one chunk's ∂r buffer (the forward's kept logits: `write_dz` knows what it holds).
+    function of the ∂r buffer's dtype); a writer with a `cols` parameter, `write_dz(rows, dz, cols)`,
+    fills `dz: (n, cols)` for a vocabulary slice.
+    `sliced`: take the vocabulary-sliced path (blocked.py) — None: for a low-precision multi-chunk ∂W
+    with a slice-capable writer; True/False force it (tests run it on the CPU in fp32).
+    `weight_work`: the weight already in the work dtype (fp32 on the CPU) when the caller has it, so that it
+    is not upcast twice. `dz_buffer`: an (N, V) buffer of the work dtype to use as the one chunk's ∂r buffer
+    (the forward's kept logits: `write_dz` knows what it holds); it is one chunk, so never sliced.
     Returns (dh (N, H) | None, dW (V, H) | None, db (V,) | None) per `needs`.
     """
     N, H = hidden.shape
@@ -61,20 +76,27 @@ def head_backward(
         return (torch.zeros_like(hidden) if want_h else None), (torch.zeros_like(weight) if want_w else None), db
     dev = hidden.device
     work_dtype = dz_dtype(hidden)
+    dz_bytes = torch.empty((), dtype=work_dtype).element_size()
+    temp = temp_bytes_per_logit(work_dtype) if callable(temp_bytes_per_logit) else temp_bytes_per_logit
+    if dz_buffer is not None and (tuple(dz_buffer.shape) != (N, V) or dz_buffer.dtype != work_dtype):
+        raise ValueError(f"dz_buffer must be ({N}, {V}) {work_dtype}, got {tuple(dz_buffer.shape)} {dz_buffer.dtype}")
+    step = N if dz_buffer is not None else chunk_rows(N, V, chunk_bytes, dz_bytes + temp)
+    single = step >= N
+    if sliced is None:
+        sliced = want_w and not single and work_dtype != torch.float32 and takes_cols(write_dz)
+    if sliced and dz_buffer is None:
+        dh = torch.zeros_like(hidden) if want_h else None
+        dW = torch.zeros_like(weight) if want_w else None
+        return vocab_sliced_backward(hidden, weight, bias, row_ignored, write_dz, dh, dW, db, chunk_bytes=chunk_bytes,
+                                     temp_bytes_per_logit=temp, work_dtype=work_dtype)
     if weight_work is not None and weight_work.dtype == work_dtype:
         W_work = weight_work
     else:
         W_work = weight if weight.dtype == work_dtype else weight.to(work_dtype)  # (V, H), CPU only
-    dz_bytes = torch.empty((), dtype=work_dtype).element_size()
-    temp = temp_bytes_per_logit(work_dtype) if callable(temp_bytes_per_logit) else temp_bytes_per_logit
-    step = N if dz_buffer is not None else chunk_rows(N, V, chunk_bytes, dz_bytes + temp)
-    single = step >= N
     # Every row of ∂h is written below, and ∂W too when one chunk covers N: no zero-fill pass (a (V, H) fill
     # costs as much as a slab epilogue on the CPU).
     dh = torch.empty_like(hidden) if want_h else None
     dW = (torch.empty_like(weight) if single else torch.zeros_like(weight)) if want_w else None
-    if dz_buffer is not None and (tuple(dz_buffer.shape) != (N, V) or dz_buffer.dtype != work_dtype):
-        raise ValueError(f"dz_buffer must be ({N}, {V}) {work_dtype}, got {tuple(dz_buffer.shape)} {dz_buffer.dtype}")
     dz = dz_buffer if dz_buffer is not None else torch.empty((min(step, N), V), device=dev, dtype=work_dtype)
     # ∂W sums over every token: one GEMM when a single chunk covers N; else accumulate in fp32 —
     # in dW itself when the weight is fp32, else in an fp32 (V, H) buffer.
@@ -102,8 +124,8 @@ def head_backward(
                 dW.copy_(dz_c.T @ h_work)
             elif dW32.dtype == work_dtype:
                 dW32.addmm_(dz_c.T, h_work)
-            else:
-                dW32 += mm_f32(dz_c.T, h_work)
+            else:  # no (V, H) fp32 temporary per chunk: blocks of ≤ chunk_bytes (issue 30)
+                addmm_f32_(dW32, dz_c.T, h_work, chunk_bytes)
         if want_b:
             db32 += dz_c.sum(0, dtype=torch.float32)
     if dW32 is not None and dW32 is not dW:

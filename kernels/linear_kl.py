@@ -8,10 +8,13 @@ Gradients flow to the policy side only (`hidden`, `weight`); the reference is a 
 Saved for backward: inputs (no copies) and per-token lse, lse_ref, KL — O(N). Both logit tiles are
 recomputed in backward; no (N, V) tensor exists (see linear_kl_triton.py / linear_kl_torch.py) — except
 on the torch backend when both heads' fp32 logits for the whole batch fit `chunk_bytes` (2·N·V·4 bytes,
-one forward chunk): the forward keeps the two tiles and the backward forms ∂r from them in place (no
-logit GEMM; consumed by the first backward, a second one under `retain_graph=True` recomputes).
+one forward chunk; with `shard`, this rank's rows): the Function keeps the two tiles and the backward forms
+∂r from them in place (no logit GEMM; consumed by the first backward, a second one under
+`retain_graph=True` recomputes; nothing is kept under `torch.no_grad()`).
 The reference head may be wider (distillation): ref_weight is (V, H_ref) with H_ref ≠ H allowed. Each
 head may carry a bias; gradients reach the policy's bias too.
+Vocabulary-parallel heads (`shard`, see vocab_parallel.py): the same Function; each rank's split statistics are
+merged, all-gathered (5·N floats) and combined in rank order, and ∂h is all-reduced in backward.
 """
 
 from __future__ import annotations
@@ -19,58 +22,62 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 
-from . import linear_kl_torch as _torch_impl
-from .checks import check_chunk_bytes, check_linear_head
+from . import vocab_parallel as vp
+from .checks import check_linear_head
 from .chunked import head_weight
-from .head_backward import head_backward
-from .linear_logps import DEFAULT_CHUNK_BYTES, HeadOptions, keeps_tile, resolve_backend
+from .common import DEFAULT_CHUNK_BYTES, HeadOptions, backend_impl, needs_grad
+from .head_backward import head_backward, keeps_tile
+from .linear_kl_torch import kl_combine_stats
 
 DIRECTIONS = ("forward", "reverse")
 
 
-def _impl(backend: str):
-    if backend == "triton":
-        from . import linear_kl_triton
-
-        return linear_kl_triton
-    return _torch_impl
-
-
 def _forward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, valid, reverse, opts: HeadOptions,
-             keep: bool = False):
-    """-> kl, lse (policy), lse_ref: (N,) fp32; with `keep` (torch backend) a 4th element, the kept
-    (policy, reference) final-logit tiles when both fitted one chunk, else None."""
-    if hidden.shape[0] == 0:
+             shard: Optional[vp.VocabShard] = None, keep: bool = False):
+    """-> kl, lse (policy), lse_ref: (N,) fp32 (with `shard`: the whole vocabulary's, from this rank's rows).
+    With `keep` (torch backend only, see `keeps_tile`) a 4th element: the kept (policy, reference) final-logit
+    tiles of these rows when both fitted one chunk, else None."""
+    if hidden.shape[0] == 0 and shard is None:
         e = hidden.new_zeros((0,), dtype=torch.float32)
         return (e, e.clone(), e.clone()) + ((None,) if keep else ())
     kw = dict(temperature=opts.temperature, softcap=opts.softcap, chunk_bytes=opts.chunk_bytes)
-    impl = _impl(opts.backend)
     if keep:
         kw["keep"] = True
-    if reverse:  # KL(Q‖P): A = reference, B = policy
-        out = impl.kl_fwd(ref_hidden, ref_weight, hidden, weight, valid, bias_a=ref_bias, bias_b=bias, **kw)
-        kl, lse_ref, lse = out[:3]
-        tiles = out[3][::-1] if keep and out[3] is not None else None
+    impl = backend_impl("kl", opts.backend, hidden, weight)
+    # KL(A‖B): forward KL(π‖π_ref) has A = policy, B = reference; reverse KL(π_ref‖π) the other way round.
+    a, b = ((ref_hidden, ref_weight, ref_bias), (hidden, weight, bias)) if reverse else \
+        ((hidden, weight, bias), (ref_hidden, ref_weight, ref_bias))
+    tiles = None
+    if shard is None:
+        out = impl.kl_fwd(a[0], a[1], b[0], b[1], valid, bias_a=a[2], bias_b=b[2], **kw)
+        (kl, lse_a, lse_b), tiles = out[:3], (out[3] if keep else None)
     else:
-        out = impl.kl_fwd(hidden, weight, ref_hidden, ref_weight, valid, bias_a=bias, bias_b=ref_bias, **kw)
-        kl, lse, lse_ref = out[:3]
-        tiles = out[3] if keep else None
+        stats = impl.kl_partial_stats(a[0], a[1], b[0], b[1], bias_a=a[2], bias_b=b[2], **kw)
+        if keep:
+            stats, tiles = stats
+        kl, lse_a, lse_b = kl_combine_stats(vp.gather_ranks(vp.merge_kl_partials(stats), shard.group), valid)
+    lse, lse_ref = (lse_b, lse_a) if reverse else (lse_a, lse_b)
+    if tiles is not None and reverse:
+        tiles = tiles[::-1]  # (policy, reference)
     return (kl, lse, lse_ref) + ((tiles,) if keep else ())
 
 
 class LinearKLFunction(torch.autograd.Function):
-    """Autograd over flattened inputs: hidden (N, H), weight (V, H), bias (V,)|None, ref_hidden (N, H_ref),
-    ref_weight (V, H_ref), ref_bias (V,)|None, valid (N,) uint8."""
+    """Autograd over flattened inputs: hidden (N, H), weight (V, H) — or this rank's rows with `shard` (the same rows
+    of both heads) —, bias (V,)|None, ref_hidden (N, H_ref), ref_weight (V, H_ref), ref_bias (V,)|None,
+    valid (N,) uint8. Gradients to the policy side only."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, valid, reverse: bool, opts: HeadOptions):
-        keep = keeps_tile(hidden, opts)
-        out = _forward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, valid, reverse, opts, keep=keep)
+    def forward(ctx, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, valid, reverse: bool, opts: HeadOptions,
+                shard: Optional[vp.VocabShard] = None):
+        keep = keeps_tile(hidden, opts) and any(ctx.needs_input_grad[:3])  # see LinearLogpsFunction
+        out = _forward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, valid, reverse, opts, shard, keep)
         kl, lse, lse_ref = out[:3]
         ctx.save_for_backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, valid, lse, lse_ref, kl)
         ctx.kept = out[3] if keep else None  # (policy, reference) tiles: intermediates, plain attributes
-        ctx.reverse, ctx.opts = reverse, opts
+        ctx.reverse, ctx.opts, ctx.shard = reverse, opts, shard
         ctx.set_materialize_grads(False)
         return kl
 
@@ -78,42 +85,49 @@ class LinearKLFunction(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, g):
         hidden, weight, bias, ref_hidden, ref_weight, ref_bias, valid, lse, lse_ref, kl = ctx.saved_tensors
-        needs = ctx.needs_input_grad[:3] if g is not None else (False, False, False)
-        g = None if g is None else g.reshape(-1).float().contiguous()
-        opts, impl = ctx.opts, _impl(ctx.opts.backend)
-        kept = None
-        if g is not None:  # ∂r overwrites the policy's kept tile: a second backward (retain_graph) recomputes
-            kept, ctx.kept = ctx.kept, None
+        if g is None:
+            return (None,) * 10
+        needs, shard = ctx.needs_input_grad[:3], ctx.shard
+        g = g.reshape(-1).float().contiguous()
+        kept, ctx.kept = ctx.kept, None  # ∂r overwrites the policy's kept tile: a second backward recomputes
+        want_h = needs[0] or shard is not None  # the all-reduce below needs every rank's part
         dh, dW, db = kl_backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, valid, lse, lse_ref, kl, g,
-                                 ctx.reverse, opts, impl, needs, kept)
-        return dh, dW, db, None, None, None, None, None, None
+                                 ctx.reverse, ctx.opts, (want_h, needs[1], needs[2]), kept)
+        if shard is not None:
+            dist.all_reduce(dh, group=shard.group)  # ∂h sums over the whole vocabulary
+        return (dh if needs[0] else None), dW, db, None, None, None, None, None, None, None
 
 
 def kl_backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, valid, lse, lse_ref, kl, g, reverse,
-                opts: HeadOptions, impl, needs, kept=None):
-    """(dh, dW, db) of Σ g·KL through head_backward; `kept`: the torch backend's (policy, reference) tiles."""
-    if opts.backend != "torch":
-        def write_dz(rows, dz):
-            impl.kl_bwd_dz(hidden[rows], weight, bias, ref_hidden[rows], ref_weight, ref_bias, valid[rows],
-                           lse[rows], lse_ref[rows], kl[rows], g[rows], dz, reverse=reverse,
-                           temperature=opts.temperature, softcap=opts.softcap)
+                opts: HeadOptions, needs, kept=None):
+    """(dh, dW, db) of Σ g·KL through head_backward (this rank's rows; no collective).
+    `kept`: the torch backend's (policy, reference) tiles from the forward (the policy's becomes the ∂r buffer).
+    On the torch backend both weights are upcast once per call and the reference's logits of every chunk go to
+    one workspace (or are the kept tile)."""
+    impl = backend_impl("kl", opts.backend, hidden, weight)
+    on_torch = opts.backend == "torch"
+    w, w_ref = (head_weight(weight), head_weight(ref_weight)) if on_torch else (weight, ref_weight)
+    ref_ws = [None]  # the torch backend's reference-logit workspace, allocated by the first (largest) block
 
-        return head_backward(hidden, weight, bias, valid == 0, write_dz, chunk_bytes=opts.chunk_bytes,
-                             temp_bytes_per_logit=impl.BWD_BYTES_PER_LOGIT, needs=needs)
-    # torch backend: both weights upcast once per call; the reference's logits in one workspace for all chunks
-    # (or the kept tile); the policy's in head_backward's ∂r buffer (or the kept tile, as that buffer).
-    w, w_ref = head_weight(weight), head_weight(ref_weight)
-    ref_ws = [None if kept is None else kept[1]]
-
-    def write_dz(rows, dz):
-        if ref_ws[0] is None:  # the first chunk is the largest
-            ref_ws[0] = torch.empty(dz.shape, device=dz.device, dtype=torch.float32)
-        impl.kl_bwd_dz(hidden[rows], w, bias, ref_hidden[rows], w_ref, ref_bias, valid[rows], lse[rows],
-                       lse_ref[rows], kl[rows], g[rows], dz, reverse=reverse, temperature=opts.temperature,
-                       softcap=opts.softcap, logits_in_dz=kept is not None, ref_logits=ref_ws[0])
+    def write_dz(rows, dz, cols=slice(None)):
+        # cols: a vocabulary slice (head_backward's sliced path, never with kept tiles): both heads' rows of W, b.
+        sl = lambda t: None if t is None else t[cols]  # noqa: E731
+        kw = {}
+        if on_torch:
+            if kept is not None:
+                ref = kept[1]
+            else:
+                if ref_ws[0] is None:
+                    ref_ws[0] = torch.empty(dz.numel(), device=dz.device, dtype=torch.float32)
+                ref = ref_ws[0][: dz.numel()].view(dz.shape)
+            kw = dict(logits_in_dz=kept is not None, ref_logits=ref)
+        impl.kl_bwd_dz(hidden[rows], w[cols], sl(bias), ref_hidden[rows], w_ref[cols], sl(ref_bias),
+                       valid[rows], lse[rows], lse_ref[rows], kl[rows], g[rows], dz, reverse=reverse,
+                       temperature=opts.temperature, softcap=opts.softcap, **kw)
 
     return head_backward(hidden, weight, bias, valid == 0, write_dz, chunk_bytes=opts.chunk_bytes,
-                         temp_bytes_per_logit=impl.bwd_bytes_per_logit, needs=needs, weight_work=w,
+                         temp_bytes_per_logit=impl.bwd_bytes_per_logit if on_torch else impl.BWD_BYTES_PER_LOGIT,
+                         needs=needs, weight_work=w if on_torch else None,
                          dz_buffer=None if kept is None else kept[0])
 
 
@@ -150,20 +164,14 @@ def linear_kl(
     """
     if direction not in DIRECTIONS:
         raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
-    from .vocab_parallel import explicit_shard, is_dtensor, local_bias, shard_from_dtensor
-
-    vp = None
-    if is_dtensor(weight) or is_dtensor(ref_weight):
-        if not (is_dtensor(weight) and is_dtensor(ref_weight)):
-            raise ValueError("weight and ref_weight must both be vocabulary-sharded DTensors, or neither")
-        weight, vp = shard_from_dtensor(weight)
-        ref_weight, ref_vp = shard_from_dtensor(ref_weight, "ref_weight")
-        if (ref_vp.start, ref_vp.size) != (vp.start, vp.size):
+    if vp.is_dtensor(weight) != vp.is_dtensor(ref_weight):
+        raise ValueError("weight and ref_weight must both be vocabulary-sharded DTensors, or neither")
+    weight, bias, shard = vp.shard_of(weight, bias, vocab_start, vocab_size, group)
+    if shard is not None:
+        ref_weight, ref_bias, ref_shard = vp.shard_of(ref_weight, ref_bias, vocab_start, shard.vocab_size, group,
+                                                      name="ref_weight")
+        if (ref_shard.start, ref_shard.size) != (shard.start, shard.size):
             raise ValueError("weight and ref_weight must be sharded over the vocabulary the same way")
-        bias, ref_bias = local_bias(bias, vp), local_bias(ref_bias, vp)
-    elif group is not None or vocab_start is not None:
-        vp = explicit_shard(weight, vocab_start, vocab_size, group)
-        bias, ref_bias = local_bias(bias, vp), local_bias(ref_bias, vp)
     H, V = check_linear_head(hidden, weight, None, bias, temperature, softcap)
     check_linear_head(ref_hidden, ref_weight, None, ref_bias, temperature, softcap,
                       names=("ref_hidden", "ref_weight", "", "ref_bias"))
@@ -187,27 +195,16 @@ def linear_kl(
             raise ValueError(f"mask must be a tensor of shape {lead} (hidden's leading shape), got "
                              f"{tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__}")
         valid = (mask != 0).to(torch.uint8)
-    check_chunk_bytes(chunk_bytes)
-    opts = HeadOptions(float(temperature), None if softcap is None else float(softcap), -100,
-                       resolve_backend(backend, hidden.device), chunk_bytes)
+    opts = HeadOptions.of(temperature=temperature, softcap=softcap, ignore_index=-100, backend=backend,
+                          chunk_bytes=chunk_bytes, device=hidden.device)
     h2, hr2 = hidden.reshape(-1, H), ref_hidden.reshape(-1, ref_hidden.shape[-1])
     bias = None if bias is None else bias.contiguous()
     ref_bias = None if ref_bias is None else ref_bias.contiguous()
     valid = valid.reshape(-1).contiguous()
     reverse = direction == "reverse"
-    grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad
-                                        or (bias is not None and bias.requires_grad))
-    if vp is not None:
-        from .vocab_parallel import VocabParallelKLFunction
-
-        args = (h2, weight, bias, hr2, ref_weight, ref_bias, valid, reverse, vp, opts)
-        if grad:
-            kl = VocabParallelKLFunction.apply(*args)
-        else:
-            with torch.no_grad():
-                kl = VocabParallelKLFunction.apply(*args)
-    elif grad:
-        kl = LinearKLFunction.apply(h2, weight, bias, hr2, ref_weight, ref_bias, valid, reverse, opts)
-    else:
-        kl = _forward(h2, weight, bias, hr2, ref_weight, ref_bias, valid, reverse, opts)[0]
+    args = (h2, weight, bias, hr2, ref_weight, ref_bias, valid, reverse, opts, shard)
+    if needs_grad(hidden, weight, bias):
+        kl = LinearKLFunction.apply(*args)
+    else:  # nothing saved
+        kl = _forward(*args)[0]
     return kl.view(lead)

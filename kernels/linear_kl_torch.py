@@ -14,6 +14,7 @@ import torch
 
 from .chunked import (LogitMap, autocast_off, chunk_rows, finish_logits_, head_weight, mm_into, scratch, slab_rows,
                       slabs, softcap_factor_from_logits)
+from .common import KL_ROWS
 
 FWD_BYTES_PER_LOGIT = 8  # both heads' logit tiles (exponentials and products go to two O(V) scratch slabs)
 # Besides head_backward's ∂r buffer: the reference's fp32 tile, and the policy's fp32 tile when that buffer is
@@ -36,7 +37,7 @@ def kl_partial_stats(ha, wa, hb, wb, *, bias_a=None, bias_b=None, temperature, s
     one chunk, else (stats, None)."""
     N, V = ha.shape[0], wa.shape[0]
     dev = ha.device
-    stats = torch.empty((1, 5, N), device=dev, dtype=torch.float32)
+    stats = torch.empty((1, KL_ROWS, N), device=dev, dtype=torch.float32)
     step = chunk_rows(N, V, chunk_bytes, FWD_BYTES_PER_LOGIT)
     Wa, Wb = head_weight(wa), head_weight(wb)
     la, lb = LogitMap(bias_a, temperature, softcap, dev), LogitMap(bias_b, temperature, softcap, dev)

@@ -23,11 +23,14 @@ import torch
 import triton
 import triton.language as tl
 
-from .tiles import NEG_BIG, dot_precision, final_logits_tile, interpreting, store_dz, tile_config
+from . import common
+from .tiles import NEG_BIG, dot_precision, final_logits_tile, interpreting, store_dz, tile_config, tile_dtype
+from .tma import group_blocks, grouped_item
 
 # (chunk, V) buffers the launchers hold besides the backward's dz (see linear_logps_torch.py).
-FWD_BYTES_PER_LOGIT = 0
 BWD_BYTES_PER_LOGIT = 0
+# Rows of the per-split statistics (common.py's layout: m_a, s_a, m_b, s_b, c), as a kernel constant.
+KL_ROWS = tl.constexpr(common.KL_ROWS)
 
 
 @triton.jit
@@ -73,7 +76,7 @@ def _kl_fwd_kernel(
         m_b_new = tl.maximum(m_b, tl.max(b, axis=1))
         s_b = tl.exp(m_b - m_b_new) * s_b + tl.sum(tl.exp(b - m_b_new[:, None]), axis=1)
         m_b = m_b_new
-    out = stats_ptr + (5 * split).to(tl.int64) * N + offs_n
+    out = stats_ptr + split.to(tl.int64) * KL_ROWS * N + offs_n
     tl.store(out, m_a, mask=mask_n)
     tl.store(out + N, s_a, mask=mask_n)
     tl.store(out + 2 * N, m_b, mask=mask_n)
@@ -88,11 +91,11 @@ def _kl_merge_kernel(stats_ptr, valid_ptr, kl_ptr, lse_a_ptr, lse_b_ptr, N, SPLI
     mask = offs < N
     M_a = tl.full((BLOCK,), NEG_BIG, tl.float32)
     M_b = tl.full((BLOCK,), NEG_BIG, tl.float32)
-    row = stats_ptr + offs  # advanced by 5·N per split: 64-bit pointer arithmetic, no int32 product
+    row = stats_ptr + offs  # advanced by KL_ROWS·N per split: 64-bit pointer arithmetic, no int32 product
     for i in range(0, SPLITS):
         M_a = tl.maximum(M_a, tl.load(row, mask=mask, other=NEG_BIG))
         M_b = tl.maximum(M_b, tl.load(row + 2 * N, mask=mask, other=NEG_BIG))
-        row += 5 * N
+        row += KL_ROWS * N
     S_a = tl.zeros((BLOCK,), tl.float32)
     S_b = tl.zeros((BLOCK,), tl.float32)
     C = tl.zeros((BLOCK,), tl.float32)
@@ -103,7 +106,7 @@ def _kl_merge_kernel(stats_ptr, valid_ptr, kl_ptr, lse_a_ptr, lse_b_ptr, N, SPLI
         C += scale_a * tl.load(row + 4 * N, mask=mask, other=0.0)
         S_b += tl.exp(tl.load(row + 2 * N, mask=mask, other=NEG_BIG) - M_b) * tl.load(row + 3 * N, mask=mask,
                                                                                      other=0.0)
-        row += 5 * N
+        row += KL_ROWS * N
     lse_a = M_a + tl.log(S_a)
     lse_b = M_b + tl.log(S_b)
     valid = tl.load(valid_ptr + offs, mask=mask, other=0) != 0
@@ -112,7 +115,7 @@ def _kl_merge_kernel(stats_ptr, valid_ptr, kl_ptr, lse_a_ptr, lse_b_ptr, N, SPLI
     tl.store(lse_b_ptr + offs, lse_b, mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["group_n"])  # group_n orders the work only: one binary for all
 def _kl_bwd_dz_kernel(
     h_ptr, w_ptr, b_ptr, hr_ptr, wr_ptr, br_ptr, valid_ptr, lse_ptr, lse_ref_ptr, kl_ptr, g_ptr,
     dz_ptr,  # (N, V) chunk of ∂L/∂r (policy raw logits), input dtype
@@ -120,12 +123,15 @@ def _kl_bwd_dz_kernel(
     stride_h_n, stride_h_k, stride_w_v, stride_w_k,
     stride_hr_n, stride_hr_k, stride_wr_v, stride_wr_k, stride_dz_n,
     inv_temp, softcap,
+    group_n,  # token blocks per group of the work order (tma.grouped_item)
     REVERSE: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, INTERPRET: tl.constexpr,
     PREC: tl.constexpr, PREC_R: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_v = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+    # One program per tile in L2-grouped order, as linear_logps_triton._logps_bwd_dz_kernel.
+    pid_n, pid_v = grouped_item(tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.cdiv(V, BLOCK_V), group_n)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
     mask_n = offs_n < N
     mask_v = offs_v < V
     valid = mask_n & (tl.load(valid_ptr + offs_n, mask=mask_n, other=0) != 0)
@@ -162,9 +168,9 @@ def kl_partial_stats(ha, wa, hb, wb, *, bias_a=None, bias_b=None, temperature, s
     `chunk_bytes` is accepted for the common launcher signature; the forward holds no (chunk, V) buffer."""
     N, H_A = ha.shape
     V, H_B = wa.shape[0], hb.shape[1]
-    cfg = tile_config(max(H_A, H_B), V, ha.dtype, heads=2)
+    cfg = tile_config(max(H_A, H_B), V, tile_dtype(ha.dtype, hb.dtype), heads=2)
     splits = triton.cdiv(V, cfg.split_cols)
-    stats = torch.empty((splits, 5, N), device=ha.device, dtype=torch.float32)
+    stats = torch.empty((splits, common.KL_ROWS, N), device=ha.device, dtype=torch.float32)
     has_bias, ba, bb = _biases(V, bias_a, bias_b, ha, hb)
     _kl_fwd_kernel[(triton.cdiv(N, cfg.BLOCK_N), splits)](
         ha, wa, ba, hb, wb, bb, stats,
@@ -183,10 +189,15 @@ def kl_partial_stats(ha, wa, hb, wb, *, bias_a=None, bias_b=None, temperature, s
 def kl_fwd(ha, wa, hb, wb, valid, *, bias_a=None, bias_b=None, temperature, softcap, chunk_bytes=None):
     """KL(softmax(A)‖softmax(B)) per token. ha: (N, H_A), wa: (V, H_A), hb: (N, H_B), wb: (V, H_B),
     bias_a, bias_b: (V,) or None, valid: (N,) uint8  ->  kl, lse_a, lse_b: (N,) fp32 (kl = 0 where not valid)."""
-    N = ha.shape[0]
     stats = kl_partial_stats(ha, wa, hb, wb, bias_a=bias_a, bias_b=bias_b, temperature=temperature,
                              softcap=softcap)
-    out = [torch.empty(N, device=ha.device, dtype=torch.float32) for _ in range(3)]  # separate: see logps_fwd
+    return merge_kl_stats(stats, valid)
+
+
+def merge_kl_stats(stats, valid):
+    """stats: (SPLITS, 5, N) fp32 of any split width, valid: (N,) uint8 -> kl, lse_a, lse_b, fixed-order merge."""
+    N = valid.shape[0]
+    out = [torch.empty(N, device=stats.device, dtype=torch.float32) for _ in range(3)]  # separate: see logps_fwd
     block = 16 if interpreting() else 256
     _kl_merge_kernel[(triton.cdiv(N, block),)](stats, valid, out[0], out[1], out[2], N, stats.shape[0],
                                                BLOCK=block)
@@ -198,9 +209,9 @@ def kl_bwd_dz(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, valid, lse
     """Write ∂L/∂(policy raw logits) for one chunk into `dz: (n, V)`."""
     N, H = hidden.shape
     V, H_R = weight.shape[0], ref_hidden.shape[1]
-    cfg = tile_config(max(H, H_R), V, hidden.dtype, heads=2)
+    cfg = tile_config(max(H, H_R), V, tile_dtype(hidden.dtype, ref_hidden.dtype), heads=2)
     has_bias, b, br = _biases(V, bias, ref_bias, hidden, ref_hidden)
-    _kl_bwd_dz_kernel[(triton.cdiv(N, cfg.BLOCK_N), triton.cdiv(V, cfg.BLOCK_V))](
+    _kl_bwd_dz_kernel[(triton.cdiv(N, cfg.BLOCK_N) * triton.cdiv(V, cfg.BLOCK_V),)](
         hidden, weight, b, ref_hidden, ref_weight, br, valid, lse, lse_ref, kl, g, dz,
         N, V, H, H_R,
         hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
@@ -208,6 +219,7 @@ def kl_bwd_dz(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, valid, lse
         1.0 / temperature, float(softcap or 1.0),
         REVERSE=reverse, HAS_BIAS=has_bias, SOFTCAP=softcap is not None, INTERPRET=interpreting(),
         PREC=dot_precision(hidden.dtype), PREC_R=dot_precision(ref_hidden.dtype),
+        group_n=group_blocks(cfg.BLOCK_N, max(H, H_R), 2 * hidden.element_size()),
         BLOCK_N=cfg.BLOCK_N, BLOCK_V=cfg.BLOCK_V, BLOCK_K=cfg.BLOCK_K,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )

@@ -13,8 +13,9 @@ the first):
 Saved for backward: the inputs (no copies) and per-token `lse` and `entropy`, fp32 — O(N).
 Recomputed in backward: logits, one bounded token chunk at a time. No (N, V) tensor exists at any
 point — except on the torch backend when the whole batch's fp32 logits fit `chunk_bytes` (N·V·4 bytes,
-one forward chunk): the forward keeps that tile and the backward turns it into ∂r in place (3 GEMMs
-instead of 4; consumed by the first backward, so a second one, under `retain_graph=True`, recomputes). Memory bound: every (chunk, V) buffer alive at once — the backward's gradient tile and, on the
+one forward chunk; with `shard`, this rank's N·V_p): the Function keeps that tile and the backward turns it
+into ∂r in place (3 GEMMs instead of 4; consumed by the first backward, so a second one, under
+`retain_graph=True`, recomputes; nothing is kept under `torch.no_grad()`). Memory bound: every (chunk, V) buffer alive at once — the backward's gradient tile and, on the
 torch backend, its logit temporaries — fits `chunk_bytes` together; peak extra memory of forward +
 backward is ≤ 1.25 × chunk_bytes (allocator slack) + O(N·H + V·H) (the gradients, and an fp32 ∂W
 accumulator for low-precision weights when the backward needs more than one chunk).
@@ -24,138 +25,135 @@ Backends: "triton" (fused kernels, linear_logps_triton.py), "torch" (chunked PyT
 linear_logps_torch.py), "auto" (triton for CUDA tensors, torch otherwise). Both share the backward
 driver in head_backward.py: the backend writes ∂r for a chunk, cuBLAS/BLAS does the two matmuls.
 
+Vocabulary-parallel head (`shard`, see vocab_parallel.py): the same Function, with each rank's split statistics
+merged, all-gathered (R·N floats) and combined in rank order in forward, and ∂h all-reduced in backward.
+
 No host synchronisation: nothing reads a tensor value on the host (chunking depends on shapes only;
 the target-range check is a device-side assert on CUDA).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 
-from . import linear_logps_torch as _torch_impl
-from .checks import check_chunk_bytes, check_linear_head, check_target_range
+from . import vocab_parallel as vp
+from .blocked import slice_targets
+from .checks import check_linear_head, check_target_range
 from .chunked import head_weight
-from .head_backward import dz_dtype, head_backward
-
-DEFAULT_CHUNK_BYTES = 256 * 2**20
-BACKENDS = ("auto", "triton", "torch")
-# Per-token outputs `linear_logps(outputs=...)` can return; the last three are forward-only statistics.
-OUTPUTS = ("logps", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
-STAT_OUTPUTS = OUTPUTS[2:]
+from .common import (DEFAULT_CHUNK_BYTES, OUTPUTS, STAT_OUTPUTS, HeadOptions, backend_impl, check_outputs,  # noqa: F401
+                     needs_grad)
+from .head_backward import head_backward, keeps_tile
+from .linear_logps_torch import combine_stats
 
 
-@dataclass(frozen=True)
-class HeadOptions:
-    """Everything about a fused-head call that is not a tensor."""
-
-    temperature: float = 1.0
-    softcap: Optional[float] = None
-    ignore_index: int = -100
-    backend: str = "torch"  # resolved: "triton" or "torch"
-    chunk_bytes: int = DEFAULT_CHUNK_BYTES
-
-
-def resolve_backend(backend: str, device: torch.device) -> str:
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        return "triton" if device.type == "cuda" else "torch"
-    if backend == "triton" and device.type != "cuda":
-        from .linear_logps_triton import interpreting
-
-        if not interpreting():
-            raise ValueError(
-                "backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for the CPU interpreter); "
-                "use backend='torch' or 'auto' for CPU tensors"
-            )
-    return backend
-
-
-def _impl(opts: HeadOptions):
-    if opts.backend == "triton":
-        from . import linear_logps_triton
-
-        return linear_logps_triton
-    return _torch_impl
-
-
-def logps_forward(hidden, weight, bias, targets, opts: HeadOptions, extra: bool = False, entropy: bool = True,
-                  keep: bool = False):
+def logps_forward(hidden, weight, bias, targets, opts: HeadOptions, extra: bool = False,
+                  shard: Optional[vp.VocabShard] = None, entropy: bool = True, keep: bool = False):
     """hidden: (N, H), targets: (N,) -> (logps, entropy, lse, extras): (N,) fp32 each, and with `extra`
     extras = (log_sum_sq_probs, mean_logits: (N,) fp32, is_top1: (N,) bool), else None. No autograd.
-    `entropy=False`: entropy is None (the torch backend then skips its reductions). `keep=True` adds a 5th
-    element: the torch backend's (N, V) fp32 final-logit tile when it fitted one chunk, else None."""
+    With `shard`, `weight`/`bias` are this rank's vocabulary rows and the results are the whole head's.
+    `entropy=False`: entropy is None (the torch backend then skips its reductions). `keep=True` (torch backend
+    only, see `keeps_tile`) adds a 5th element: the torch backend's Kept tile of this weight's rows when all
+    N rows fitted one chunk, else None."""
     N = hidden.shape[0]
-    if N == 0:
-        empty = lambda dtype=torch.float32: hidden.new_zeros((0,), dtype=dtype)  # noqa: E731
-        out = (empty(), empty() if entropy else None, empty(), ((empty(), empty(), empty(torch.bool)) if extra else None))
-        return out + (None,) if keep else out
-    kw = dict(temperature=opts.temperature, softcap=opts.softcap, ignore_index=opts.ignore_index,
-              chunk_bytes=opts.chunk_bytes, extra=extra)
-    if opts.backend == "torch":
-        return _torch_impl.logps_fwd(hidden, weight, bias, targets, entropy=entropy, keep=keep, **kw)
-    logps, ent, lse, extras = _impl(opts).logps_fwd(hidden, weight, bias, targets, **kw)
+    impl = backend_impl("logps", opts.backend, hidden, weight)
+    # Only the torch backend computes statistics selectively and can keep its tile; Triton's are free.
+    kw = dict(entropy=entropy, keep=keep) if opts.backend == "torch" else {}
+    kept = None
+    if shard is None:
+        if N == 0:
+            empty = lambda dtype=torch.float32: hidden.new_zeros((0,), dtype=dtype)  # noqa: E731
+            out = (empty(), empty() if entropy else None, empty(),
+                   ((empty(), empty(), empty(torch.bool)) if extra else None))
+            return out + ((None,) if keep else ())
+        out = impl.logps_fwd(hidden, weight, bias, targets, temperature=opts.temperature, softcap=opts.softcap,
+                             ignore_index=opts.ignore_index, chunk_bytes=opts.chunk_bytes, extra=extra, **kw)
+        if keep:
+            out, kept = out[:4], out[4]
+        logps, ent, lse, extras = out
+    else:
+        # Local ids, unclamped: a target owned by another rank has no logit here (zy = 0), and its sign tells mb
+        # whether every column of this shard lies before it.
+        stats = impl.partial_stats(hidden, weight, bias, (targets - shard.start).contiguous(),
+                                   temperature=opts.temperature, softcap=opts.softcap, chunk_bytes=opts.chunk_bytes,
+                                   extra=extra, **kw)
+        if keep:
+            stats, kept = stats
+        merged = vp.gather_ranks(vp.merge_partials(stats), shard.group)  # (world, R, N), rank order
+        logps, ent, lse, extras = combine_stats(merged, targets, opts.ignore_index, shard.vocab_size)
     out = (logps, ent if entropy else None, lse, extras)
-    return out + (None,) if keep else out
+    return out + ((kept,) if keep else ())
 
 
 def logps_backward(hidden, weight, bias, targets, lse, entropy, g_logps, g_entropy, opts: HeadOptions,
-                   needs=(True, True, True), kept=None):
+                   needs=(True, True, True), shard: Optional[vp.VocabShard] = None, kept=None):
     """Gradients (dh (N, H), dW (V, H), db (V,)) for upstream g_logps / g_entropy: (N,) fp32 or None.
+    With `shard`: this rank's dW, db, and dh summed over the group (a collective: every rank calls it).
     `kept`: the torch backend's Kept tile from the forward (the (N, V) fp32 final logits, or their exponentials
-    for log-probs without softcap), turned into ∂r in place (consumed)."""
+    for log-probs without softcap), turned into ∂r in place (consumed: head_backward's one-chunk ∂r buffer)."""
     N = hidden.shape[0]
     if g_logps is None and g_entropy is None:
-        needs = (False, False, False)
+        return None, None, None
     g_logps = hidden.new_zeros(N, dtype=torch.float32) if g_logps is None else g_logps.reshape(N).float().contiguous()
     if g_entropy is not None:
         g_entropy = g_entropy.reshape(N).float().contiguous()
-    impl = _impl(opts)
+    impl = backend_impl("logps", opts.backend, hidden, weight)
+    y = targets if shard is None else vp.backward_targets(targets, shard, opts.ignore_index)
     on_torch = opts.backend == "torch"
     # The torch backend's chunk matmuls and the ∂h GEMM share one fp32 weight (one upcast per call on the CPU).
     w_dz = head_weight(weight) if on_torch else weight
-    extra_kw = dict(logits_in_dz=kept is not None) if on_torch else {}
     shift = None if kept is None else kept.shift  # set when the kept tile holds exp(z − shift)
 
-    def write_dz(rows, dz):
+    def write_dz(rows, dz, cols=None):
+        # cols: a vocabulary slice (head_backward's sliced path, never with a kept tile): its rows of W and b,
+        # targets local to it.
+        w, b, yr = w_dz, bias, y[rows]
+        if cols is not None:
+            w, b, yr = w_dz[cols], None if bias is None else bias[cols], slice_targets(yr, cols, opts.ignore_index)
+        kw = {}
+        if on_torch:
+            kw["logits_in_dz"] = kept is not None
+            if shift is not None:
+                kw["exp_shift"] = shift[rows]
         impl.logps_bwd_dz(
-            hidden[rows], w_dz, bias, targets[rows], lse[rows],
+            hidden[rows], w, b, yr, lse[rows],
             None if g_entropy is None else entropy[rows],
             g_logps[rows], None if g_entropy is None else g_entropy[rows], dz,
-            temperature=opts.temperature, softcap=opts.softcap, ignore_index=opts.ignore_index, **extra_kw,
-            **({} if shift is None else dict(exp_shift=shift[rows])),
+            temperature=opts.temperature, softcap=opts.softcap, ignore_index=opts.ignore_index, **kw,
         )
 
-    temp = impl.bwd_bytes_per_logit if on_torch else impl.BWD_BYTES_PER_LOGIT
-    return head_backward(hidden, weight, bias, targets == opts.ignore_index, write_dz,
-                         chunk_bytes=opts.chunk_bytes, temp_bytes_per_logit=temp, needs=needs,
-                         weight_work=w_dz if on_torch else None, dz_buffer=None if kept is None else kept.tile)
-
-
-def keeps_tile(hidden, opts: HeadOptions) -> bool:
-    """Whether a forward may keep its logit tile for the backward: the torch backend with an fp32 ∂r buffer
-    (the tile becomes that buffer); partial_stats then keeps it only if all rows fitted one chunk."""
-    return opts.backend == "torch" and dz_dtype(hidden) == torch.float32
+    want_h = needs[0] or shard is not None  # every rank's ∂h part is needed by the all-reduce below
+    dh, dW, db = head_backward(hidden, weight, bias, targets == opts.ignore_index, write_dz,
+                               chunk_bytes=opts.chunk_bytes,
+                               temp_bytes_per_logit=impl.bwd_bytes_per_logit if on_torch else impl.BWD_BYTES_PER_LOGIT,
+                               needs=(want_h, needs[1], needs[2]), weight_work=w_dz if on_torch else None,
+                               dz_buffer=None if kept is None else kept.tile)
+    if shard is not None:
+        dist.all_reduce(dh, group=shard.group)  # ∂h sums over the whole vocabulary: every shard's part
+    return (dh if needs[0] else None), dW, db
 
 
 class LinearLogpsFunction(torch.autograd.Function):
-    """Autograd over flattened inputs: hidden (N, H), weight (V, H), bias (V,)|None, targets (N,).
+    """Autograd over flattened inputs: hidden (N, H), weight (V, H) — or this rank's (V_p, H) rows with `shard` —,
+    bias (V,)|None, targets (N,).
 
     Returns logps, entropy (differentiable; None with `entropy=False`) and, with `extra`, log_sum_sq_probs,
     mean_logits, is_top1 (non-differentiable), else three None. On the torch backend the forward's logit tile
-    is kept for the backward when it fits `chunk_bytes` (`ctx.kept`, see logps_backward)."""
+    (this rank's, with `shard`) is kept for the backward when it fits `chunk_bytes` (`ctx.kept`)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, opts: HeadOptions, extra: bool = False, entropy: bool = True):
-        keep = keeps_tile(hidden, opts)
-        out = logps_forward(hidden, weight, bias, targets, opts, extra, entropy, keep=keep)
-        (logps, entropy, lse, extras), kept = out[:4], (out[4] if keep else None)
+    def forward(ctx, hidden, weight, bias, targets, opts: HeadOptions, extra: bool = False,
+                shard: Optional[vp.VocabShard] = None, entropy: bool = True):
+        # Kept only when some input needs a gradient. (Under no_grad linear_logps never gets here; an apply under
+        # no_grad returns outputs without a graph, so this ctx and its tile are freed when it returns.)
+        keep = keeps_tile(hidden, opts) and any(ctx.needs_input_grad[:3])
+        out = logps_forward(hidden, weight, bias, targets, opts, extra, shard, entropy, keep)
+        logps, entropy, lse, extras = out[:4]
         ctx.save_for_backward(hidden, weight, bias, targets, lse, entropy)
-        ctx.kept = kept  # an intermediate, not an input or output: a plain attribute
-        ctx.opts = opts
+        ctx.kept = out[4] if keep else None  # an intermediate, not an input or output: a plain attribute
+        ctx.opts, ctx.shard = opts, shard
         ctx.set_materialize_grads(False)
         if extras is None:
             return logps, entropy, None, None, None
@@ -171,23 +169,8 @@ class LinearLogpsFunction(torch.autograd.Function):
             # ∂r overwrites the kept tile: a second backward through this graph (retain_graph) recomputes.
             kept, ctx.kept = ctx.kept, None
         dh, dW, db = logps_backward(hidden, weight, bias, targets, lse, entropy, g_logps, g_entropy,
-                                    ctx.opts, needs=ctx.needs_input_grad[:3], kept=kept)
-        return dh, dW, db, None, None, None, None
-
-
-def check_outputs(outputs, return_entropy: bool) -> tuple:
-    """The requested outputs as a tuple of names from OUTPUTS (no duplicates)."""
-    if outputs is None:
-        return ("logps", "entropy") if return_entropy else ("logps",)
-    if return_entropy:
-        raise ValueError("give either return_entropy=True or outputs=(…, 'entropy'), not both")
-    if isinstance(outputs, str):
-        raise TypeError(f"outputs must be a tuple of names from {OUTPUTS}, got the string {outputs!r}")
-    outputs = tuple(outputs)
-    unknown = [o for o in outputs if o not in OUTPUTS]
-    if unknown or not outputs or len(set(outputs)) != len(outputs):
-        raise ValueError(f"outputs must be distinct names from {OUTPUTS}, got {outputs!r}")
-    return outputs
+                                    ctx.opts, needs=ctx.needs_input_grad[:3], shard=ctx.shard, kept=kept)
+        return dh, dW, db, None, None, None, None, None
 
 
 def linear_logps(
@@ -238,39 +221,23 @@ def linear_logps(
     the outputs are the whole head's, on every rank; the shard gets its local gradient, ∂hidden is summed
     over the group. Each rank sends R·N floats, never N·V.
     """
-    vp = None
-    from .vocab_parallel import explicit_shard, is_dtensor, local_bias, shard_from_dtensor
-
-    if is_dtensor(weight):
-        weight, vp = shard_from_dtensor(weight)
-        bias = local_bias(bias, vp)
-    elif group is not None or vocab_start is not None:
-        vp = explicit_shard(weight, vocab_start, vocab_size, group)
-        bias = local_bias(bias, vp)
+    weight, bias, shard = vp.shard_of(weight, bias, vocab_start, vocab_size, group)
     H, V = check_linear_head(hidden, weight, targets, bias, temperature, softcap)
-    check_chunk_bytes(chunk_bytes)
     names = check_outputs(outputs, return_entropy)
     extra = any(n in STAT_OUTPUTS for n in names)
     want_entropy = "entropy" in names  # otherwise the torch backend skips the entropy reductions
-    opts = HeadOptions(float(temperature), None if softcap is None else float(softcap), int(ignore_index),
-                       resolve_backend(backend, hidden.device), chunk_bytes)
-    check_target_range(targets, V if vp is None else vp.vocab_size, ignore_index)
+    opts = HeadOptions.of(temperature=temperature, softcap=softcap, ignore_index=ignore_index, backend=backend,
+                          chunk_bytes=chunk_bytes, device=hidden.device)
+    check_target_range(targets, V if shard is None else shard.vocab_size, ignore_index)
     shape = targets.shape
     if bias is not None:
         bias = bias.contiguous()  # the kernels index the bias with unit stride
     h2 = hidden.reshape(-1, H)  # (N, H)
     y = targets.reshape(-1).contiguous()  # (N,)
-    needs_grad = torch.is_grad_enabled() and (
-        hidden.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
-    )
-    if vp is not None:
-        from .vocab_parallel import vocab_parallel_logps
-
-        per_token = vocab_parallel_logps(h2, weight, bias, y, vp, opts, extra, want_entropy)
-    elif needs_grad:
-        per_token = LinearLogpsFunction.apply(h2, weight, bias, y, opts, extra, want_entropy)
-    else:  # no-grad fast path: nothing saved
-        logps, entropy, _, extras = logps_forward(h2, weight, bias, y, opts, extra, want_entropy)
+    if needs_grad(hidden, weight, bias):
+        per_token = LinearLogpsFunction.apply(h2, weight, bias, y, opts, extra, shard, want_entropy)
+    else:  # no-grad fast path: nothing saved, nothing kept
+        logps, entropy, _, extras = logps_forward(h2, weight, bias, y, opts, extra, shard, want_entropy)
         per_token = (logps, entropy) + (extras or (None, None, None))
     by_name = dict(zip(OUTPUTS, per_token))
     result = tuple(by_name[n].view(shape) for n in names)

@@ -29,6 +29,7 @@ import torch
 
 from .chunked import (LogitMap, autocast_off, chunk_rows, finish_logits_, head_weight, mm_into, scratch, slab_rows,
                       slabs, softcap_factor_from_logits)
+from .common import EXTRA_STAT_ROWS, stat_rows
 
 # (chunk, V) buffers alive at once, in bytes per logit (fp32 tiles are 4). Besides them: at most two (slab, V)
 # fp32 scratch slabs (chunked.slab_rows: ≤ 1/16 of the chunk's rows each, one row at least) and O(N) statistics.
@@ -63,7 +64,7 @@ def partial_stats(hidden, weight, bias, targets, *, temperature, softcap, chunk_
     N = hidden.shape[0]
     V = weight.shape[0]
     dev = hidden.device
-    stats = torch.empty((1, 7 if extra else 4, N), device=dev, dtype=torch.float32)
+    stats = torch.empty((1, stat_rows(extra), N), device=dev, dtype=torch.float32)
     if not entropy:
         stats[0, 2] = float("nan")
     step = chunk_rows(N, V, chunk_bytes, FWD_EXTRA_BYTES_PER_LOGIT if extra else FWD_BYTES_PER_LOGIT)
@@ -151,7 +152,7 @@ def combine_stats(stats, targets, ignore_index, vocab_size=None):
     whatever P is. (z_y − M) is formed before log S is subtracted, as `log_softmax` does: z_y − lse would round
     lse at the logits' magnitude first.
     """
-    extra = stats.shape[1] == 7
+    extra = stats.shape[1] == EXTRA_STAT_ROWS
     if extra and vocab_size is None:
         raise ValueError("combine_stats needs vocab_size (the whole head's V) for mean_logits")
     M = stats[:, 0].amax(0)

@@ -8,9 +8,43 @@ sees (bf16 inputs are upcast exactly), so the only error left is the fused op's 
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import inspect
+import math
 from typing import Optional
 
 import torch
+
+
+def _accepts_options(fn):
+    """Let a loss reference take `options=` (a `DPOOptions` / `PPOOptions`, read by field name: this module imports
+    nothing above the kernels); its fields fill the keyword options not given explicitly. DPO's `simpo_gamma` is
+    the references' `gamma`; RPO's `nll_coef` becomes an `sft` term where the reference has no `nll_coef`."""
+    params = inspect.signature(fn).parameters
+    open_kw = any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+    @functools.wraps(fn)
+    def wrapped(*args, options=None, **kw):
+        if options is None:
+            return fn(*args, **kw)
+        fields = {f.name: getattr(options, f.name) for f in dataclasses.fields(options)}
+        if hasattr(options, "per_token_means"):  # DPO's average_logps, its default resolved
+            fields["average_logps"] = options.per_token_means
+        if "simpo_gamma" in fields:
+            fields["gamma"] = fields.pop("simpo_gamma")
+        if "nll_coef" in fields and "nll_coef" not in params:
+            nll_coef = fields.pop("nll_coef")
+            if nll_coef:
+                types = [fields["loss_type"]] if isinstance(fields["loss_type"], str) else list(fields["loss_type"])
+                weights = list(fields["loss_weights"] or [1.0] * len(types))
+                fields["loss_type"], fields["loss_weights"] = types + ["sft"], weights + [nll_coef]
+        for k, v in fields.items():
+            if k in params or open_kw:
+                kw.setdefault(k, v)
+        return fn(*args, **kw)
+
+    return wrapped
 
 
 def head_logits(
@@ -104,6 +138,7 @@ def linear_kl_reference(
     return kl
 
 
+@_accepts_options
 def dpo_loss_reference(pc, pr, rc, rr, *, beta=0.1, loss_type="sigmoid", loss_weights=None, label_smoothing=0.0,
                        gamma=0.0, f_divergence_type="reverse_kl", f_alpha_divergence_coef=0.5, discopop_tau=0.05,
                        chosen_lengths=None, rejected_lengths=None, average_logps=False, chosen_wpo_logps=None,
@@ -234,6 +269,7 @@ def dpo_loss_reference(pc, pr, rc, rr, *, beta=0.1, loss_type="sigmoid", loss_we
     return torch.stack(out)
 
 
+@_accepts_options
 def linear_dpo_loss_reference(hidden, weight, targets, *, ref_chosen_logps=None, ref_rejected_logps=None,
                               ref_hidden=None, ref_weight=None, beta=0.1, loss_type="sigmoid",
                               label_smoothing=0.0, average_logps=False, nll_coef=0.0, ignore_index=-100,
@@ -278,6 +314,7 @@ def sequence_rewards_reference(hidden, value_weight, mask, value_bias=None):
     return torch.stack(out)
 
 
+@_accepts_options
 def ppo_policy_loss_reference(logps, entropy, old_logps, advantages, mask, *, ref_logps=None, clip_eps=0.2,
                               clip_eps_high=None, dual_clip=None, kl_coef=0.0, kl_estimator="k3", entropy_coef=0.0,
                               loss_agg="token-mean"):
@@ -305,9 +342,207 @@ def ppo_policy_loss_reference(logps, entropy, old_logps, advantages, mask, *, re
     return ((loss * mask).sum(-1) / mask.sum(-1)).mean()
 
 
+@_accepts_options
 def ppo_loss_reference(hidden, weight, targets, old_logps, advantages, *, temperature=1.0, ignore_index=-100,
                        dtype=torch.float64, **loss_options):
     """Reference fused PPO/GRPO loss on (B, T) tokens: materialised logits, then the token-by-token loss."""
     logps, entropy = linear_logps_reference(hidden, weight, targets, temperature=temperature,
                                             ignore_index=ignore_index, return_entropy=True, dtype=dtype)
     return ppo_policy_loss_reference(logps, entropy, old_logps, advantages, targets != ignore_index, **loss_options)
+
+
+def _val(x) -> float:
+    """A scalar's value (no autograd warning for a tensor that requires grad)."""
+    return x.detach().item() if isinstance(x, torch.Tensor) else float(x)
+
+
+def grpo_loss_reference(logps, old_logps, advantages, mask, *, ref_logps=None, sampling_logps=None, entropy=None,
+                        num_items_in_batch=None, loss_type="dapo", epsilon=0.2, epsilon_high=None, delta=None,
+                        importance_sampling_level="token", beta=0.0, use_bias_correction_kl=True,
+                        max_completion_length=None, sapo_temperature_neg=1.05, sapo_temperature_pos=1.0,
+                        vespo_k_pos=2.0, vespo_lambda_pos=3.0, vespo_k_neg=3.0, vespo_lambda_neg=2.0,
+                        top_entropy_quantile=1.0, entropy_coef=0.0, off_policy_mask_threshold=None,
+                        vllm_importance_sampling_correction=True, vllm_importance_sampling_mode="sequence_mask",
+                        vllm_importance_sampling_clip_min=None, vllm_importance_sampling_clip_max=3.0,
+                        gradient_accumulation_steps=1, steps_per_generation=None, num_processes=1):
+    """Reference for `fusealign.grpo_loss` (TRL 1.16's GRPO family), sequence by sequence, token by token.
+
+    Same arguments and option names (plain keywords here; (B, T) tensors, advantages (B,) or (B, T)). Written
+    the obvious way with Python loops over scalars (for B·T of a few dozen); the formulas are those of
+    `fusealign.losses.grpo`'s docstring. Returns (loss: 0-d, metrics: dict of Python floats, TRL's names).
+    """
+    B, T = logps.shape
+    dt = logps.dtype
+    m = mask.bool()
+    n = [int(m[i].sum()) for i in range(B)]
+    A = advantages.to(dt) if advantages.dim() == 2 else advantages.to(dt)[:, None].expand(B, T)
+    old = logps.detach() if old_logps is None else old_logps.detach().to(dt)
+    eps_h = epsilon if epsilon_high is None else epsilon_high
+    tokens = [(i, t) for i in range(B) for t in range(T) if m[i, t]]
+    one = torch.ones((), dtype=dt)
+    per_seq_w = importance_sampling_level == "sequence"
+    per_seq_metric = per_seq_w and advantages.dim() == 1  # TRL's (B, 1) tensors: a plain mean over sequences
+
+    # the sampler-mismatch ratio r[i][t] (a constant), TRL's generation-time correction
+    vllm = sampling_logps is not None and vllm_importance_sampling_correction
+    r = [[one] * T for _ in range(B)]
+    metrics = {}
+    if vllm:
+        def log_r(i, t):
+            d = _val(old[i, t] - sampling_logps[i, t]) if m[i, t] else 0.0
+            return 0.0 if math.isnan(d) else d
+        lo, hi = vllm_importance_sampling_clip_min, vllm_importance_sampling_clip_max
+        seq_mode = vllm_importance_sampling_mode.startswith("sequence")
+        raw = [[math.exp(sum(log_r(i, t) for t in range(T)))] * T if seq_mode else
+               [math.exp(log_r(i, t)) for t in range(T)] for i in range(B)]
+        for i in range(B):
+            for t in range(T):
+                x = raw[i][t]
+                if vllm_importance_sampling_mode.endswith("truncate"):
+                    x = min(x, hi) if hi is not None else x
+                    x = max(x, lo) if lo is not None else x
+                elif (lo is not None and x < lo) or (hi is not None and x > hi):
+                    x = 0.0
+                r[i][t] = torch.tensor(x, dtype=dt)
+        diffs = [abs(_val(old[i, t] - sampling_logps[i, t])) for i, t in tokens]
+        diffs = [d for d in diffs if not math.isnan(d)]
+        ratios = [_val(r[i][0]) for i in range(B)] if seq_mode else [_val(r[i][t]) for i, t in tokens]
+        metrics.update({"sampling/sampling_logp_difference/mean": sum(diffs) / len(diffs) if diffs else 0.0,
+                        "sampling/sampling_logp_difference/max": max(diffs, default=0.0),
+                        "sampling/importance_sampling_ratio/min": min(ratios, default=0.0),
+                        "sampling/importance_sampling_ratio/mean": sum(ratios) / len(ratios) if ratios else 0.0,
+                        "sampling/importance_sampling_ratio/max": max(ratios, default=0.0)})
+
+    # importance weights w[i][t]: per token, or GSPO's exp(mean log-ratio) for the whole sequence
+    if per_seq_w:
+        s = [sum((logps[i, t] - old[i, t] for t in range(T) if m[i, t]), torch.zeros((), dtype=dt)) / max(n[i], 1)
+             for i in range(B)]
+        w = [[torch.exp(s[i])] * T for i in range(B)]
+    else:
+        w = [[torch.exp(logps[i, t] - old[i, t]) if m[i, t] else one for t in range(T)] for i in range(B)]
+
+    keep_entropy = None
+    if top_entropy_quantile < 1.0:
+        valid = torch.stack([entropy[i, t].detach() for i, t in tokens]) if tokens else None
+        thr = torch.quantile(valid, 1.0 - top_entropy_quantile).item() if tokens else math.inf
+        keep_entropy = [[bool(m[i, t]) and entropy[i, t].item() >= thr for t in range(T)] for i in range(B)]
+    keep_off_policy = None
+    if off_policy_mask_threshold is not None:
+        ref_sampler = old if sampling_logps is None else sampling_logps
+        kl_i = []
+        for i in range(B):
+            d = [_val(ref_sampler[i, t] - logps[i, t]) for t in range(T) if m[i, t]]
+            kl_i.append(sum(0.0 if math.isnan(x) else x for x in d) / max(n[i], 1))
+        keep_off_policy = [[_val(A[i, t]) >= 0 or kl_i[i] <= off_policy_mask_threshold for t in range(T)]
+                           for i in range(B)]
+
+    # VESPO's Gamma weight φ of the sequence's whole ratio (with the vLLM ratios), a constant
+    phi = None
+    if loss_type == "vespo":
+        phi = [[0.0] * T for _ in range(B)]
+        for i in range(B):
+            lw = sum(min(max(_val(logps[i, t] - old[i, t]), -20.0), 20.0) for t in range(T) if m[i, t])
+            if vllm:
+                lw += sum(min(max(math.log(_val(r[i][t])) if _val(r[i][t]) > 0 else -math.inf,
+                                  math.log(1e-8)), 20.0) for t in range(T))
+            lw = min(max(lw, math.log(1e-8)), 20.0)
+            for t in range(T):
+                pos = _val(A[i, t]) >= 0
+                k = vespo_k_pos if pos else vespo_k_neg
+                lam = max(vespo_lambda_pos if pos else vespo_lambda_neg, 1e-4)
+                v = math.exp(lam + k * lw - lam * math.exp(lw))
+                phi[i][t] = v if math.isfinite(v) else 0.0
+
+    def policy_term(i, t):
+        a, wt, lp = A[i, t], w[i][t], logps[i, t]
+        if loss_type == "cispo":
+            return -torch.clamp(wt, max=eps_h).detach() * a * lp
+        if loss_type == "sapo":
+            tau = sapo_temperature_pos if a > 0 else sapo_temperature_neg
+            return -torch.sigmoid(tau * (wt - 1)) * 4 / tau * a
+        if loss_type == "vespo":
+            return -phi[i][t] * a * lp
+        capped = wt if delta is None else torch.clamp(wt, max=delta)
+        return -torch.min(capped * a, torch.clamp(wt, 1 - epsilon, 1 + eps_h) * a)
+
+    def kl_term(i, t):
+        d = ref_logps[i, t].to(dt) - logps[i, t]
+        kl = torch.exp(d) - d - 1
+        return kl * w[i][t] if use_bias_correction_kl else kl
+
+    loss_it = {}
+    for i, t in tokens:
+        x = policy_term(i, t)
+        if keep_off_policy is not None and not keep_off_policy[i][t]:
+            x = x * 0
+        if keep_entropy is not None and not keep_entropy[i][t]:
+            x = x * 0
+        if vllm and loss_type != "vespo":
+            x = x * r[i][t]
+        if beta != 0.0:
+            x = x + beta * kl_term(i, t)
+        loss_it[i, t] = x
+    zero = torch.zeros((), dtype=dt)
+    seq_sum = [sum((loss_it[i, t] for t in range(T) if m[i, t]), zero) for i in range(B)]
+    total = sum(seq_sum, zero)
+    GA = gradient_accumulation_steps
+    if loss_type in ("grpo", "sapo"):
+        policy = sum((seq_sum[i] / max(n[i], 1) for i in range(B)), zero) / B
+    elif loss_type == "bnpo":
+        policy = total / max(sum(n), 1)
+    elif loss_type == "dr_grpo":
+        policy = total / (B * max_completion_length)
+    elif loss_type == "luspo":
+        policy = total / B
+    else:  # dapo, cispo, vespo: TRL's num_items_in_batch over the generation batch and the ranks
+        items = sum(n) if num_items_in_batch is None else float(num_items_in_batch)
+        spg = GA if steps_per_generation is None else steps_per_generation
+        policy = total / (max(items, 1.0) / num_processes * GA / spg)
+    loss = policy if loss_type in ("dapo", "cispo", "vespo") else policy / GA
+    if entropy_coef != 0.0:
+        bonus_tokens = [(i, t) for i, t in tokens if keep_entropy is None or keep_entropy[i][t]]
+        mean_h = sum((entropy[i, t] for i, t in bonus_tokens), zero) / max(len(bonus_tokens), 1)
+        loss = loss - entropy_coef * mean_h / GA
+
+    def mean_over(f):  # TRL's global_masked_mean
+        if per_seq_metric:
+            return sum(f(i, 0) for i in range(B)) / B
+        return sum(f(i, t) for i, t in tokens) / max(len(tokens), 1)
+
+    if beta != 0.0:  # the KL is per token at either level
+        metrics["kl"] = sum(kl_term(i, t).item() for i, t in tokens) / max(len(tokens), 1)
+    if entropy is not None:
+        metrics["entropy"] = sum(entropy[i, t].item() for i, t in tokens) / max(len(tokens), 1)
+    metrics["policy_loss"] = policy.item()
+    if loss_type in ("grpo", "bnpo", "dr_grpo", "dapo", "luspo"):
+        def capped(i, t):
+            return _val(w[i][t]) if delta is None else min(_val(w[i][t]), delta)
+        low = lambda i, t: _val(capped(i, t) < 1 - epsilon and _val(A[i, t]) < 0)  # noqa: E731
+        high = lambda i, t: _val(capped(i, t) > 1 + eps_h and _val(A[i, t]) > 0)  # noqa: E731
+        metrics["clip_ratio/low_mean"] = mean_over(low)
+        metrics["clip_ratio/high_mean"] = mean_over(high)
+        metrics["clip_ratio/region_mean"] = mean_over(lambda i, t: max(low(i, t), high(i, t)))
+
+        def per_sequence(f):  # TRL's masked_seq_mean: empty sequences are NaN, left out of nanmin / nanmax
+            if per_seq_metric:
+                return [f(i, 0) for i in range(B)]
+            return [sum(f(i, t) for t in range(T) if m[i, t]) / n[i] for i in range(B) if n[i]]
+        metrics["clip_ratio/low_min"] = min(per_sequence(low), default=math.nan)
+        metrics["clip_ratio/high_max"] = max(per_sequence(high), default=math.nan)
+    elif loss_type == "cispo":
+        metrics["cispo_clip_ratio"] = mean_over(lambda i, t: _val(_val(w[i][t]) > eps_h and _val(A[i, t]) > 0))
+    elif loss_type == "vespo":
+        metrics["vespo/phi_seq_mean"] = sum(phi[i][0] for i in range(B)) / B if advantages.dim() == 1 else \
+            sum(phi[i][t] for i, t in tokens) / max(len(tokens), 1)
+    if entropy_coef != 0.0:
+        metrics["entropy_coef"] = float(entropy_coef)
+    return loss, metrics
+
+
+def linear_grpo_loss_reference(hidden, weight, targets, old_logps, advantages, *, bias=None, temperature=1.0,
+                               softcap=None, ignore_index=-100, dtype=torch.float64, **options):
+    """Reference fused GRPO-family loss: materialised logits → log-probs and entropy → `grpo_loss_reference`."""
+    logps, entropy = linear_logps_reference(hidden, weight, targets, bias=bias, temperature=temperature,
+                                            softcap=softcap, ignore_index=ignore_index, return_entropy=True,
+                                            dtype=dtype)
+    return grpo_loss_reference(logps, old_logps, advantages, targets != ignore_index, entropy=entropy, **options)

@@ -14,21 +14,21 @@ result must not depend on the batch it is scored in (batch invariance).
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
+# Under TRITON_INTERPRET=1 (the CPU test suite) kernels take an fp32 dot path (see raw_logits_tile); the
+# launchers read `interpreting` from here (compile_check.py swaps it to compile on a CPU).
+from .common import interpreting  # noqa: F401
+
 # Finite "-inf" start of a running max: keeps 0·(m_old − m_new) finite. A jit function may only read
 # module globals that are `tl.constexpr`: the interpreter accepts a plain float, the GPU compiler does not.
 NEG_BIG = tl.constexpr(-1.0e30)
 
 
-def interpreting() -> bool:
-    """True under TRITON_INTERPRET=1 (the CPU test suite): kernels then take an fp32 dot path."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @dataclass(frozen=True)
@@ -67,6 +67,13 @@ def tile_config(H: int, V: int, dtype: torch.dtype, heads: int = 1, extra_stats:
     # The extra statistics (three more row reductions per tile) spilled at 128 × 128 on sm_80 (bf16 already
     # sits at 255 registers there): they halve BLOCK_V, like a second head.
     return TileConfig(128, 128 // (heads * (2 if extra_stats else 1)), 64, 4096, 8, 3)
+
+
+def tile_dtype(*dtypes: torch.dtype) -> torch.dtype:
+    """The dtype whose tile configuration fits every head of a kernel: fp32 when any head is fp32 (a bf16
+    policy with an fp32 reference took the bf16 tile from the policy alone and spilled 32 bytes at 255
+    registers on sm_90, issue 30)."""
+    return torch.float32 if torch.float32 in dtypes else dtypes[0]
 
 
 def dot_precision(dtype: torch.dtype) -> str:

@@ -11,6 +11,9 @@ Backward, per rank: ∂L/∂z for its slice needs only the merged per-token lse 
 both lse's), so each rank writes its (chunk, V_p) ∂z tile and does its own GEMMs: ∂W_p and ∂b_p stay local
 (the shard's gradient), and ∂h — a sum over the whole vocabulary — is all-reduced over the group.
 
+The autograd Functions are the ops' own (`LinearLogpsFunction`, `LinearKLFunction` take an optional `VocabShard`);
+this module holds how a call becomes sharded (`shard_of`), the fixed-order merges and the gather.
+
 Two ways in (fa.linear_logps / linear_kl and the losses on top of them):
   * a DTensor head weight sharded on the vocabulary dimension (`Shard(0)` on a 1-D mesh, as
     `ColwiseParallel` on `lm_head` makes it): torch.chunk's split, start = rank · ⌈V / world⌉;
@@ -28,14 +31,10 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from . import linear_kl_torch as _kl_torch
-from . import linear_logps_torch as _torch_impl
 from .checks import check_linear_head
-from .chunked import head_weight
-from .head_backward import head_backward
-from .linear_logps import DEFAULT_CHUNK_BYTES, HeadOptions, keeps_tile, resolve_backend
-
-combine_stats = _torch_impl.combine_stats
+from .common import (DEFAULT_CHUNK_BYTES, EXTRA_STAT_ROWS, KL_ROW_C, KL_ROW_MA, KL_ROW_MB, KL_ROW_SA, KL_ROW_SB, ROW_A,
+                     ROW_M, ROW_MB, ROW_Q, ROW_S, ROW_ZS, ROW_ZY, HeadOptions, backend_impl)
+from .linear_logps_torch import combine_stats  # noqa: F401  (the merge of shards' statistics; re-exported)
 
 
 @dataclass(frozen=True)
@@ -121,24 +120,37 @@ def explicit_shard(weight, vocab_start: int, vocab_size: Optional[int], group) -
     return VocabShard(int(vocab_start), size, int(vocab_size), group)
 
 
+def shard_of(weight, bias, vocab_start: Optional[int], vocab_size: Optional[int], group, name: str = "weight"):
+    """How a call says it is vocabulary-parallel -> (local weight, local bias, VocabShard), or the inputs and None
+    for a plain head. A Shard(0) DTensor head or the explicit form (`vocab_start=`, `group=`)."""
+    if is_dtensor(weight):
+        weight, shard = shard_from_dtensor(weight, name)
+    elif group is not None or vocab_start is not None:
+        shard = explicit_shard(weight, vocab_start, vocab_size, group)
+    else:
+        return weight, bias, None
+    return weight, local_bias(bias, shard), shard
+
+
 # --- statistics ---------------------------------------------------------------------------------------------
 def merge_partials(stats: torch.Tensor) -> torch.Tensor:
     """(P, R, N) per-split statistics (R = 4 or 7: m, s, a, zy[, q, zs, mb]) -> (1, R, N), in a fixed order."""
-    M = stats[:, 0].amax(0)
-    scale = (stats[:, 0] - M).exp()  # (P, N)
-    rows = [M, (stats[:, 1] * scale).sum(0), (scale * (stats[:, 2] + (stats[:, 0] - M) * stats[:, 1])).sum(0),
-            stats[:, 3].sum(0)]
-    if stats.shape[1] == 7:
-        rows += [(scale * scale * stats[:, 4]).sum(0), stats[:, 5].sum(0), stats[:, 6].amax(0)]
+    m = stats[:, ROW_M]
+    M = m.amax(0)
+    scale = (m - M).exp()  # (P, N)
+    rows = [M, (stats[:, ROW_S] * scale).sum(0), (scale * (stats[:, ROW_A] + (m - M) * stats[:, ROW_S])).sum(0),
+            stats[:, ROW_ZY].sum(0)]
+    if stats.shape[1] == EXTRA_STAT_ROWS:
+        rows += [(scale * scale * stats[:, ROW_Q]).sum(0), stats[:, ROW_ZS].sum(0), stats[:, ROW_MB].amax(0)]
     return torch.stack(rows).unsqueeze(0)
 
 
 def merge_kl_partials(stats: torch.Tensor) -> torch.Tensor:
     """(P, 5, N) KL statistics (m_a, s_a, m_b, s_b, c) -> (1, 5, N), in a fixed order."""
-    M_a, M_b = stats[:, 0].amax(0), stats[:, 2].amax(0)
-    sa = (stats[:, 0] - M_a).exp()
-    rows = [M_a, (sa * stats[:, 1]).sum(0), M_b, ((stats[:, 2] - M_b).exp() * stats[:, 3]).sum(0),
-            (sa * stats[:, 4]).sum(0)]
+    M_a, M_b = stats[:, KL_ROW_MA].amax(0), stats[:, KL_ROW_MB].amax(0)
+    sa = (stats[:, KL_ROW_MA] - M_a).exp()
+    rows = [M_a, (sa * stats[:, KL_ROW_SA]).sum(0), M_b, ((stats[:, KL_ROW_MB] - M_b).exp() * stats[:, KL_ROW_SB]).sum(0),
+            (sa * stats[:, KL_ROW_C]).sum(0)]
     return torch.stack(rows).unsqueeze(0)
 
 
@@ -149,22 +161,6 @@ def gather_ranks(row: torch.Tensor, group) -> torch.Tensor:
     return torch.cat(parts)
 
 
-def _impl(backend: str):
-    if backend == "triton":
-        from . import linear_logps_triton
-
-        return linear_logps_triton
-    return _torch_impl
-
-
-def _kl_impl(backend: str):
-    if backend == "triton":
-        from . import linear_kl_triton
-
-        return linear_kl_triton
-    return _kl_torch
-
-
 def shard_stats(hidden, weight_shard, targets, *, vocab_start: int, bias_shard=None, temperature: float = 1.0,
                 softcap: Optional[float] = None, backend: str = "auto", chunk_bytes: int = DEFAULT_CHUNK_BYTES,
                 extra: bool = False) -> torch.Tensor:
@@ -173,143 +169,23 @@ def shard_stats(hidden, weight_shard, targets, *, vocab_start: int, bias_shard=N
     `extra`. No autograd, no communication."""
     check_linear_head(hidden, weight_shard, targets, bias_shard, temperature, softcap,
                       names=("hidden", "weight_shard", "targets", "bias_shard"))
+    opts = HeadOptions.of(temperature=temperature, softcap=softcap, ignore_index=-100, backend=backend,
+                          chunk_bytes=chunk_bytes, device=hidden.device)
     # Local ids, left unclamped: a target outside [0, V_p) has no logit here (zy = 0), and its sign says
     # whether every column of this shard lies before it (mb) or none does.
     local = (targets.reshape(-1) - vocab_start).contiguous()
     h2 = hidden.reshape(-1, hidden.shape[-1])
     bias_shard = None if bias_shard is None else bias_shard.contiguous()
     with torch.no_grad():
-        return _impl(resolve_backend(backend, hidden.device)).partial_stats(
-            h2, weight_shard, bias_shard, local, temperature=temperature, softcap=softcap, chunk_bytes=chunk_bytes,
-            extra=extra)
+        return backend_impl("logps", opts.backend).partial_stats(
+            h2, weight_shard, bias_shard, local, temperature=opts.temperature, softcap=opts.softcap,
+            chunk_bytes=opts.chunk_bytes, extra=extra)
 
 
-def _backward_targets(targets, shard: VocabShard, ignore_index: int):
+def backward_targets(targets, shard: VocabShard, ignore_index: int):
     """Targets for this shard's ∂z kernel: local ids where owned, ignore_index where ignored, and an id no
     column has (−1, or −2 when ignore_index is −1) where another rank owns the target: valid, no one-hot."""
     other = -2 if ignore_index == -1 else -1
     local = targets - shard.start
     owned = (local >= 0) & (local < shard.size)
     return torch.where(targets == ignore_index, ignore_index, torch.where(owned, local, other)).contiguous()
-
-
-# --- log-probs -------------------------------------------------------------------------------------------------
-class VocabParallelLogpsFunction(torch.autograd.Function):
-    """hidden (N, H) replicated over the group, weight shard (V_p, H), bias shard (V_p,)|None, global
-    targets (N,) -> logps, entropy (differentiable) and, with `extra`, TRL's three statistics."""
-
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, shard: VocabShard, opts: HeadOptions, extra: bool,
-                entropy: bool = True):
-        local = (targets - shard.start).contiguous()
-        kw = dict(temperature=opts.temperature, softcap=opts.softcap, chunk_bytes=opts.chunk_bytes, extra=extra)
-        kept = None
-        if opts.backend == "torch":  # only the statistics asked for; this shard's logit tile kept when it fits
-            # Under no_grad the ctx (and a kept tile) is dropped as soon as apply returns.
-            keep = keeps_tile(hidden, opts)
-            out = _torch_impl.partial_stats(hidden, weight, bias, local, entropy=entropy, keep=keep, **kw)
-            stats, kept = out if keep else (out, None)
-        else:
-            stats = _impl(opts.backend).partial_stats(hidden, weight, bias, local, **kw)
-        merged = gather_ranks(merge_partials(stats), shard.group)
-        logps, ent, lse, extras = combine_stats(merged, targets, opts.ignore_index, shard.vocab_size)
-        entropy = ent if entropy else None
-        ctx.save_for_backward(hidden, weight, bias, targets, lse, entropy)
-        ctx.kept = kept  # consumed by the first backward (see LinearLogpsFunction)
-        ctx.shard, ctx.opts = shard, opts
-        ctx.set_materialize_grads(False)
-        if extras is None:
-            return logps, entropy, None, None, None
-        ctx.mark_non_differentiable(*extras)
-        return (logps, entropy) + tuple(extras)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, g_logps, g_entropy, *_stats):
-        hidden, weight, bias, targets, lse, entropy = ctx.saved_tensors
-        opts, shard = ctx.opts, ctx.shard
-        N = hidden.shape[0]
-        needs = ctx.needs_input_grad[:3]
-        if g_logps is None and g_entropy is None:
-            return None, None, None, None, None, None, None, None
-        kept, ctx.kept = ctx.kept, None  # ∂r overwrites it: a second backward (retain_graph) recomputes
-        g_logps = hidden.new_zeros(N, dtype=torch.float32) if g_logps is None else g_logps.float().contiguous()
-        g_entropy = None if g_entropy is None else g_entropy.float().contiguous()
-        y = _backward_targets(targets, shard, opts.ignore_index)
-        impl = _impl(opts.backend)
-        on_torch = opts.backend == "torch"
-        w_dz = head_weight(weight) if on_torch else weight  # one upcast per call, shared with the ∂h GEMM
-        extra_kw = dict(logits_in_dz=kept is not None) if on_torch else {}
-        shift = None if kept is None else kept.shift  # set when the kept tile holds exp(z − shift)
-
-        def write_dz(rows, dz):
-            impl.logps_bwd_dz(hidden[rows], w_dz, bias, y[rows], lse[rows],
-                              None if g_entropy is None else entropy[rows], g_logps[rows],
-                              None if g_entropy is None else g_entropy[rows], dz,
-                              temperature=opts.temperature, softcap=opts.softcap, ignore_index=opts.ignore_index,
-                              **extra_kw, **({} if shift is None else dict(exp_shift=shift[rows])))
-
-        # ∂h of every rank is needed: the all-reduce below is a collective.
-        dh, dW, db = head_backward(hidden, weight, bias, targets == opts.ignore_index, write_dz,
-                                   chunk_bytes=opts.chunk_bytes,
-                                   temp_bytes_per_logit=impl.bwd_bytes_per_logit if on_torch else impl.BWD_BYTES_PER_LOGIT,
-                                   needs=(True, needs[1], needs[2]), weight_work=w_dz if on_torch else None,
-                                   dz_buffer=None if kept is None else kept.tile)
-        dist.all_reduce(dh, group=shard.group)  # ∂h sums over the whole vocabulary: every shard's part
-        return (dh if needs[0] else None), dW, db, None, None, None, None, None
-
-
-def vocab_parallel_logps(h2, weight, bias, y, shard: VocabShard, opts: HeadOptions, extra: bool,
-                         entropy: bool = True):
-    """Flattened inputs -> the 5-tuple of per-token outputs (as LinearLogpsFunction)."""
-    if torch.is_grad_enabled() and (h2.requires_grad or weight.requires_grad
-                                    or (bias is not None and bias.requires_grad)):
-        return VocabParallelLogpsFunction.apply(h2, weight, bias, y, shard, opts, extra, entropy)
-    with torch.no_grad():
-        return VocabParallelLogpsFunction.apply(h2, weight, bias, y, shard, opts, extra, entropy)
-
-
-# --- KL ------------------------------------------------------------------------------------------------------
-class VocabParallelKLFunction(torch.autograd.Function):
-    """Exact KL between two vocabulary-sharded heads (same shard on both sides); gradients to the policy side."""
-
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, valid, reverse: bool,
-                shard: VocabShard, opts: HeadOptions):
-        impl = _kl_impl(opts.backend)
-        kw = dict(temperature=opts.temperature, softcap=opts.softcap, chunk_bytes=opts.chunk_bytes)
-        keep = keeps_tile(hidden, opts)  # torch backend: this shard's two tiles kept when they fit one chunk
-        if keep:
-            kw["keep"] = True
-        if reverse:  # KL(Q‖P): A = reference, B = policy
-            out = impl.kl_partial_stats(ref_hidden, ref_weight, hidden, weight, bias_a=ref_bias, bias_b=bias, **kw)
-        else:
-            out = impl.kl_partial_stats(hidden, weight, ref_hidden, ref_weight, bias_a=bias, bias_b=ref_bias, **kw)
-        stats, tiles = out if keep else (out, None)
-        if tiles is not None and reverse:
-            tiles = tiles[::-1]  # (policy, reference)
-        merged = gather_ranks(merge_kl_partials(stats), shard.group)
-        kl, lse_a, lse_b = _kl_torch.kl_combine_stats(merged, valid)
-        lse, lse_ref = (lse_b, lse_a) if reverse else (lse_a, lse_b)
-        ctx.save_for_backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, valid, lse, lse_ref, kl)
-        ctx.kept = tiles
-        ctx.reverse, ctx.shard, ctx.opts = reverse, shard, opts
-        ctx.set_materialize_grads(False)
-        return kl
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, g):
-        hidden, weight, bias, ref_hidden, ref_weight, ref_bias, valid, lse, lse_ref, kl = ctx.saved_tensors
-        if g is None:
-            return (None,) * 10
-        from .linear_kl import kl_backward
-
-        opts, impl = ctx.opts, _kl_impl(ctx.opts.backend)
-        g = g.reshape(-1).float().contiguous()
-        needs = ctx.needs_input_grad[:3]
-        kept, ctx.kept = ctx.kept, None  # consumed: a second backward (retain_graph) recomputes
-        dh, dW, db = kl_backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, valid, lse, lse_ref, kl, g,
-                                 ctx.reverse, opts, impl, (True, needs[1], needs[2]), kept)
-        dist.all_reduce(dh, group=ctx.shard.group)
-        return (dh if needs[0] else None), dW, db, None, None, None, None, None, None, None

@@ -3,7 +3,7 @@
 import torch
 import transformers
 
-from fusealign.engine.models import head_of
+from fusealign.head import head_of
 
 V, H = 97, 32
 COMMON = dict(vocab_size=V, hidden_size=H, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,

@@ -39,3 +39,9 @@ def test_modules_compute_their_functions():
     l1, _ = fa.LinearPPOLoss(clip_eps=0.1, **opts)(h, w, y, old, adv, bias=b)
     l2, _ = fa.linear_ppo_loss(h, w, y, old, adv, bias=b, clip_eps=0.1, **opts)
     assert torch.equal(l1, l2)
+    grpo = dict(loss_type="grpo", beta=0.1, epsilon_high=0.28)
+    l1, _ = fa.LinearGRPOLoss(**grpo, **opts)(h, w, y, old, adv, ref_logps=old, bias=b)
+    l2, _ = fa.linear_grpo_loss(h, w, y, old, adv, ref_logps=old, bias=b, **grpo, **opts)
+    assert torch.equal(l1, l2)
+    with pytest.raises(ValueError, match="loss_type must be one of"):  # validated once, at construction
+        fa.LinearGRPOLoss(loss_type="ppo")

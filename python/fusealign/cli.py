@@ -13,39 +13,93 @@ checkpoint, print the command that resumes, and exit 130 / 143. Anything unexpec
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
+import re
 import shlex
 import signal
 import sys
 from dataclasses import MISSING, fields
 
-from fusealign.engine.compare import run_compare
-from fusealign.engine.config import CONFIGS
+from fusealign.engine.config import CONFIGS as _TRAIN_CONFIGS
 from fusealign.engine.distributed import shutdown
 from fusealign.engine.errors import Interrupted, UserError
 from fusealign.engine.recipes import RUNS as _TRAIN_RUNS
+from fusealign.engine.study.compare import run_compare
+from fusealign.engine.study.config import CompareConfig
 
+CONFIGS = {**_TRAIN_CONFIGS, "compare": CompareConfig}
 RUNS = {**_TRAIN_RUNS, "compare": run_compare}
 
 _TYPES = {"int": int, "float": float, "str": str, "Optional[str]": str, "Optional[float]": float}
 _LISTS = {"list[str]": str, "Optional[list[float]]": float}  # space-separated values: --loss-type sigmoid sft
+_BUNDLE = "bundle."  # argparse dest prefix of a bundle's field: bundle.<bundle field> (shared by every bundle)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _default(f):
+    return f.default if f.default is not MISSING else f.default_factory() if f.default_factory is not MISSING else None
+
+
+def _shown(default) -> str:
+    """A default as the flag would be typed: lists space-separated, strings unquoted."""
+    if isinstance(default, (list, tuple)):
+        return " ".join(map(str, default))
+    return "none" if default is None else '""' if default == "" else str(default)
+
+
+def _add_flag(parser: argparse.ArgumentParser, f, default, dest: str, aliases=()) -> None:
+    """One flag for dataclass field `f`: its help text with its default (once), its type; lists space-separated."""
+    help_ = f"{f.metadata.get('help', '')} (default: {_shown(default)})"
+    names = [_flag(f.name), *(_flag(a) for a in aliases)]
+    meta = {} if dest == f.name else {"metavar": f.name.upper()}
+    if f.type in ("bool", "Optional[bool]"):
+        parser.add_argument(*names, dest=dest, action=argparse.BooleanOptionalAction, default=default, help=help_)
+    elif f.type in _LISTS or "nargs" in f.metadata:
+        item = _LISTS.get(f.type) or f.metadata.get("item", str)
+        parser.add_argument(*names, dest=dest, type=item, nargs="+", default=default, help=help_, **meta)
+    else:
+        parser.add_argument(*names, dest=dest, type=_TYPES[f.type], default=default, help=help_, **meta)
 
 
 def _add_flags(parser: argparse.ArgumentParser, cls) -> None:
+    """A flag per config field; for a field holding a loss-options bundle (`bundle` metadata: fa.DPOOptions,
+    fa.PPOOptions, fa.GRPOOptions), a flag per field of the bundle that the config neither defines itself nor derives
+    from the run, with the bundle's help text and the config's default bundle's value (and its aliases, e.g. DPO's
+    --gamma for --simpo-gamma). A name in two bundles of one config is one flag, setting both."""
+    own = {f.name for f in fields(cls)}
     for f in fields(cls):
-        flag = "--" + f.name.replace("_", "-")
-        help_ = f.metadata.get("help", "")
-        default = (f.default if f.default is not MISSING
-                   else f.default_factory() if f.default_factory is not MISSING else None)
-        if f.type in ("bool", "Optional[bool]"):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default,
-                                help=f"{help_} (default: {default})")
-        elif f.type in _LISTS:
-            parser.add_argument(flag, type=_LISTS[f.type], nargs="+", default=default,
-                                help=f"{help_} (default: {' '.join(map(str, default)) if default else None})")
+        if f.metadata.get("bundle"):
+            bundle = _default(f)
+            aliases = {new: old for old, new in getattr(type(bundle), "ALIASES", {}).items()}
+            for g in fields(bundle):
+                if g.name in own or g.name in f.metadata.get("derived", ()):
+                    continue
+                own.add(g.name)
+                _add_flag(parser, g, getattr(bundle, g.name), _BUNDLE + g.name,
+                          [aliases[g.name]] if g.name in aliases else ())
         else:
-            parser.add_argument(flag, type=_TYPES[f.type], default=default, help=f"{help_} (default: {default!r})")
+            _add_flag(parser, f, _default(f), f.name)
+
+
+def build_config(cls, args: dict):
+    """The config dataclass from parsed flags: each bundle rebuilt from its flags (validated there)."""
+    flagged = {k[len(_BUNDLE):]: args.pop(k) for k in [k for k in args if k.startswith(_BUNDLE)]}
+    for f in fields(cls):
+        if f.metadata.get("bundle"):
+            bundle_cls = type(_default(f))
+            names = [g.name for g in fields(bundle_cls)]
+            try:
+                args[f.name] = dataclasses.replace(_default(f), **{n: flagged[n] for n in names if n in flagged})
+            except (ValueError, TypeError) as e:  # the bundle's own message, in flag spelling
+                longest_first = sorted(names, key=len, reverse=True)
+                raise ValueError(re.sub(r"\b(" + "|".join(longest_first) + r")\b", lambda m: _flag(m.group(1)),
+                                        str(e))) from None
+    return cls(**args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,8 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for name, cls in CONFIGS.items():
         p = sub.add_parser(name, help=(cls.__doc__ or "").strip().splitlines()[0],
-                           description=(cls.__doc__ or "").strip(),
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                           description=(cls.__doc__ or "").strip())
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
         _add_flags(p, cls)
     return parser
@@ -94,7 +147,7 @@ def main(argv=None) -> int:
         return 2
 
     try:
-        cfg = CONFIGS[command](**args)
+        cfg = build_config(CONFIGS[command], args)
     except ValueError as e:  # config validation: a flag error, not a traceback
         return fail(str(e))
     try:

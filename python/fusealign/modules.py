@@ -1,8 +1,8 @@
 """Thin `nn.Module` wrappers over the functional ops: they hold options, never weights.
 
 Each module's constructor takes exactly the keyword options of its function (same names, same
-defaults) and `forward` takes the tensors; tests/test_modules.py compares the signatures, so a new
-option of a function cannot be forgotten here. The head weight is an argument of `forward`, not a
+defaults; a loss's options bundle, `options=` or its fields as keywords) and `forward` takes the tensors;
+tests/test_modules.py compares the signatures, so a new option of a function cannot be forgotten here. The head weight is an argument of `forward`, not a
 parameter: the model owns it (often tied to the input embedding), the loss only reads it.
 """
 
@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from fusealign.kernels import DEFAULT_CHUNK_BYTES, linear_kl, linear_logps
-from fusealign.losses import bradley_terry_loss, linear_dpo_loss, linear_ppo_loss
+from fusealign.losses import (DPOOptions, GRPOOptions, PPOOptions, bradley_terry_loss, linear_dpo_loss,
+                              linear_grpo_loss, linear_ppo_loss, resolve_options)
 
 
 class _Options(nn.Module):
@@ -59,22 +60,18 @@ class LinearKL(_Options):
 class LinearDPOLoss(_Options):
     """`fa.linear_dpo_loss` as a module; `forward(hidden, weight, targets, **tensors)` returns (loss, metrics).
 
-    Per-call tensors go to `forward`: ref_chosen_logps / ref_rejected_logps or ref_hidden / ref_weight,
-    sequence_ids / num_sequences (packed input), bias / ref_bias, vocab_start / vocab_size / group (a
-    vocabulary shard).
+    The loss options are one `fa.DPOOptions` (`options=`) or its fields as keywords (`beta=0.1`, …), resolved
+    into the bundle here, once. Per-call tensors go to `forward`: ref_chosen_logps / ref_rejected_logps or
+    ref_hidden / ref_weight, sequence_ids / num_sequences (packed input), bias / ref_bias, vocab_start /
+    vocab_size / group (a vocabulary shard).
     """
 
-    def __init__(self, *, beta: float = 0.1, loss_type="sigmoid", loss_weights=None, label_smoothing: float = 0.0,
-                 f_divergence_type: str = "reverse_kl", f_alpha_divergence_coef: float = 0.5,
-                 discopop_tau: float = 0.05, use_weighting: bool = False, average_logps: bool = False,
-                 nll_coef: float = 0.0, token_metrics: bool = True, ignore_index: int = -100, backend: str = "auto",
-                 gamma: float = 0.0, temperature: float = 1.0, softcap: Optional[float] = None,
-                 chunk_bytes: int = DEFAULT_CHUNK_BYTES):
-        super().__init__(beta=beta, loss_type=loss_type, loss_weights=loss_weights, label_smoothing=label_smoothing,
-                         f_divergence_type=f_divergence_type, f_alpha_divergence_coef=f_alpha_divergence_coef,
-                         discopop_tau=discopop_tau, use_weighting=use_weighting, average_logps=average_logps,
-                         nll_coef=nll_coef, token_metrics=token_metrics, ignore_index=ignore_index, backend=backend,
-                         gamma=gamma, temperature=temperature, softcap=softcap, chunk_bytes=chunk_bytes)
+    def __init__(self, *, options: Optional[DPOOptions] = None, token_metrics: bool = True, ignore_index: int = -100,
+                 backend: str = "auto", temperature: float = 1.0, softcap: Optional[float] = None,
+                 chunk_bytes: int = DEFAULT_CHUNK_BYTES, **loss_options):
+        super().__init__(options=resolve_options(DPOOptions, options, loss_options, caller="LinearDPOLoss"),
+                         token_metrics=token_metrics, ignore_index=ignore_index, backend=backend,
+                         temperature=temperature, softcap=softcap, chunk_bytes=chunk_bytes)
 
     def forward(self, hidden, weight, targets, **tensors):
         return linear_dpo_loss(hidden, weight, targets, **tensors, **self.options)
@@ -82,21 +79,39 @@ class LinearDPOLoss(_Options):
 
 class LinearPPOLoss(_Options):
     """`fa.linear_ppo_loss` as a module; `forward(hidden, weight, targets, old_logps, advantages, ref_logps=None,
-    bias=None, **vocab_parallel)` returns (loss, metrics) (vocab_parallel: vocab_start=, vocab_size=, group=)."""
+    bias=None, **vocab_parallel)` returns (loss, metrics) (vocab_parallel: vocab_start=, vocab_size=, group=).
+    The loss options are one `fa.PPOOptions` (`options=`) or its fields as keywords."""
 
-    def __init__(self, *, clip_eps: float = 0.2, clip_eps_high: Optional[float] = None,
-                 dual_clip: Optional[float] = None, kl_coef: float = 0.0, kl_estimator: str = "k3",
-                 entropy_coef: float = 0.0, loss_agg: str = "token-mean", temperature: float = 1.0,
-                 ignore_index: int = -100, backend: str = "auto", softcap: Optional[float] = None,
-                 chunk_bytes: int = DEFAULT_CHUNK_BYTES):
-        super().__init__(clip_eps=clip_eps, clip_eps_high=clip_eps_high, dual_clip=dual_clip, kl_coef=kl_coef,
-                         kl_estimator=kl_estimator, entropy_coef=entropy_coef, loss_agg=loss_agg,
+    def __init__(self, *, options: Optional[PPOOptions] = None, temperature: float = 1.0, ignore_index: int = -100,
+                 backend: str = "auto", softcap: Optional[float] = None, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+                 **loss_options):
+        super().__init__(options=resolve_options(PPOOptions, options, loss_options, caller="LinearPPOLoss"),
                          temperature=temperature, ignore_index=ignore_index, backend=backend, softcap=softcap,
                          chunk_bytes=chunk_bytes)
 
     def forward(self, hidden, weight, targets, old_logps, advantages, ref_logps=None, bias=None, **vocab_parallel):
         return linear_ppo_loss(hidden, weight, targets, old_logps, advantages, ref_logps=ref_logps, bias=bias,
                                **vocab_parallel, **self.options)
+
+
+class LinearGRPOLoss(_Options):
+    """`fa.linear_grpo_loss` as a module: `LinearGRPOLoss(loss_type="grpo", beta=0.04)(hidden, weight, targets,
+    old_logps, advantages, ref_logps=…, sampling_logps=…, num_items_in_batch=…, bias=None, **vocab_parallel)`
+    returns (loss, metrics). The loss options (a `GRPOOptions`, and/or its fields as keywords) are validated once,
+    here."""
+
+    def __init__(self, *, options: Optional[GRPOOptions] = None, temperature: float = 1.0, ignore_index: int = -100,
+                 backend: str = "auto", softcap: Optional[float] = None, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+                 **overrides):
+        super().__init__(options=resolve_options(GRPOOptions, options, overrides, caller="LinearGRPOLoss"),
+                         temperature=temperature, ignore_index=ignore_index, backend=backend, softcap=softcap,
+                         chunk_bytes=chunk_bytes)
+
+    def forward(self, hidden, weight, targets, old_logps, advantages, ref_logps=None, sampling_logps=None,
+                num_items_in_batch=None, bias=None, **vocab_parallel):
+        return linear_grpo_loss(hidden, weight, targets, old_logps, advantages, ref_logps=ref_logps,
+                                sampling_logps=sampling_logps, num_items_in_batch=num_items_in_batch, bias=bias,
+                                **vocab_parallel, **self.options)
 
 
 class BradleyTerryLoss(_Options):
@@ -117,5 +132,7 @@ FUNCTIONS = {
                                       "sequence_ids", "num_sequences", "bias", "ref_bias", "vocab_start",
                                       "vocab_size", "group"}),
     LinearPPOLoss: (linear_ppo_loss, {"ref_logps", "bias", "vocab_start", "vocab_size", "group"}),
+    LinearGRPOLoss: (linear_grpo_loss, {"ref_logps", "sampling_logps", "num_items_in_batch", "bias", "vocab_start",
+                                        "vocab_size", "group"}),
     BradleyTerryLoss: (bradley_terry_loss, {"margin"}),
 }

@@ -24,7 +24,7 @@ from fusealign.engine.recipes import run_dpo, run_sft
 WRITER = textwrap.dedent(
     """
     import sys, torch
-    from fusealign.engine import task
+    from fusealign.engine.study import task
     from fusealign.engine.checkpoint import latest_checkpoint, load_trainer_state, rng_state, save_checkpoint
     from fusealign.engine.models import model_from_config
 

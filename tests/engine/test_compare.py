@@ -8,7 +8,7 @@ import pytest
 import torch
 import transformers
 
-from fusealign.engine.compare import kl_to_reference
+from fusealign.engine.study.compare import kl_to_reference
 from fusealign.engine.data import collate
 
 V, H = 53, 32
@@ -60,9 +60,10 @@ def _compare(out, *extra):
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
-    """The smoke preset (2 seeds, every row kind) run once; moved aside so a second run can use the same path."""
+    """The smoke preset (2 seeds, every row kind) run once; moved aside so a second run can use the same path.
+    --seeds 0-1: the preset's own seeds, written as a range."""
     base = tmp_path_factory.mktemp("compare")
-    r = _compare(base / "run")
+    r = _compare(base / "run", "--seeds", "0-1")
     assert r.returncode == 0, r.stderr[-3000:]
     (base / "run").rename(base / "first")
     return base, r.stdout
@@ -81,6 +82,7 @@ def test_compare_smoke_rows_intervals_report(smoke):
             iv = row[m]
             assert len(iv["values"]) == 2 and iv["mean"] == pytest.approx(sum(iv["values"]) / 2)
             assert iv["ci"] == pytest.approx(12.7062047 * abs(iv["values"][0] - iv["values"][1]) / 2, rel=1e-6)
+    assert rows[("GRPO", "in")]["loss_type"] == "bnpo" and rows[("PPO", "in")]["loss_type"] is None
     sft = rows[("SFT", "in")]
     # The SFT policy against itself: exact KL 0; its fresh samples against the SFT samples: a coin flip
     # (48 prompts per seed: standard error ≈ 0.07, so [0.25, 0.75] is > 3 s.e.).
@@ -99,16 +101,40 @@ def test_compare_smoke_rows_intervals_report(smoke):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
     md = (base / "first" / "report.md").read_text()
     assert "## Findings" in md and "![reward vs KL](frontier.png)" in md and "| DPO-iterative |" in md
-    findings = md.split("## Findings")[1].split("## Results")[0]
+    assert "| GRPO | in | KL coef 0.05, bnpo loss |" in md  # the GRPO row states its loss type
+    findings = md.split("## Findings")[1].split("## The seed document's claims")[0]
     assert findings.count("\n- ") == 3  # three generated sentences
-    assert "gt reward" in stdout
+    claims = md.split("## The seed document's claims")[1].split("## Results")[0]
+    assert claims.count("\n- **") == 3 and "How a verdict is decided" in claims
+    assert "| resolved at 2 seeds | seeds to resolve |" in md
+    # the new keys (additive): per difference its resolution, checked against its definition with the t table of
+    # test_stats (the smallest n with t(0.975, n − 1)·s/√n < |mean|; ≈ 0 when |mean| ≤ s/√2), and the claims
+    from fusealign.engine.study.stats import t_quantile
+
+    for d in report["differences"]:
+        res, iv = d["resolution"], d["ppo_minus"]
+        if iv is None:
+            assert res is None
+            continue
+        a, b = iv["values"]
+        assert res["sd"] == pytest.approx(abs(a - b) / 2 ** 0.5)
+        assert res["resolved"] == (abs(iv["mean"]) > iv["ci"])
+        if abs(iv["mean"]) <= res["sd"] / 2 ** 0.5:
+            assert res["note"] == "not resolvable: mean ≈ 0" and res["seeds_needed"] is None
+        else:
+            k = res["seeds_needed"]
+            assert t_quantile(0.975, k - 1) * res["sd"] / k ** 0.5 < abs(iv["mean"])
+            assert k == 2 or t_quantile(0.975, k - 2) * res["sd"] / (k - 1) ** 0.5 >= abs(iv["mean"])
+    assert set(report["claims"]) == {"ppo_beats_dpo", "dpo_degrades_ood", "onpolicy_closes_gap"}
+    assert all(c["verdict"] in ("supports", "contradicts", "mixed", "cannot tell") for c in report["claims"].values())
+    assert "gt reward" in stdout and "seeds to resolve" in stdout and "**PPO beats DPO**" in stdout
 
 
 def test_compare_same_command_twice_is_byte_identical(smoke):
     """Determinism: the same command again (same output path, fresh) writes the same compare.json, byte for byte,
     apart from its `timing` section (wall times, throughput)."""
     base, _ = smoke
-    r = _compare(base / "run")
+    r = _compare(base / "run", "--seeds", "0-1")
     assert r.returncode == 0, r.stderr[-3000:]
 
     def without_timing(path):  # the raw bytes before the last key, "timing"
@@ -118,6 +144,33 @@ def test_compare_same_command_twice_is_byte_identical(smoke):
         return head
 
     assert without_timing(base / "run" / "compare.json") == without_timing(base / "first" / "compare.json")
+
+
+def test_seeds_lists_and_ranges():
+    """--seeds: "0-9" is ten seeds, "0,2,5-7" five, in the order written; bad lists fail with the item named."""
+    from fusealign.engine.study.config import CompareConfig, parse_seeds
+
+    assert parse_seeds("0-9") == tuple(range(10))
+    assert parse_seeds("0,2,5-7") == (0, 2, 5, 6, 7)
+    assert parse_seeds(" 3, 1-2 ") == (3, 1, 2) and parse_seeds("4-4") == (4,) and parse_seeds("") == ()
+    bad = {"9-0": "range '9-0' is reversed; write it low-high: 0-9",
+           "0-3,2": "seed 2 is listed twice ('0-3' and '2')",
+           "1,1": "seed 1 is listed twice",
+           "-1": "'-1' is negative", "0,-2-3": "'-2-3' is negative",
+           "a": "'a' is not a seed or a range", "1-2-3": "'1-2-3' is not", "1,,2": "'' is not", "0,1,": "'' is not",
+           "1.5": "'1.5' is not", "0x3": "'0x3' is not", "+1": "'+1' is not", "٣": "'٣' is not",
+           "0-5000": "holds 5001 seeds; at most 1000"}
+    for text, fragment in bad.items():
+        with pytest.raises(ValueError, match="^--seeds") as e:
+            parse_seeds(text)
+        assert fragment in str(e.value), (text, str(e.value))
+        with pytest.raises(ValueError):
+            CompareConfig(seeds=text)
+    assert CompareConfig(seeds="0-2").seeds == "0-2"
+    from fusealign.cli import build_parser
+
+    sub = build_parser()._subparsers._group_actions[0].choices["compare"]
+    assert "0-9" in sub.format_help() and "0,2,5-7" in sub.format_help()
 
 
 def test_readme_compare_section_is_the_generated_report():
@@ -133,3 +186,35 @@ def test_readme_compare_section_is_the_generated_report():
     assert section == "\n" + tables["compare_section"]()
     report = json.loads((root / "benchmarks" / "results" / "compare" / "compare.json").read_text())
     assert report["config"]["preset"] == "default" and len(report["seeds"]) >= 3
+    study = root / "benchmarks" / "results" / "compare-10seeds"
+    if (study / "compare.json").exists():  # the seed study, once committed: 10 seeds of the default preset
+        r10 = json.loads((study / "compare.json").read_text())
+        assert r10["config"]["preset"] == "default" and r10["seeds"] == list(range(10))
+        from fusealign.engine.study.report import report_markdown
+
+        assert (study / "report.md").read_text() == report_markdown(r10)  # re-rendered by the current code
+        assert f"### PPO or DPO? `fusealign compare --preset default --seeds {r10['config']['seeds']}`" in section
+    else:
+        assert "Not committed yet: `benchmarks/results/compare-10seeds/`" in section
+
+
+def test_readme_study_block_from_a_second_result_directory(tmp_path):
+    """The seed study's block comes from its own directory's compare.json: findings, claims, the differences
+    with seeds to resolve and its plot, but not the table of every row (its report.md has it); the 3-seed quick
+    check follows in full."""
+    import runpy
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    tables = runpy.run_path(str(root / "scripts" / "readme_tables.py"))
+    r = json.loads((root / "benchmarks" / "results" / "compare" / "compare.json").read_text())
+    r["config"]["seeds"] = "0-2"  # stands in for the 10-seed run's --seeds 0-9
+    (tmp_path / "compare.json").write_text(json.dumps(r))
+    section = tables["compare_section"](study_dir=tmp_path)
+    study, quick = section.split("### Quick check: the main job, `fusealign compare --preset default` (3 seeds)")
+    assert study.startswith("### PPO or DPO? `fusealign compare --preset default --seeds 0-2`")
+    for part in ("#### Findings", "#### The seed document's claims", "How a verdict is decided",
+                 "#### PPO − X at matched KL", "| seeds to resolve |", "frontier.png)", "/report.md)"):
+        assert part in study, part
+    assert "#### Results" not in study and "#### Results" in quick and "| seeds to resolve |" in quick
+    assert "benchmarks/results/compare/frontier.png" in quick

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from fusealign.engine import task
+from fusealign.engine.study import task
 from fusealign.engine.data import DataError, check_vocab, collate, load_examples
 
 TOK = task.tokenizer()

@@ -119,16 +119,16 @@ def test_reward_model_and_ppo_iteration_on_two_ranks(runs):
     d, sft = runs
     launch(2, "rm", "--max-steps", "2", "--batch-size", "8", "--sft-model", sft, "--output-dir", "rm2", cwd=d)
     summary = json.loads((d / "rm2" / "final_metrics.json").read_text())
-    from fusealign.engine import task
+    from fusealign.engine.study import task
     from fusealign.engine.data import load_examples
     from fusealign.engine.models import RewardModel
-    from fusealign.engine.objectives import pair_batch, rewards_of
+    from fusealign.engine.objectives import pair_batch
 
     rm = RewardModel.from_pretrained(str(latest_checkpoint(d / "rm2"))).eval()
     tok = task.tokenizer()
     held, _ = load_examples("builtin:pairs", "pairs", tok, max_length=48, held_out=True)
     with torch.no_grad():
-        r = torch.cat([rewards_of(rm, pair_batch(held[i:i + 64], pad_id=tok.pad_token_id, pack=True))
+        r = torch.cat([rm.rewards(pair_batch(held[i:i + 64], pad_id=tok.pad_token_id, pack=True))
                        .view(2, -1).T for i in range(0, len(held), 64)])
     margin = r[:, 0] - r[:, 1]
     assert margin.mean().item() == pytest.approx(summary["eval/margin"], abs=1e-5)

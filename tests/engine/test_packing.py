@@ -4,10 +4,11 @@ import pytest
 import torch
 from helpers import rel_err
 
-from fusealign.engine import task
+from fusealign.engine.study import task
 from fusealign.engine.data import load_examples
 from fusealign.engine.models import RewardModel, model_from_config
-from fusealign.engine.objectives import dpo_loss, rm_loss, sft_loss
+from fusealign.engine.objectives import dpo_objective, rm_objective, sft_objective
+from fusealign.losses import DPOOptions
 
 TOK = task.tokenizer()
 
@@ -34,15 +35,16 @@ def test_packed_equals_padded(objective):
 
     def fn(pack):
         if objective == "sft":
-            return lambda m: sft_loss(m, sft[:8], pad_id=TOK.pad_token_id, pack=pack)
+            return lambda m: sft_objective(m, sft[:8], pad_id=TOK.pad_token_id, pack=pack)
         if objective == "rm":
-            return lambda m: rm_loss(m, pairs[:8], pad_id=TOK.pad_token_id, pack=pack, center_coef=0.1)
+            return lambda m: rm_objective(m, pairs[:8], pad_id=TOK.pad_token_id, pack=pack, center_coef=0.1)
         kw = dict(ref_model=ref) if objective == "dpo-online" else dict(ref_logps=ref_logps)
+        options = dict(beta=0.5, loss_type="sigmoid", nll_coef=0.1)
         if objective == "dpo-mpo-wpo":  # several losses and WPO weights from the packed fused pass
-            kw.update(loss_type=["sigmoid", "bco_pair", "sft", "ipo"], loss_weights=[0.8, 0.2, 1.0, 0.1],
-                      use_weighting=True)
-        return lambda m: dpo_loss(m, pairs[:8], pad_id=TOK.pad_token_id, pack=pack, beta=0.5,
-                                  **{"loss_type": "sigmoid", "nll_coef": 0.1, **kw})
+            options.update(loss_type=["sigmoid", "bco_pair", "sft", "ipo"], loss_weights=[0.8, 0.2, 1.0, 0.1],
+                           use_weighting=True)
+        return lambda m: dpo_objective(m, pairs[:8], pad_id=TOK.pad_token_id, pack=pack,
+                                       options=DPOOptions(**options), **kw)
 
     l1, m1, g1 = run(fn(False), model)
     l2, m2, g2 = run(fn(True), model)
@@ -68,8 +70,8 @@ def test_packed_equals_padded_on_cuda_bf16(attn):
     ref_logps = torch.randn(8, 2, generator=torch.Generator().manual_seed(0)).cuda() - 20
 
     def fn(pack):
-        return lambda m: dpo_loss(m, pairs[:8], pad_id=TOK.pad_token_id, pack=pack, beta=0.5, loss_type="sigmoid",
-                                  ref_logps=ref_logps)
+        return lambda m: dpo_objective(m, pairs[:8], pad_id=TOK.pad_token_id, pack=pack,
+                                       options=DPOOptions(beta=0.5), ref_logps=ref_logps)
 
     with torch.autocast("cuda", dtype=torch.bfloat16):
         l1, _, g1 = run(fn(False), model)

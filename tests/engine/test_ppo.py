@@ -1,4 +1,5 @@
-"""PPO pieces by hand (GAE, whitening, GRPO, RLOO, KL in the reward), step-0 identities, a short run, resume."""
+"""PPO pieces by hand (GAE, whitening, GRPO, RLOO, KL in the reward), step-0 identities, a short run, resume;
+GRPO / RLOO with TRL's GRPO loss (--loss-type and its options)."""
 
 import json
 import types
@@ -10,9 +11,12 @@ import torch
 from fusealign.engine.checkpoint import latest_checkpoint, write_text_atomic
 from fusealign.engine.config import PPOConfig
 from fusealign.engine.distributed import DistInfo
-from fusealign.engine.ppo import (AdaptiveKL, PPOTrainer, RolloutBatch, explained_variance, gae, grpo_advantages,
-                                  masked_whiten, rloo_advantages)
+from fusealign.engine.models import TokenScores
+from fusealign.engine.ppo import (AdaptiveKL, PPOTrainer, RolloutBatch, epoch_should_stop, explained_variance, gae,
+                                  grpo_advantages, masked_whiten, rloo_advantages)
 from fusealign.engine.recipes import run_ppo
+from fusealign.kernels.reference import grpo_loss_reference
+from fusealign.losses import GRPOOptions, PPOOptions
 
 T = torch.tensor
 
@@ -65,6 +69,15 @@ def test_kl_penalty_enters_the_rewards():
     PPOTrainer.advantages(types.SimpleNamespace(cfg=PPOConfig(kl_coef=0.1, kl_mode="loss"),
                                                 kl_ctl=AdaptiveKL(0.1, 0, 1), info=DistInfo()), ro)
     assert torch.allclose(ro.rewards, T([[0.0, 0, 1.0], [0.0, 2.0, 0]]))  # KL goes to the loss instead
+
+
+def test_early_stop_reads_the_latest_epoch_not_a_running_mean():
+    """--early-stop-kl 0.02 after epochs whose minibatches have approx-KL (0.01, 0.01) then (0.03, 0.03): the latest
+    epoch's mean 0.03 > 0.02 stops; a running mean over every minibatch so far, 0.02, would not have."""
+    assert not epoch_should_stop([0.01, 0.01], 0.02)
+    assert epoch_should_stop([0.03, 0.03], 0.02)
+    assert (0.01 + 0.01 + 0.03 + 0.03) / 4 <= 0.02  # what the old rule compared
+    assert not epoch_should_stop([5.0], 0.0)  # 0: off
 
 
 def test_explained_variance_by_hand():
@@ -145,3 +158,81 @@ def test_separate_critic_is_inside_the_checkpoint_and_prompts_from_jsonl(sft_dir
     assert (ck / "critic" / "value_head.safetensors").is_file() and (ck / "trainer_state.pt").is_file()
     with pytest.raises(ValueError, match="num-minibatches"):
         PPOConfig(num_minibatches=0)
+
+
+def test_grpo_options_from_the_config():
+    """One rollout is TRL's generation batch: --num-minibatches optimizer steps (steps_per_generation, no
+    accumulation) over the ranks; dr_grpo's constant is --max-new-tokens; the flags carry TRL's names."""
+    cfg = PPOConfig(advantage="grpo", num_generations=4, num_minibatches=4, max_new_tokens=12,
+                    grpo=GRPOOptions(loss_type="dr_grpo", epsilon_high=0.28, beta=0.04, entropy_coef=0.01,
+                                     importance_sampling_level="sequence"))
+    o = cfg.grpo_options(num_processes=3)
+    assert (o.loss_type, o.epsilon, o.epsilon_high, o.beta, o.importance_sampling_level, o.entropy_coef) == \
+        ("dr_grpo", 0.2, 0.28, 0.04, "sequence", 0.01)
+    assert (o.gradient_accumulation_steps, o.steps_per_generation, o.num_processes, o.max_completion_length) == \
+        (1, 4, 3, 12)
+    assert PPOConfig(advantage="rloo", num_generations=2).grpo_options().loss_type == "dapo"  # TRL's default
+    for kw, match in ((dict(grpo=GRPOOptions(loss_type="grpo")),
+                       "--loss-type: TRL's GRPO loss options apply to --advantage grpo"),
+                      (dict(advantage="grpo", num_generations=4, loss=PPOOptions(clip_eps=0.3)),
+                       "its clipping is --epsilon"),
+                      (dict(advantage="grpo", num_generations=4, kl_mode="loss"), "the loss's KL is TRL's --beta")):
+        with pytest.raises(ValueError, match=match):
+            PPOConfig(**kw)
+    # the bundle validates itself (the CLI spells its fields as flags: tests/test_cli.py)
+    with pytest.raises(ValueError, match="loss_type must be one of"):
+        GRPOOptions(loss_type="ppo")
+    with pytest.raises(ValueError, match=r"top_entropy_quantile must lie in \[0, 1\]"):
+        GRPOOptions(top_entropy_quantile=2.0)
+
+
+def test_grpo_minibatch_loss_is_trls_with_truncated_completions_masked():
+    """The engine's minibatch loss against the float64 reference on the same padded tensors: completions without
+    EOS left out (--mask-truncated-completions) of the loss and of num_items_in_batch, which counts the whole
+    rollout; their log-probs get no gradient."""
+    cfg = PPOConfig(advantage="grpo", num_generations=2, num_minibatches=2,
+                    grpo=GRPOOptions(loss_type="dapo", beta=0.05), mask_truncated_completions=True)
+    trainer = PPOTrainer.__new__(PPOTrainer)  # only the loss step: the config and its GRPO options
+    trainer.cfg, trainer.grpo_options = cfg, cfg.grpo_options()
+    g = torch.Generator().manual_seed(0)
+    mask = T([[True, True, True], [True, True, False], [True, False, False], [True, True, True]])
+    ro = RolloutBatch(seqs=[None] * 4, ended=T([True, False, True, True]), texts=[""] * 4, mask=mask)
+    ro.old_logps = (-torch.rand(4, 3, generator=g)).masked_fill(~mask, 0)
+    ro.ref_logps = (ro.old_logps + 0.3 * torch.randn(4, 3, generator=g)).masked_fill(~mask, 0)
+    ro.seq_advantages = T([0.7, -0.7, 1.0, -1.0])
+    idx = [0, 1]
+    m = mask[idx]
+    cur = (ro.old_logps[idx] + 0.2 * torch.randn(2, 3, generator=g)).masked_fill(~m, 0)
+    flat = cur[m].clone().requires_grad_()
+    new = TokenScores(logps=flat, entropy=torch.rand(int(m.sum()), generator=g), values=None, seq_ids=None)
+    n_items = float((mask & ro.ended[:, None]).sum())  # 3 + 1 + 3 = 7 loss tokens in the rollout
+    assert n_items == 7
+    loss, metrics = trainer._grpo_loss(new, ro, idx, n_items)
+    loss.backward()
+    cur64 = cur.double().requires_grad_()
+    ref_loss, _ = grpo_loss_reference(cur64, ro.old_logps[idx].double(), ro.seq_advantages[idx].double(),
+                                      m & ro.ended[idx][:, None], ref_logps=ro.ref_logps[idx].double(), beta=0.05,
+                                      num_items_in_batch=n_items, steps_per_generation=2)
+    ref_loss.backward()
+    assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-6)
+    assert torch.allclose(flat.grad, cur64.grad[m].float(), atol=1e-7)
+    assert (flat.grad[3:] == 0).all() and (flat.grad[:3] != 0).all()  # sequence 1 was truncated
+    assert {"clip_ratio/low_mean", "clip_ratio/region_mean", "kl", "entropy", "policy/approxkl"} <= set(metrics)
+
+
+def test_rloo_with_a_trl_loss_logs_trls_names(sft_dir, tmp_path):
+    """A short RLOO run with GSPO's sequence-level weights, the grpo loss, k3 KL and truncated completions masked:
+    it trains (finite, the policy moves) and logs TRL's GRPOTrainer metric names, not PPO's critic ones."""
+    run_ppo(PPOConfig(output_dir=str(tmp_path), sft_model=sft_dir, reward_fn="builtin", max_steps=2, lr=3e-3,
+                      batch_size=4, num_generations=2, advantage="rloo",
+                      grpo=GRPOOptions(loss_type="grpo", importance_sampling_level="sequence", beta=0.04,
+                                       epsilon_high=0.28),
+                      mask_truncated_completions=True, device="cpu", max_new_tokens=8))
+    first, second = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    for key in ("clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean", "clip_ratio/low_min",
+                "clip_ratio/high_max", "entropy", "kl", "policy_loss", "reward", "reward_std", "frac_reward_zero_std",
+                "completions/mean_length", "completions/clipped_ratio", "loss/policy_avg", "objective/kl"):
+        assert key in first, key
+    assert "policy/clipfrac_avg" not in first and "val/explained_variance" not in first
+    assert first["first/ratio_mean"] == 1.0 and first["policy/approxkl_avg"] > 0
+    assert second["kl"] > 0 and all(v == v for v in second.values() if isinstance(v, float))

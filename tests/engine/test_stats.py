@@ -4,8 +4,8 @@ import math
 
 import pytest
 
-from fusealign.engine.report import headline, matched_differences
-from fusealign.engine.stats import interpolate, mean_interval, t_quantile, t_two_sided_mass
+from fusealign.engine.study.report import headline, matched_differences
+from fusealign.engine.study.stats import interpolate, mean_interval, t_quantile, t_two_sided_mass
 
 
 def test_t_quantiles_closed_forms_and_table():
@@ -76,7 +76,7 @@ def test_matched_differences_hand_computed():
 
 def test_sentences_follow_the_intervals():
     """The generated findings name a winner only when the interval excludes 0, and say when one seed gives none."""
-    from fusealign.engine.report import sentences
+    from fusealign.engine.study.report import sentences
 
     def iv(mean, ci):
         return {"mean": mean, "ci": ci, "n": 3, "values": []}
@@ -107,3 +107,71 @@ def test_sentences_follow_the_intervals():
     assert "one seed" in sentences(head)[0] and "one seed cannot tell" in sentences(head)[2]
     head["in"]["offline"] = None
     assert "no matched-KL comparison with DPO at β 0.5 (its KL lies beyond PPO's sweep" in sentences(head)[0]
+
+
+def test_seeds_to_resolve_hand_computed():
+    """The smallest n with t(0.975, n − 1)·s/√n < |mean| (t from printed tables):
+    mean 1, s 1: n = 6: 2.570582/√6 = 2.570582/2.449490 = 1.04944 ≥ 1; n = 7: 2.446912/2.645751 = 0.92485 < 1 → 7.
+    mean 0.2, s 0.1 (ratio 2): n = 3: 4.302653/1.732051 = 2.48414 ≥ 2; n = 4: 3.182446/2 = 1.59122 < 2 → 4.
+    mean −1.005, s 1.99/√2 = 1.407143 (ratio 0.714213): n = 10: 2.262157/3.162278 = 0.715356 ≥ 0.714213;
+    n = 11: 2.228139/3.316625 = 0.671810 < 0.714213 → 11 (the sign does not matter).
+    s = 0: the first n with an interval, 2."""
+    from fusealign.engine.study.stats import seeds_to_resolve
+
+    assert seeds_to_resolve(1.0, 1.0) == 7
+    assert seeds_to_resolve(0.2, 0.1) == 4
+    assert seeds_to_resolve(-1.005, 1.99 / math.sqrt(2)) == 11
+    assert seeds_to_resolve(0.3, 0.0) == 2
+    with pytest.raises(ValueError):
+        seeds_to_resolve(0.0, 1.0)
+
+
+def test_resolution_rule_and_its_cap():
+    """[0.1, 0.2, 0.3]: mean 0.2, s 0.1, half-width 2.48414·0.1 = 0.248 > 0.2: not resolved at 3, 4 would
+    (above). [0.1, 0.2, 0.3, 0.2] … resolved: mean 0.2, s = √(0.02/3) = 0.0816497, half-width
+    3.182446·0.0816497/2 = 0.129924 < 0.2, needs 3: t(2)·s/√3 = 4.302653·0.0816497/1.732051 = 0.202832 ≥ 0.2, 4.
+    ≈ 0 when |mean| ≤ s/√n: [0, 2]: mean 1 = s/√2 = √2/√2 exactly → ≈ 0; [0.01, 2]: mean 1.005 > 0.995 → 11
+    seeds (above). The cap it implies, |mean| just above s/√n: n = 3, ratio 1/√3 = 0.577350: t(13)/√14 =
+    2.160369/3.741657 = 0.577380 ≥, t(14)/√15 = 2.144787/3.872983 = 0.553782 < → 15; n = 10, ratio 0.316228:
+    t(39)/√40 = 2.022691/6.324555 = 0.319818 ≥, t(40)/√41 = 2.021075/6.403124 = 0.315638 < → 41."""
+    from fusealign.engine.study.stats import APPROX_ZERO, resolution, seeds_to_resolve
+
+    r = resolution(mean_interval([0.1, 0.2, 0.3]))
+    assert r["sd"] == pytest.approx(0.1) and not r["resolved"] and r["seeds_needed"] == 4 and r["note"] is None
+    r = resolution(mean_interval([0.1, 0.2, 0.3, 0.2]))
+    assert r["resolved"] and r["seeds_needed"] == 4 and r["sd"] == pytest.approx(0.0816497, abs=1e-7)
+    assert resolution(mean_interval([0.0, 2.0])) == {"sd": pytest.approx(math.sqrt(2)), "resolved": False,
+                                                     "seeds_needed": None, "note": APPROX_ZERO}
+    assert resolution(mean_interval([0.01, 2.0]))["seeds_needed"] == 11
+    assert resolution(mean_interval([-0.1, 0.0, 0.13]))["note"] == APPROX_ZERO  # mean 0.01, s/√3 = 0.0666
+    assert resolution(mean_interval([0.0, 0.0]))["note"] == APPROX_ZERO  # s = 0, mean 0
+    assert resolution(mean_interval([0.2, 0.2]))["resolved"]  # s = 0, mean ≠ 0: resolved at 2
+    assert resolution(mean_interval([0.4])) is None  # one seed: no spread
+    for n, cap in ((3, 15), (10, 41)):
+        assert seeds_to_resolve(1 / math.sqrt(n) * (1 + 1e-9), 1.0) == cap
+    # resolved at the run's seeds exactly when the seeds needed are at most the run's (t·s/√n falls with n)
+    for xs in ([0.3, 0.1, 0.25], [0.05, 0.3, 0.12, 0.2], [-0.2, -0.1, 0.05, -0.3, -0.15]):
+        r = resolution(mean_interval(xs))
+        assert r["resolved"] == (r["seeds_needed"] <= len(xs)), xs
+
+
+def test_resolution_wording():
+    """resolved_text and the diff table's two columns, on the cases above."""
+    from fusealign.engine.study.report import diff_table, resolved_text
+
+    unresolved, resolved, zero = (mean_interval(xs) for xs in ([0.1, 0.2, 0.3], [0.2, 0.25, 0.3], [-0.1, 0.0, 0.13]))
+    assert resolved_text(unresolved) == "not resolved at 3 seeds; 4 would resolve it at this mean and spread"
+    assert resolved_text(resolved) == "resolved at 3 seeds"  # s 0.05, half-width 0.124 < 0.25
+    assert resolved_text(zero) == "not resolved at 3 seeds; not resolvable: mean ≈ 0"
+    assert resolved_text(mean_interval([0.3])) == "one seed: no spread"
+    assert [resolved_text(iv, short=True) for iv in (unresolved, resolved, zero)] == ["needs 4 seeds", "resolved",
+                                                                                       "mean ≈ 0"]
+    rows = [{"stage": s, "kl_to_sft": mean_interval([1.0, 1.0, 1.0])} for s in "abcd"]
+    diffs = [{"method": "DPO", "setting": "in", "knob": 0.5, "stage": s, "ppo_minus": iv, "beyond_ppo_kl_in_seeds": b}
+             for s, iv, b in (("a", unresolved, []), ("b", resolved, []), ("c", zero, []), ("d", None, [1]))]
+    lines = diff_table(diffs, rows).splitlines()
+    assert lines[0].endswith("| resolved at 3 seeds | seeds to resolve |")
+    assert lines[2].endswith("| 0.200 ± 0.248 | no | 4 |")
+    assert lines[3].endswith("| 0.250 ± 0.124 | yes | 3 |")
+    assert lines[4].endswith("| no | not resolvable: mean ≈ 0 |")
+    assert lines[5].endswith("beyond PPO's largest KL (seeds [1]) | – | – |")

@@ -46,16 +46,16 @@ def test_reward_model_beats_chance(sft_run, tmp_path):
     # Held-out pairs labelled by Bradley-Terry sampling (β_h = 5): the Bayes accuracy is about 0.78.
     assert summary["eval/accuracy"] > 0.65, summary
     # The checkpoint holds the trained value head: reloaded, it scores the held-out pairs exactly as evaluated.
-    from fusealign.engine import task
+    from fusealign.engine.study import task
     from fusealign.engine.data import load_examples
     from fusealign.engine.models import RewardModel
-    from fusealign.engine.objectives import pair_batch, rewards_of
+    from fusealign.engine.objectives import pair_batch
 
     rm = RewardModel.from_pretrained(str(latest_checkpoint(tmp_path))).eval()
     tok = task.tokenizer()
     held, _ = load_examples("builtin:pairs", "pairs", tok, max_length=48, held_out=True)
     with torch.no_grad():
-        r = torch.cat([rewards_of(rm, pair_batch(held[i:i + 64], pad_id=tok.pad_token_id, pack=True))
+        r = torch.cat([rm.rewards(pair_batch(held[i:i + 64], pad_id=tok.pad_token_id, pack=True))
                        .view(2, -1).T for i in range(0, len(held), 64)])  # (n, 2): chosen, rejected
     assert (r[:, 0] > r[:, 1]).float().mean().item() == pytest.approx(summary["eval/accuracy"], abs=1e-9)
 
@@ -97,7 +97,7 @@ def test_resume_reproduces_uninterrupted_run(tmp_path):
 
 
 def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path):
-    from fusealign.engine import task
+    from fusealign.engine.study import task
 
     model = torch.nn.Linear(2, 2)
     model.save_pretrained = lambda path, **kw: torch.save(model.state_dict(), Path(path) / "w.pt")
@@ -122,7 +122,7 @@ def test_cli_help_and_validation(tmp_path):
     for flag in ("--max-steps", "--output-dir", "--resume", "--model", "--data", "--beta", "--loss-type", "--ref-mode"):
         assert flag in h.stdout, flag
     bad = run("dpo", "--beta", "-1", "--output-dir", str(tmp_path))
-    assert bad.returncode == 2 and "--beta must be > 0" in bad.stderr
+    assert bad.returncode == 2 and "--beta must be a finite number > 0" in bad.stderr
     ok = run("sft", "--max-steps", "2", "--output-dir", str(tmp_path / "s"), "--device", "cpu")
     assert ok.returncode == 0, ok.stderr
     assert json.loads(ok.stdout)["step"] == 2
@@ -157,10 +157,10 @@ def rm_run(sft_run, tmp_path_factory):
 
 
 def test_onpolicy_pairs_are_policy_samples_ordered_by_the_reward_model(sft_run, rm_run):
-    from fusealign.engine import task
+    from fusealign.engine.study import task
     from fusealign.engine.data import load_prompts
     from fusealign.engine.models import RewardModel, load_causal_lm
-    from fusealign.engine.objectives import pair_batch, rewards_of
+    from fusealign.engine.objectives import pair_batch
     from fusealign.engine.onpolicy import label_pairs
 
     tok, policy = task.tokenizer(), load_causal_lm(str(latest_checkpoint(sft_run[0])))
@@ -170,7 +170,7 @@ def test_onpolicy_pairs_are_policy_samples_ordered_by_the_reward_model(sft_run, 
     assert 30 <= len(pairs) <= 40 and [e.uid for e in pairs] == list(range(len(pairs)))
     assert all(e.completions[0] != e.completions[1] for e in pairs)  # identical samples carry no preference
     with torch.no_grad():
-        r = rewards_of(rm, pair_batch(pairs, pad_id=tok.pad_token_id, pack=True)).view(2, -1)
+        r = rm.rewards(pair_batch(pairs, pad_id=tok.pad_token_id, pack=True)).view(2, -1)
     ended = torch.tensor([[c[-1] == tok.eos_token_id for c in e.completions] for e in pairs]).T  # (2, n)
     score = r - 1.0 * (~ended).float()
     assert (score[0] >= score[1] - 1e-6).all()  # chosen = the reward model's (EOS-penalised) favourite

@@ -113,7 +113,7 @@ def test_enable_disable_and_version_range(monkeypatch):
 def tiny_model():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from fusealign.engine import task
+    from fusealign.engine.study import task
 
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=len(task.VOCAB), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -156,7 +156,7 @@ def test_dpo_trainer_with_and_without_fusealign(tmp_path):
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
-    from fusealign.engine import task
+    from fusealign.engine.study import task
 
     # Completions start with a space: TRL joins prompt + completion as strings (a word-level tokenizer).
     pairs = [{"prompt": r["prompt"], "chosen": " " + r["chosen"], "rejected": " " + r["rejected"]}
@@ -177,7 +177,7 @@ def test_grpo_trainer_with_and_without_fusealign(tmp_path):
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
 
-    from fusealign.engine import task
+    from fusealign.engine.study import task
 
     import random
 

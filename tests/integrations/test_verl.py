@@ -88,10 +88,40 @@ def test_reductions_against_float64_reference(reduction):
     assert entropy.shape == y.shape and (entropy - ref_e).abs().max() < 1e-3
 
 
+def _tp_worker(rank, world, store_path):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", store=dist.FileStore(store_path, world), rank=rank, world_size=world)
+    try:
+        h, W, y = inputs(V=300, seed=2)
+        V_p = W.shape[0] // world  # verl's even split: rank r holds rows [r·V_p, (r + 1)·V_p)
+        own = slice(rank * V_p, (rank + 1) * V_p)
+        full = value_and_grads(fa_verl.linear_cross_entropy, h, W, y, 0.7)
+        part = value_and_grads(lambda h, W, y, T: fa_verl.linear_cross_entropy(
+            h, W[own], y, T, dist_process_group=dist.group.WORLD), h, W, y, 0.7)
+        for name, a, e in zip(("log_probs", "entropy", "d hidden"), part[:3], full[:3]):
+            assert (a - e).abs().max() < 1e-5, name
+        assert rel_err(part[3][own], full[3][own]) < 1e-5
+        others = torch.ones(W.shape[0], dtype=torch.bool)
+        others[own] = False
+        assert part[3][others].abs().max() == 0  # the shard's gradient only
+    finally:
+        dist.destroy_process_group()
+
+
+def test_dist_process_group_is_verls_tensor_parallel_head():
+    """2 gloo ranks, each with half of the head (verl's layout): the single-process values and gradients."""
+    import os
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as d:
+        mp.start_processes(_tp_worker, args=(2, os.path.join(d, "store")), nprocs=2, join=True, start_method="fork")
+
+
 def test_errors():
     h, W, y = inputs()
-    with pytest.raises(NotImplementedError, match="vocabulary-parallel"):
-        fa_verl.linear_cross_entropy(h, W, y, 1.0, "none", dist_process_group=object())
     with pytest.raises(TypeError, match="float"):
         fa_verl.linear_cross_entropy(h, W, y, 1)
     with pytest.raises(ValueError, match="reduction"):

@@ -84,10 +84,11 @@ def test_segment_sum_of_a_sequence_does_not_depend_on_the_others():
 
 def test_engine_head_path_under_bf16_autocast_matches_fp32():
     """On CUDA the engine trains under bf16 autocast; CPU autocast takes the same head-casting path."""
-    from fusealign.engine import task
+    from fusealign.engine.study import task
     from fusealign.engine.data import load_examples
     from fusealign.engine.models import model_from_config
-    from fusealign.engine.objectives import dpo_loss
+    from fusealign.engine.objectives import dpo_objective
+    from fusealign.losses import DPOOptions
 
     tok = task.tokenizer()
     pairs, _ = load_examples("builtin:pairs", "pairs", tok, max_length=48)
@@ -96,8 +97,8 @@ def test_engine_head_path_under_bf16_autocast_matches_fp32():
 
     def run():
         model.zero_grad()
-        loss, metrics, *_ = dpo_loss(model, pairs[:8], pad_id=tok.pad_token_id, pack=True, beta=0.5,
-                                    loss_type="sigmoid", ref_logps=ref_logps)
+        loss, metrics, *_ = dpo_objective(model, pairs[:8], pad_id=tok.pad_token_id, pack=True,
+                                         options=DPOOptions(beta=0.5), ref_logps=ref_logps)
         loss.backward()
         return loss.detach().float(), metrics, {n: p.grad.clone() for n, p in model.named_parameters()}
 

@@ -2,9 +2,9 @@
 
 Each rank holds the same hidden states and targets and a (possibly uneven) slice of the head; the
 single-process result is computed on every rank from the full head for comparison: values and
-gradients of fa.linear_logps (with TRL's statistics), fa.linear_kl, fa.linear_dpo_loss and fa.linear_ppo_loss, in the
-explicit form (`vocab_start=`, `group=`) and as a Shard(0) DTensor; batch invariance per rank; and the
-clear error for an FSDP2-sharded parameter used outside its module's forward.
+gradients of fa.linear_logps (with TRL's statistics), fa.linear_kl, fa.linear_dpo_loss, fa.linear_ppo_loss and
+fa.linear_grpo_loss, in the explicit form (`vocab_start=`, `group=`) and as a Shard(0) DTensor; batch invariance
+per rank; and the clear error for an FSDP2-sharded parameter used outside its module's forward.
 """
 
 import os
@@ -144,6 +144,21 @@ def _worker(rank, world, store_path, bounds, backend):
         loss_f.backward()
         _close(hp.grad, hf.grad, "PPO explicit d hidden")
         _close(Wp.grad, Wf.grad[lo:hi], "PPO explicit d weight shard")
+
+        # linear_grpo_loss (TRL's GRPO family): GSPO weights, k3 KL, the entropy mask and bonus on the merged entropy
+        ref = old + 0.3 * torch.randn(yy.shape, generator=g)
+        grpo_kw = dict(loss_type="grpo", importance_sampling_level="sequence", beta=0.05, ref_logps=ref,
+                       top_entropy_quantile=0.5, entropy_coef=0.01, **opts)
+        hp, Wp, hf, Wf = (t.clone().requires_grad_() for t in (hh, W[lo:hi], hh, W))
+        loss_p, m_p = fa.linear_grpo_loss(hp, Wp, yy, old, adv, **shard, **grpo_kw)
+        loss_f, m_f = fa.linear_grpo_loss(hf, Wf, yy, old, adv, **grpo_kw)
+        _close(loss_p, loss_f, "GRPO explicit loss")
+        for k in m_f:
+            _close(m_p[k], m_f[k], f"GRPO explicit metric {k}")
+        loss_p.backward()
+        loss_f.backward()
+        _close(hp.grad, hf.grad, "GRPO explicit d hidden")
+        _close(Wp.grad, Wf.grad[lo:hi], "GRPO explicit d weight shard")
 
         # -- an FSDP2-sharded parameter outside its module's forward: a clear error, not a wrong answer
         from torch.distributed.fsdp import fully_shard

@@ -15,7 +15,7 @@ in `outputs` are None), same semantics —
     `cast_lm_head_to_fp32` relies on: fp32 states, autocast off), logits reduced in fp32 in both;
     gradients through log_probs and entropy only (TRL marks the other three non-differentiable);
     is_top1 = the label is the first argmax.
-The scale is folded into softcap and temperature (fusealign.integrations.hf.fold_scale); a non-positive
+The scale is folded into softcap and temperature (fusealign.head.fold_scale); a non-positive
 scale, which no released model uses, falls back to TRL's own function. TRL's `chunk_size` (vocabulary width
 of its cuBLAS tiles) has no meaning for fused tiles and is ignored; memory follows fusealign's
 `chunk_bytes` bound instead. DeepSpeed ZeRO-3 gathering of a sharded head (`maybe_gather_lm_head_ctx`)
@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import torch
 
-from fusealign.integrations.hf import fold_scale
+from fusealign.head import fold_scale
 from fusealign.kernels import linear_logps
 
 SUPPORTED = ("1.16", "1.17")  # [min, max): the TRL releases whose fused-head call this replaces, tested with 1.16.0

@@ -12,8 +12,9 @@ vision-language variants) imports `verl.utils.kernel.linear_cross_entropy.linear
     reduction "none" | "sum" | "mean" reduces log_probs only (sum, or sum / N), entropy stays per token;
     gradients to hidden and weight through both outputs.
 `temperature` must be a float (verl asserts it). Labels outside [0, V) are an error here (verl's kernel would
-silently score them as −lse). `dist_process_group` (verl's tensor-parallel head, a vocabulary-sharded weight)
-needs fusealign's vocabulary-parallel op with its backward, which has not landed: passing one raises.
+silently score them as −lse). `dist_process_group` is verl's tensor-parallel head: `weight` is this rank's
+(V_p, H) slice of a head of world·V_p rows starting at rank·V_p (verl's even split; labels are global ids); it
+runs fusealign's vocabulary-parallel op (forward and backward: ∂h summed over the group, ∂W the shard's own).
 """
 
 from __future__ import annotations
@@ -37,15 +38,17 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
         raise TypeError(f"temperature must be a float, got {type(temperature).__name__} (as verl requires)")
     if not isinstance(reduction, str) or reduction.lower() not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    if dist_process_group is not None:
-        raise NotImplementedError(
-            "fusealign's linear_cross_entropy has no tensor-parallel (vocabulary-sharded) head yet: "
-            "dist_process_group needs the vocabulary-parallel op with its backward, which has not landed. "
-            "Call fusealign.integrations.verl.disable() to use verl's own kernel with tensor parallelism.")
+    shard = {}
+    if dist_process_group is not None:  # verl's even vocabulary split: rank r holds rows [r·V_p, (r + 1)·V_p)
+        import torch.distributed as dist
+
+        V_p = weight.shape[0]
+        shard = dict(vocab_start=dist.get_rank(dist_process_group) * V_p,
+                     vocab_size=dist.get_world_size(dist_process_group) * V_p, group=dist_process_group)
     H = hidden.shape[-1]
     h2 = hidden.reshape(-1, H)  # (N, H)
     y = labels.reshape(-1)  # (N,)
-    log_probs, entropy = linear_logps(h2, weight, y, temperature=temperature, return_entropy=True)
+    log_probs, entropy = linear_logps(h2, weight, y, temperature=temperature, return_entropy=True, **shard)
     reduction = reduction.lower()
     if reduction == "sum":
         log_probs = log_probs.sum()

@@ -24,6 +24,12 @@ def resolve_options(cls: type[T], options: Optional[T], overrides: dict, *, call
     replaced; `caller` names the function in error messages."""
     if options is not None and not isinstance(options, cls):
         raise TypeError(f"{caller}: options must be a {cls.__name__}, got {type(options).__name__}")
+    aliases = getattr(cls, "ALIASES", {})  # older keyword spellings -> field names
+    for old, new in aliases.items():
+        if old in overrides:
+            if new in overrides:
+                raise TypeError(f"{caller}() got both {old!r} and {new!r} (the same option); pass {new!r} only")
+            overrides = {**{k: v for k, v in overrides.items() if k != old}, new: overrides[old]}
     names = {f.name for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(overrides) - names)
     if unknown:

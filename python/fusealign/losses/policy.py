@@ -8,12 +8,15 @@ Metrics are detached 0-d tensors with TRL's names (no host sync).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
 from fusealign.kernels import DEFAULT_CHUNK_BYTES, linear_logps
 from fusealign.kernels.checks import check_positive
+
+from .options import option_field, resolve_options
 
 
 # --- sampled-token KL estimators, Schulman 2020 ("Approximating KL Divergence") ---------------------
@@ -70,17 +73,29 @@ def aggregate(per_token: torch.Tensor, mask: torch.Tensor, loss_agg: str) -> tor
     return torch.where(has_tokens, per_seq, 0.0).sum() / has_tokens.sum().clamp_min(1)
 
 
-def _check_ppo_options(clip_eps, clip_eps_high, dual_clip, kl_coef, kl_estimator, entropy_coef, loss_agg):
-    check_positive("clip_eps", clip_eps)
-    check_positive("clip_eps_high", clip_eps if clip_eps_high is None else clip_eps_high)
-    if dual_clip is not None and not dual_clip > 1.0:
-        raise ValueError(f"dual_clip must be > 1 (it bounds −A·r for negative advantages), got {dual_clip}")
-    if kl_estimator not in KL_ESTIMATORS:
-        raise ValueError(f"kl_estimator must be one of {sorted(KL_ESTIMATORS)}, got {kl_estimator!r}")
-    if loss_agg not in LOSS_AGGS:
-        raise ValueError(f"loss_agg must be one of {LOSS_AGGS}, got {loss_agg!r}")
-    if kl_coef < 0 or entropy_coef < 0:
-        raise ValueError(f"kl_coef and entropy_coef must be >= 0, got {kl_coef} and {entropy_coef}")
+@dataclass(frozen=True)
+class PPOOptions:
+    """Options of the clipped policy loss (PPO / GRPO surrogate), validated once here."""
+
+    clip_eps: float = option_field(0.2, "policy ratio clip ε")
+    clip_eps_high: Optional[float] = option_field(None, "upper clip ε_high (clip-higher, DAPO; default: ε)")
+    dual_clip: Optional[float] = option_field(None, "dual-clip constant c > 1 for negative advantages (Ye et al. 2020)")
+    kl_coef: float = option_field(0.0, "weight of the sampled-token KL term to the reference in the loss")
+    kl_estimator: str = option_field("k3", "k1, k2 or k3 (Schulman 2020) for the KL term")
+    entropy_coef: float = option_field(0.0, "entropy bonus")
+    loss_agg: str = option_field("token-mean", "token-mean, seq-mean-token-sum or seq-mean-token-mean")
+
+    def __post_init__(self):
+        check_positive("clip_eps", self.clip_eps)
+        check_positive("clip_eps_high", self.clip_eps if self.clip_eps_high is None else self.clip_eps_high)
+        if self.dual_clip is not None and not self.dual_clip > 1.0:
+            raise ValueError(f"dual_clip must be > 1 (it bounds −A·r for negative advantages), got {self.dual_clip}")
+        if self.kl_estimator not in KL_ESTIMATORS:
+            raise ValueError(f"kl_estimator must be one of {sorted(KL_ESTIMATORS)}, got {self.kl_estimator!r}")
+        if self.loss_agg not in LOSS_AGGS:
+            raise ValueError(f"loss_agg must be one of {LOSS_AGGS}, got {self.loss_agg!r}")
+        if self.kl_coef < 0 or self.entropy_coef < 0:
+            raise ValueError(f"kl_coef and entropy_coef must be >= 0, got {self.kl_coef} and {self.entropy_coef}")
 
 
 def _broadcast_advantages(advantages: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -100,13 +115,8 @@ def ppo_policy_loss(
     mask: torch.Tensor,
     *,
     ref_logps: Optional[torch.Tensor] = None,
-    clip_eps: float = 0.2,
-    clip_eps_high: Optional[float] = None,
-    dual_clip: Optional[float] = None,
-    kl_coef: float = 0.0,
-    kl_estimator: str = "k3",
-    entropy_coef: float = 0.0,
-    loss_agg: str = "token-mean",
+    options: Optional[PPOOptions] = None,
+    **loss_options,
 ):
     """PPO / GRPO clipped policy loss on per-token log-probs: the tensor-level twin of `linear_ppo_loss`.
 
@@ -116,10 +126,13 @@ def ppo_policy_loss(
         pg = max(−A·r, −A·clip(r, 1 − ε, 1 + ε_high))
         dual clip c > 1 (Ye et al. 2020), for A < 0 only: pg = min(pg, −A·c)
         loss_t = pg + kl_coef · KL_est(logp, ref) − entropy_coef · entropy
-    aggregated by `loss_agg` over the tokens where `mask` holds.
+    aggregated by `loss_agg` over the tokens where `mask` holds. The options (ε = `clip_eps`, ε_high =
+    `clip_eps_high`, c = `dual_clip`, `kl_coef`, `kl_estimator`, `entropy_coef`, `loss_agg`) are one `PPOOptions`
+    (`options=`) or its fields as keywords.
     Returns (loss: 0-d, metrics: dict of detached 0-d tensors, TRL's names).
     """
-    _check_ppo_options(clip_eps, clip_eps_high, dual_clip, kl_coef, kl_estimator, entropy_coef, loss_agg)
+    o = resolve_options(PPOOptions, options, loss_options, caller="ppo_policy_loss")
+    clip_eps, dual_clip, kl_coef, entropy_coef = o.clip_eps, o.dual_clip, o.kl_coef, o.entropy_coef
     if kl_coef > 0 and ref_logps is None:
         raise ValueError("kl_coef > 0 needs ref_logps (the reference policy's log-probs of the same tokens)")
     if entropy_coef > 0 and entropy is None:
@@ -129,7 +142,7 @@ def ppo_policy_loss(
             raise ValueError(f"{name} shape {tuple(t.shape)} must equal logps shape {tuple(logps.shape)}")
     A = _broadcast_advantages(advantages, logps).to(logps.dtype)
     mask = mask.bool()
-    eps_high = clip_eps if clip_eps_high is None else clip_eps_high
+    eps_high = clip_eps if o.clip_eps_high is None else o.clip_eps_high
     log_ratio = torch.where(mask, logps - old_logps.detach().to(logps.dtype), 0.0)  # 0 off the mask: no inf · 0 there
     ratio = log_ratio.exp()
     pg_unclipped = -A * ratio
@@ -140,19 +153,19 @@ def ppo_policy_loss(
     per_token = pg
     kl = None
     if ref_logps is not None:
-        kl = kl_estimate(logps, ref_logps.detach().to(logps.dtype), kl_estimator)
+        kl = kl_estimate(logps, ref_logps.detach().to(logps.dtype), o.kl_estimator)
         if kl_coef:
             per_token = per_token + kl_coef * kl
     if entropy_coef:
         per_token = per_token - entropy_coef * entropy
-    loss = aggregate(per_token, mask, loss_agg)
+    loss = aggregate(per_token, mask, o.loss_agg)
 
     with torch.no_grad():
         metrics = {
             "policy/clipfrac": masked_mean((pg_clipped > pg_unclipped).float(), mask),
             "policy/approxkl": masked_mean(0.5 * log_ratio ** 2, mask),
             "policy/ratio_mean": masked_mean(ratio, mask),
-            "loss/policy": aggregate(pg, mask, loss_agg),
+            "loss/policy": aggregate(pg, mask, o.loss_agg),
         }
         if entropy is not None:
             metrics["policy/entropy"] = masked_mean(entropy, mask)
@@ -169,47 +182,42 @@ def linear_ppo_loss(
     advantages: torch.Tensor,
     *,
     ref_logps: Optional[torch.Tensor] = None,
-    clip_eps: float = 0.2,
-    clip_eps_high: Optional[float] = None,
-    dual_clip: Optional[float] = None,
-    kl_coef: float = 0.0,
-    kl_estimator: str = "k3",
-    entropy_coef: float = 0.0,
-    loss_agg: str = "token-mean",
+    bias: Optional[torch.Tensor] = None,
+    options: Optional[PPOOptions] = None,
     temperature: float = 1.0,
     ignore_index: int = -100,
     backend: str = "auto",
     softcap: Optional[float] = None,
-    bias: Optional[torch.Tensor] = None,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     vocab_start: Optional[int] = None,
     vocab_size: Optional[int] = None,
     group=None,
+    **loss_options,
 ):
     """Fused PPO / GRPO clipped policy loss from hidden states: `linear_logps` + `ppo_policy_loss`.
 
     hidden: (B, T, H) or (N, H); targets, old_logps (and ref_logps): (B, T) or (N,);
     advantages: like targets, or (B,) per sequence (GRPO/RLOO), broadcast over T.
-    The loss and metrics are `ppo_policy_loss`'s (see there for the formula) over the tokens whose
-    target is not ignore_index, with log-probs and entropy from the fused head — no (N, V) logits.
+    The loss and metrics are `ppo_policy_loss`'s (see there for the formula; options: one `PPOOptions` or its
+    fields as keywords) over the tokens whose target is not ignore_index, with log-probs and entropy from the
+    fused head — no (N, V) logits; the head's options are `fa.linear_logps`'s.
     Vocabulary-parallel heads as `linear_logps`: a Shard(0) DTensor `weight`, or a local shard with
     `vocab_start=, vocab_size=, group=`.
     Returns (loss: 0-d, metrics: dict of detached 0-d tensors).
     """
-    _check_ppo_options(clip_eps, clip_eps_high, dual_clip, kl_coef, kl_estimator, entropy_coef, loss_agg)
+    o = resolve_options(PPOOptions, options, loss_options, caller="linear_ppo_loss")
     for name, t in (("old_logps", old_logps), ("ref_logps", ref_logps)):
         if t is not None and t.shape != targets.shape:
             raise ValueError(f"{name} shape {tuple(t.shape)} must equal targets shape {tuple(targets.shape)}")
     advantages = _broadcast_advantages(advantages, targets)
-    if kl_coef > 0 and ref_logps is None:
+    if o.kl_coef > 0 and ref_logps is None:
         raise ValueError("kl_coef > 0 needs ref_logps (the reference policy's log-probs of the same tokens)")
     logps, entropy = linear_logps(hidden, weight, targets, bias=bias, temperature=temperature, softcap=softcap,
                                   ignore_index=ignore_index, return_entropy=True, backend=backend,
                                   chunk_bytes=chunk_bytes, vocab_start=vocab_start, vocab_size=vocab_size,
                                   group=group)
     return ppo_policy_loss(logps, entropy, old_logps, advantages, targets != ignore_index, ref_logps=ref_logps,
-                           clip_eps=clip_eps, clip_eps_high=clip_eps_high, dual_clip=dual_clip, kl_coef=kl_coef,
-                           kl_estimator=kl_estimator, entropy_coef=entropy_coef, loss_agg=loss_agg)
+                           options=o)
 
 
 def value_loss(

@@ -1,4 +1,4 @@
-"""Preference losses on the fused core: the DPO family, fused DPO from hidden states, Bradley-Terry.
+"""Preference losses on the fused core: the DPO family and fused DPO from hidden states (Bradley-Terry: reward.py).
 
 Each loss is the fused log-prob core plus a small epilogue on (B,) sequence log-probs, so no (N, V)
 tensor exists and gradients reach `hidden`/`weight` only through linear_logps's backward. The DPO family
@@ -13,13 +13,16 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import NamedTuple, Optional
+from dataclasses import dataclass
+from typing import ClassVar, NamedTuple, Optional, Union
 
 import torch
 import torch.nn.functional as F
 
 from fusealign.kernels import DEFAULT_CHUNK_BYTES, linear_logps, segment_sum
 from fusealign.kernels.checks import check_positive, device_assert
+
+from .options import option_field, resolve_options
 
 
 # --- what every DPO-family loss reads ---------------------------------------------------------------
@@ -40,14 +43,6 @@ class Pairs(NamedTuple):
     rejected_lengths: Optional[torch.Tensor]     # |y_l|
 
 
-class LossOptions(NamedTuple):
-    beta: float              # β (τ of IPO, 1/margin of the hinge)
-    label_smoothing: float   # ε: flip probability (robust), EXO's target, cDPO/AOT/SimPO smoothing
-    gamma: float             # SimPO's target margin γ
-    discopop_tau: float      # DiscoPOP's τ
-    average_logps: bool      # chosen/rejected_logps are per-token means (only `sft` needs to know)
-
-
 def _logratios(p: Pairs):
     return p.chosen_logps - p.ref_chosen_logps, p.rejected_logps - p.ref_rejected_logps
 
@@ -64,50 +59,50 @@ def _length_normalised_margin(p: Pairs):
 
 
 # --- per-pair losses: loss_b depends on pair b only -----------------------------------------------------
-def _sigmoid(p: Pairs, o: LossOptions):
+def _sigmoid(p: Pairs, o: DPOOptions):
     """DPO (Rafailov et al. 2023, Eq. 7): −log σ(β Δs). TRL 1.16's `sigmoid` reads no label smoothing
     (its conservative form is `cdpo`)."""
     return -F.logsigmoid(o.beta * (p.chosen_scores - p.rejected_scores))
 
 
-def _cdpo(p: Pairs, o: LossOptions):
+def _cdpo(p: Pairs, o: DPOOptions):
     """Conservative DPO (Mitchell 2023, "A note on DPO with noisy preferences"; TRL ≤ 0.19's `sigmoid` with
     label_smoothing, fusealign's `sigmoid` before TRL 1.16 parity): −(1−ε) log σ(βΔs) − ε log σ(−βΔs)."""
     return _smoothed_logistic(o.beta * (p.chosen_scores - p.rejected_scores), o.label_smoothing)
 
 
-def _robust(p: Pairs, o: LossOptions):
+def _robust(p: Pairs, o: DPOOptions):
     """Robust DPO (Chowdhury et al. 2024, Eq. 9): [−(1−ε) log σ(βΔs) + ε log σ(−βΔs)] / (1 − 2ε), an
     unbiased estimate of the clean loss when each label is flipped with probability ε."""
     eps, x = o.label_smoothing, o.beta * (p.chosen_scores - p.rejected_scores)
     return (-(1 - eps) * F.logsigmoid(x) + eps * F.logsigmoid(-x)) / (1 - 2 * eps)
 
 
-def _hinge(p: Pairs, o: LossOptions):
+def _hinge(p: Pairs, o: DPOOptions):
     """SLiC-HF calibration hinge (Zhao et al. 2023, §2; on policy/reference log-ratios as in RSO, Liu et al.
     2023): max(0, 1 − βΔs), i.e. a margin of 1/β on Δs."""
     return torch.relu(1 - o.beta * (p.chosen_scores - p.rejected_scores))
 
 
-def _ipo(p: Pairs, o: LossOptions):
+def _ipo(p: Pairs, o: DPOOptions):
     """IPO (Azar et al. 2023, Eq. 17, τ = β) on length-normalised scores, TRL's documented choice:
     (s_w/|y_w| − s_l/|y_l| − 1/(2β))². The unnormalised form is `ipo_sum`."""
     return (_length_normalised_margin(p) - 1 / (2 * o.beta)) ** 2
 
 
-def _ipo_sum(p: Pairs, o: LossOptions):
+def _ipo_sum(p: Pairs, o: DPOOptions):
     """IPO, Eq. 17 of Azar et al. 2023 as written, on sequence sums (no length normalisation; fusealign's
     `ipo` before TRL 1.16 parity): (Δs − 1/(2β))²."""
     return (p.chosen_scores - p.rejected_scores - 1 / (2 * o.beta)) ** 2
 
 
-def _sigmoid_norm(p: Pairs, o: LossOptions):
+def _sigmoid_norm(p: Pairs, o: DPOOptions):
     """Length-normalised DPO (as in Tülu 3, Lambert et al. 2024, on Eq. 7 of Rafailov et al.):
     −log σ(β (s_w/|y_w| − s_l/|y_l|))."""
     return -F.logsigmoid(o.beta * _length_normalised_margin(p))
 
 
-def _exo_pair(p: Pairs, o: LossOptions):
+def _exo_pair(p: Pairs, o: DPOOptions):
     """EXO-pref with K = 2 (Ji et al. 2024, Eq. 16): KL(q ‖ p_ε) between q = (σ(βΔs), σ(−βΔs)) and the
     ε-smoothed label p_ε = (1−ε, ε): q_w (log q_w − log(1−ε)) + q_l (log q_l − log ε). Needs ε > 0
     (the paper uses 1e-3)."""
@@ -116,7 +111,7 @@ def _exo_pair(p: Pairs, o: LossOptions):
             + torch.sigmoid(-x) * (F.logsigmoid(-x) - math.log(eps)))
 
 
-def _nca_pair(p: Pairs, o: LossOptions):
+def _nca_pair(p: Pairs, o: DPOOptions):
     """NCA on a pair (Chen et al. 2024, §4.1): −log σ(r_w) − ½ log σ(−r_w) − ½ log σ(−r_l), r = β ρ —
     absolute likelihoods, so the chosen log-ratio is pushed up rather than only the margin."""
     rho_w, rho_l = _logratios(p)
@@ -124,33 +119,33 @@ def _nca_pair(p: Pairs, o: LossOptions):
     return -F.logsigmoid(r_w) - 0.5 * F.logsigmoid(-r_w) - 0.5 * F.logsigmoid(-r_l)
 
 
-def _bco_pair(p: Pairs, o: LossOptions):
+def _bco_pair(p: Pairs, o: DPOOptions):
     """BCO on a pair (Jung et al. 2024, the binary cross-entropy of their Theorem 1, without the reward
     shift, as TRL 1.16): −log σ(r_w) − log σ(−r_l), r = β ρ."""
     rho_w, rho_l = _logratios(p)
     return -F.logsigmoid(o.beta * rho_w) - F.logsigmoid(-o.beta * rho_l)
 
 
-def _sppo_hard(p: Pairs, o: LossOptions):
+def _sppo_hard(p: Pairs, o: DPOOptions):
     """SPPO with hard preferences (Wu et al. 2024, Eq. 4.7 with P(y_w ≻ y_l) = 1, P(y_l ≻ y_w) = 0):
     (ρ_w − 1/(2β))² + (ρ_l + 1/(2β))²."""
     rho_w, rho_l = _logratios(p)
     return (rho_w - 0.5 / o.beta) ** 2 + (rho_l + 0.5 / o.beta) ** 2
 
 
-def _apo_zero(p: Pairs, o: LossOptions):
+def _apo_zero(p: Pairs, o: DPOOptions):
     """APO-zero (D'Oosterlinck et al. 2024, Eq. 7): 1 − σ(r_w) + σ(r_l) — raise the winner, lower the loser."""
     rho_w, rho_l = _logratios(p)
     return 1 - torch.sigmoid(o.beta * rho_w) + torch.sigmoid(o.beta * rho_l)
 
 
-def _apo_down(p: Pairs, o: LossOptions):
+def _apo_down(p: Pairs, o: DPOOptions):
     """APO-down (D'Oosterlinck et al. 2024, Eq. 8): σ(r_w) + 1 − σ(r_w − r_l) — lower both, the loser more."""
     rho_w, rho_l = _logratios(p)
     return torch.sigmoid(o.beta * rho_w) + 1 - torch.sigmoid(o.beta * (rho_w - rho_l))
 
 
-def _discopop(p: Pairs, o: LossOptions):
+def _discopop(p: Pairs, o: DPOOptions):
     """DiscoPOP, the log-ratio modulated loss (Lu et al. 2024, Eq. 5): with x = βΔs and m = σ(x/τ),
     (1 − m)·(−log σ(x)) + m·e^{−x} — logistic for x ≪ 0, exponential for x ≫ 0."""
     x = o.beta * (p.chosen_scores - p.rejected_scores)
@@ -158,10 +153,10 @@ def _discopop(p: Pairs, o: LossOptions):
     return -F.logsigmoid(x) * (1 - m) + torch.exp(-x) * m
 
 
-def _simpo(p: Pairs, o: LossOptions):
+def _simpo(p: Pairs, o: DPOOptions):
     """SimPO (Meng et al. 2024, Eq. 6): −log σ(β(π_w − π_l) − γ) on the caller's length-normalised policy
     log-probs (no reference); label smoothing as in `cdpo`."""
-    return _smoothed_logistic(o.beta * (p.chosen_logps - p.rejected_logps) - o.gamma, o.label_smoothing)
+    return _smoothed_logistic(o.beta * (p.chosen_logps - p.rejected_logps) - o.simpo_gamma, o.label_smoothing)
 
 
 PAIR_LOSSES = {
@@ -172,7 +167,7 @@ PAIR_LOSSES = {
 
 
 # --- batch losses: entry b depends on the whole batch ------------------------------------------------------
-def _aot(p: Pairs, o: LossOptions):
+def _aot(p: Pairs, o: DPOOptions):
     """AOT, paired (Melnyk et al. 2024, §3): first-order stochastic dominance of the policy's chosen-vs-rejected
     margin over the reference's, through their sorted quantiles: δ_(k) = sort(π_w − π_l)_k − sort(ref_w − ref_l)_k,
     loss_k = −(1−ε) log σ(βδ_(k)) − ε log σ(−βδ_(k)). Entry k is the k-th quantile, not pair k."""
@@ -181,7 +176,7 @@ def _aot(p: Pairs, o: LossOptions):
     return _smoothed_logistic(o.beta * (margin - ref_margin), o.label_smoothing)
 
 
-def _aot_unpaired(p: Pairs, o: LossOptions):
+def _aot_unpaired(p: Pairs, o: DPOOptions):
     """AOT, unpaired (Melnyk et al. 2024, §3): dominance of the chosen log-ratios over the rejected ones,
     δ_(k) = sort(ρ_w)_k − sort(ρ_l)_k, with the smoothed logistic loss of `aot`."""
     rho_w, rho_l = _logratios(p)
@@ -189,12 +184,12 @@ def _aot_unpaired(p: Pairs, o: LossOptions):
     return _smoothed_logistic(o.beta * delta, o.label_smoothing)
 
 
-def _sft(p: Pairs, o: LossOptions):
+def _sft(p: Pairs, o: DPOOptions):
     """NLL of the chosen completions, a token mean over the batch: −Σ_b π_w,b / Σ_b |y_w,b|, the same value in
     every entry. With `loss_type=["sigmoid", "sft"], loss_weights=[1, α]` it is RPO (Pang et al. 2024), and
     with ["sigmoid", "bco_pair", "sft"] MPO (Wang et al. 2024)."""
     lengths = p.chosen_lengths.to(p.chosen_logps.dtype)
-    total = (p.chosen_logps * lengths if o.average_logps else p.chosen_logps).sum()
+    total = (p.chosen_logps * lengths if o.per_token_means else p.chosen_logps).sum()
     return (-total / lengths.sum().clamp(min=1)).expand(p.chosen_logps.shape[0])
 
 
@@ -243,46 +238,108 @@ F_DIVERGENCE_LOSSES = frozenset({"sigmoid", "cdpo", "robust", "hinge", "ipo", "i
                                  "discopop", "sft"})
 
 
-def check_dpo_options(*, beta=0.1, loss_type="sigmoid", loss_weights=None, label_smoothing=0.0, gamma=0.0,
-                      f_divergence_type="reverse_kl", f_alpha_divergence_coef=0.5, discopop_tau=0.05,
-                      use_weighting=False, average_logps=False):
-    """Validate DPO options; returns (loss types, weights) as tuples. A list of types is summed with the
-    weights (default 1 each), as TRL's `loss_type=[...]`, `loss_weights=[...]`."""
-    types = (loss_type,) if isinstance(loss_type, str) else tuple(loss_type)
-    if not types:
-        raise ValueError("loss_type must name at least one loss")
-    for t in types:
-        if t not in LOSS_TYPES:
-            raise ValueError(f"loss_type must be one of {sorted(LOSS_TYPES)} (or a list of them), got {t!r}")
-    weights = (1.0,) * len(types) if loss_weights is None else tuple(float(w) for w in loss_weights)
-    if len(weights) != len(types):
-        raise ValueError(f"loss_weights must have one weight per loss type: {len(weights)} weights for "
-                         f"{len(types)} types {list(types)}")
-    check_positive("beta", beta)
-    if not 0.0 <= label_smoothing < 0.5:
-        raise ValueError(f"label_smoothing must lie in [0, 0.5), got {label_smoothing}")
-    if label_smoothing and not LABEL_SMOOTHED & set(types):
-        raise ValueError(f"label_smoothing={label_smoothing} is read by none of {list(types)} (only by "
-                         f"{sorted(LABEL_SMOOTHED)}; TRL 1.16's sigmoid ignores it: conservative DPO is 'cdpo')")
-    if "exo_pair" in types and not label_smoothing > 0:
-        raise ValueError("loss_type 'exo_pair' needs label_smoothing > 0 (the EXO paper uses 1e-3)")
-    if gamma != 0.0 and "simpo" not in types:
-        raise ValueError(f"gamma (the SimPO target margin) is only used by loss_type='simpo', got {list(types)}")
-    check_positive("discopop_tau", discopop_tau)
-    if f_divergence_type not in F_DIVERGENCES:
-        raise ValueError(f"f_divergence_type must be one of {sorted(F_DIVERGENCES)}, got {f_divergence_type!r}")
-    if f_divergence_type != "reverse_kl" and not set(types) <= F_DIVERGENCE_LOSSES:
-        raise ValueError(f"f_divergence_type={f_divergence_type!r} applies only to {sorted(F_DIVERGENCE_LOSSES)} "
-                         f"(losses on the chosen−rejected score difference), got {list(types)}")
-    if not math.isfinite(f_alpha_divergence_coef):
-        raise ValueError(f"f_alpha_divergence_coef must be finite, got {f_alpha_divergence_coef}")
-    if use_weighting and BATCH_SORTED & set(types):
-        raise ValueError(f"use_weighting (WPO) cannot combine with {sorted(BATCH_SORTED & set(types))}: they sort "
-                         f"the batch, so per-pair weights would be misaligned")
-    if average_logps and LENGTH_NORMALISED & set(types):
-        raise ValueError(f"{sorted(LENGTH_NORMALISED & set(types))} normalise by completion length themselves; "
-                         f"pass summed log-probs (average_logps=False), or use 'ipo_sum' on averaged ones")
-    return types, weights
+# --- the options, validated once ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class DPOOptions:
+    """Options of the DPO family, with TRL 1.16's names and meanings; checked here, once, whoever builds them
+    (a caller, `linear_dpo_loss`'s keywords, the CLI's `fusealign dpo` flags). `loss_type` and `loss_weights` are
+    stored as tuples; `average_logps=None` (unset) means per-token means for `simpo` alone (SimPO is defined on
+    them), sums otherwise: `.per_token_means` is the resolved choice."""
+
+    beta: float = option_field(0.1, "β: strength of the implicit KL to the reference (τ of IPO, 1/margin of the "
+                                    "hinge)")
+    loss_type: Union[str, tuple] = option_field("sigmoid", (
+        "one or more DPO losses, summed with --loss-weights (TRL 1.16's names): sigmoid, hinge, ipo (length-"
+        "normalised), exo_pair, nca_pair, robust, bco_pair, sppo_hard, aot, aot_unpaired, apo_zero, apo_down, "
+        "discopop, sft, sigmoid_norm; and cdpo (conservative DPO), ipo_sum (IPO on sums), simpo"), nargs="+")
+    loss_weights: Optional[tuple] = option_field(None, "one weight per --loss-type (default 1 each), e.g. MPO: "
+                                                       "--loss-type sigmoid bco_pair sft --loss-weights 0.8 0.2 1.0",
+                                                 nargs="+", item=float)
+    label_smoothing: float = option_field(0.0, "ε in [0, 0.5): flip probability of robust; cdpo, exo_pair, aot, "
+                                               "aot_unpaired and simpo smoothing")
+    simpo_gamma: float = option_field(0.0, "SimPO's target margin γ (loss_type simpo only; `gamma` is an alias)")
+    f_divergence_type: str = option_field("reverse_kl", "reverse_kl, forward_kl, js_divergence or alpha_divergence "
+                                                        "(f-DPO; for the losses on the chosen−rejected score difference)")
+    f_alpha_divergence_coef: float = option_field(0.5, "α of alpha_divergence (TRL's parametrisation; 1 = reverse KL)")
+    discopop_tau: float = option_field(0.05, "τ of the discopop loss")
+    use_weighting: bool = option_field(False, "WPO: weight each pair by the policy's length-normalised probabilities "
+                                              "(from the fused pass's log Σp², no logits)")
+    average_logps: Optional[bool] = option_field(None, "the sequence log-probs are per-token means, not sums "
+                                                       "(default: on for simpo alone; ipo and sigmoid_norm normalise "
+                                                       "by themselves)")
+    nll_coef: float = option_field(0.0, "RPO: weight of the chosen-completion NLL (= adding sft with this weight)")
+
+    # Older spellings accepted as keywords: `gamma` is SimPO's margin here, PPO's discount elsewhere.
+    ALIASES: ClassVar[dict] = {"gamma": "simpo_gamma"}
+
+    def __post_init__(self):
+        types = (self.loss_type,) if isinstance(self.loss_type, str) else tuple(self.loss_type)
+        if not types:
+            raise ValueError("loss_type must name at least one loss")
+        for t in types:
+            if t not in LOSS_TYPES:
+                raise ValueError(f"loss_type must be one of {sorted(LOSS_TYPES)} (or a list of them), got {t!r}")
+        weights = None if self.loss_weights is None else tuple(float(w) for w in self.loss_weights)
+        if weights is not None and len(weights) != len(types):
+            raise ValueError(f"loss_weights must have one weight per loss type: {len(weights)} weights for "
+                             f"{len(types)} types {list(types)}")
+        check_positive("beta", self.beta)
+        eps = self.label_smoothing
+        if not 0.0 <= eps < 0.5:
+            raise ValueError(f"label_smoothing must lie in [0, 0.5), got {eps}")
+        if eps and not LABEL_SMOOTHED & set(types):
+            raise ValueError(f"label_smoothing={eps} is read by none of {list(types)} (only by "
+                             f"{sorted(LABEL_SMOOTHED)}; TRL 1.16's sigmoid ignores it: conservative DPO is 'cdpo')")
+        if "exo_pair" in types and not eps > 0:
+            raise ValueError("loss_type 'exo_pair' needs label_smoothing > 0 (the EXO paper uses 1e-3)")
+        if self.simpo_gamma != 0.0 and "simpo" not in types:
+            raise ValueError(f"simpo_gamma (gamma: the SimPO target margin) is only used by loss_type='simpo', got "
+                             f"{list(types)}")
+        check_positive("discopop_tau", self.discopop_tau)
+        if self.f_divergence_type not in F_DIVERGENCES:
+            raise ValueError(f"f_divergence_type must be one of {sorted(F_DIVERGENCES)}, got "
+                             f"{self.f_divergence_type!r}")
+        if self.f_divergence_type != "reverse_kl" and not set(types) <= F_DIVERGENCE_LOSSES:
+            raise ValueError(f"f_divergence_type={self.f_divergence_type!r} applies only to "
+                             f"{sorted(F_DIVERGENCE_LOSSES)} (losses on the chosen−rejected score difference), got "
+                             f"{list(types)}")
+        if not math.isfinite(self.f_alpha_divergence_coef):
+            raise ValueError(f"f_alpha_divergence_coef must be finite, got {self.f_alpha_divergence_coef}")
+        if self.use_weighting and BATCH_SORTED & set(types):
+            raise ValueError(f"use_weighting (WPO) cannot combine with {sorted(BATCH_SORTED & set(types))}: they sort "
+                             f"the batch, so per-pair weights would be misaligned")
+        average = types == ("simpo",) if self.average_logps is None else bool(self.average_logps)
+        if average and LENGTH_NORMALISED & set(types):
+            raise ValueError(f"{sorted(LENGTH_NORMALISED & set(types))} normalise by completion length themselves; "
+                             f"pass summed log-probs (average_logps=False), or use 'ipo_sum' on averaged ones")
+        if not (math.isfinite(self.nll_coef) and self.nll_coef >= 0):
+            raise ValueError(f"nll_coef must be >= 0, got {self.nll_coef}")
+        for name, value in (("loss_type", types), ("loss_weights", weights)):
+            object.__setattr__(self, name, value)  # normalised once; frozen afterwards
+
+    @property
+    def per_token_means(self) -> bool:
+        """The sequence log-probs are per-token means (`average_logps`, or its default: simpo alone)."""
+        return self.loss_type == ("simpo",) if self.average_logps is None else bool(self.average_logps)
+
+    @property
+    def terms(self) -> tuple:
+        """((loss type, weight), …) summed into the loss: loss_type with loss_weights (1 each by default), and
+        RPO's `("sft", nll_coef)` when nll_coef > 0 (exactly TRL 1.16's loss_type=[…, "sft"])."""
+        weights = self.loss_weights or (1.0,) * len(self.loss_type)
+        extra = (("sft", float(self.nll_coef)),) if self.nll_coef else ()
+        return tuple(zip(self.loss_type, weights)) + extra
+
+    @property
+    def needs_reference(self) -> bool:
+        return not {t for t, _ in self.terms} <= REFERENCE_FREE
+
+
+def check_dpo_options(**options) -> tuple:
+    """Validate DPO options (the fields of `DPOOptions`, or `gamma`); returns (loss types, weights) as tuples, RPO's
+    nll_coef term included."""
+    terms = resolve_options(DPOOptions, None, options, caller="check_dpo_options").terms
+    return tuple(t for t, _ in terms), tuple(w for _, w in terms)
 
 
 def dpo_loss(
@@ -291,41 +348,31 @@ def dpo_loss(
     ref_chosen_logps: Optional[torch.Tensor],
     ref_rejected_logps: Optional[torch.Tensor],
     *,
-    beta: float = 0.1,
-    loss_type="sigmoid",
-    loss_weights=None,
-    label_smoothing: float = 0.0,
-    gamma: float = 0.0,
-    f_divergence_type: str = "reverse_kl",
-    f_alpha_divergence_coef: float = 0.5,
-    discopop_tau: float = 0.05,
+    options: Optional[DPOOptions] = None,
     chosen_lengths: Optional[torch.Tensor] = None,
     rejected_lengths: Optional[torch.Tensor] = None,
-    average_logps: bool = False,
-    use_weighting: bool = False,
     chosen_wpo_logps: Optional[torch.Tensor] = None,
     rejected_wpo_logps: Optional[torch.Tensor] = None,
+    **loss_options,
 ):
     """DPO-family loss per pair: TRL 1.16 `DPOTrainer`'s loss on the same sequence log-probs.
 
     policy_/ref_ chosen/rejected logps: (B,) sequence log-probs — sums over completion tokens, as TRL
-    (`average_logps=True`: you pass per-token means, for SimPO-style losses). `loss_type`: a name in
-    LOSS_TYPES or a list of them, summed with `loss_weights` (default 1 each), e.g. MPO =
-    ["sigmoid", "bco_pair", "sft"] with [0.8, 0.2, 1.0]. `chosen_lengths`/`rejected_lengths` (B,): completion
-    token counts, needed by `ipo`, `sigmoid_norm` and `sft`. `f_divergence_type` (+ `f_alpha_divergence_coef`)
-    replaces the log-ratios ρ by f′-scores for the losses in F_DIVERGENCE_LOSSES. `use_weighting` (WPO, Zhou et
-    al. 2024, Eq. 2) multiplies each pair's loss by w_w·w_l, w = exp(`chosen_wpo_logps` / `rejected_wpo_logps`):
-    (B,) means over completion tokens of log p(y_t) − log Σ_v p_v², constants (per-token from
-    `fa.linear_logps(..., outputs=("logps", "log_sum_sq_probs"))`).
+    (`average_logps=True`: you pass per-token means, for SimPO-style losses). The options are one `DPOOptions`
+    (`options=`), or its fields as keywords (`beta=0.1, loss_type="ipo"`, …; with `options=` they replace its
+    fields): `loss_type` a name in LOSS_TYPES or a list of them, summed with `loss_weights` (default 1 each), e.g.
+    MPO = ["sigmoid", "bco_pair", "sft"] with [0.8, 0.2, 1.0]; `f_divergence_type` (+ `f_alpha_divergence_coef`)
+    replaces the log-ratios ρ by f′-scores for the losses in F_DIVERGENCE_LOSSES; `use_weighting` (WPO, Zhou et al.
+    2024, Eq. 2) multiplies each pair's loss by w_w·w_l, w = exp(`chosen_wpo_logps` / `rejected_wpo_logps`): (B,)
+    means over completion tokens of log p(y_t) − log Σ_v p_v², constants (per-token from
+    `fa.linear_logps(..., outputs=("logps", "log_sum_sq_probs"))`). `chosen_lengths`/`rejected_lengths` (B,):
+    completion token counts, needed by `ipo`, `sigmoid_norm` and `sft`.
     Returns (losses (B,), chosen_rewards (B,), rejected_rewards (B,)): losses.mean() is TRL's loss (for the
     batch-sorted `aot`/`aot_unpaired`, entry k belongs to the k-th quantile, not pair k); rewards are
     β·(policy − ref) log-ratios (β·policy for reference-free losses given no reference), detached.
     """
-    types, weights = check_dpo_options(beta=beta, loss_type=loss_type, loss_weights=loss_weights,
-                                       label_smoothing=label_smoothing, gamma=gamma,
-                                       f_divergence_type=f_divergence_type,
-                                       f_alpha_divergence_coef=f_alpha_divergence_coef, discopop_tau=discopop_tau,
-                                       use_weighting=use_weighting, average_logps=average_logps)
+    o = resolve_options(DPOOptions, options, loss_options, caller="dpo_loss")
+    types = {t for t, _ in o.terms}
     shape = policy_chosen_logps.shape
     if policy_rejected_logps.shape != shape:
         raise ValueError(f"policy_rejected_logps shape {tuple(policy_rejected_logps.shape)} differs from "
@@ -339,21 +386,22 @@ def dpo_loss(
             if t is not None and t.shape != shape:
                 raise ValueError(f"{name} shape {tuple(t.shape)} differs from policy_chosen_logps {tuple(shape)}")
 
-    needs_ref = not set(types) <= REFERENCE_FREE
-    check_pair(dict(ref_chosen_logps=ref_chosen_logps, ref_rejected_logps=ref_rejected_logps), needs_ref,
-               f"loss_type={list(types) if len(types) > 1 else types[0]!r}")
-    check_pair(dict(chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths),
-               bool(NEEDS_LENGTHS & set(types)), f"loss_type {sorted(NEEDS_LENGTHS & set(types))}",
+    named = list(o.loss_type)
+    check_pair(dict(ref_chosen_logps=ref_chosen_logps, ref_rejected_logps=ref_rejected_logps), o.needs_reference,
+               f"loss_type={named if len(named) > 1 else named[0]!r}")
+    check_pair(dict(chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths), bool(NEEDS_LENGTHS & types),
+               f"loss_type {sorted(NEEDS_LENGTHS & types)}",
                " (completion-token counts: TRL's ipo and sigmoid_norm divide by them, sft averages over them; "
                "'ipo_sum' is IPO on sums)")
-    check_pair(dict(chosen_wpo_logps=chosen_wpo_logps, rejected_wpo_logps=rejected_wpo_logps), use_weighting,
+    check_pair(dict(chosen_wpo_logps=chosen_wpo_logps, rejected_wpo_logps=rejected_wpo_logps), o.use_weighting,
                "use_weighting (WPO)")
-    if not use_weighting and (chosen_wpo_logps is not None or rejected_wpo_logps is not None):
+    if not o.use_weighting and (chosen_wpo_logps is not None or rejected_wpo_logps is not None):
         raise ValueError("chosen_wpo_logps/rejected_wpo_logps are WPO's weights: pass use_weighting=True as well")
 
-    if needs_ref or (ref_chosen_logps is not None and ref_rejected_logps is not None):  # rewards: vs the reference
+    beta = o.beta
+    if o.needs_reference or (ref_chosen_logps is not None and ref_rejected_logps is not None):  # vs the reference
         ref_chosen_logps, ref_rejected_logps = ref_chosen_logps.detach(), ref_rejected_logps.detach()
-        score = functools.partial(F_DIVERGENCES[f_divergence_type], alpha=f_alpha_divergence_coef)
+        score = functools.partial(F_DIVERGENCES[o.f_divergence_type], alpha=o.f_alpha_divergence_coef)
         chosen_scores = score(policy_chosen_logps - ref_chosen_logps)
         rejected_scores = score(policy_rejected_logps - ref_rejected_logps)
         chosen_rewards = beta * (policy_chosen_logps.detach() - ref_chosen_logps)
@@ -364,9 +412,8 @@ def dpo_loss(
         rejected_rewards = beta * policy_rejected_logps.detach()
     pairs = Pairs(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
                   chosen_scores, rejected_scores, chosen_lengths, rejected_lengths)
-    options = LossOptions(float(beta), float(label_smoothing), float(gamma), float(discopop_tau), bool(average_logps))
-    losses = sum(w * LOSS_TYPES[t](pairs, options) for t, w in zip(types, weights))
-    if use_weighting:  # WPO: the policy's own (length-normalised) probability of each pair, a constant
+    losses = sum(w * LOSS_TYPES[t](pairs, o) for t, w in o.terms)
+    if o.use_weighting:  # WPO: the policy's own (length-normalised) probability of each pair, a constant
         losses = losses * torch.exp(chosen_wpo_logps.detach() + rejected_wpo_logps.detach())
     return losses, chosen_rewards, rejected_rewards
 
@@ -402,30 +449,21 @@ def linear_dpo_loss(
     ref_rejected_logps: Optional[torch.Tensor] = None,
     ref_hidden: Optional[torch.Tensor] = None,
     ref_weight: Optional[torch.Tensor] = None,
-    beta: float = 0.1,
-    loss_type="sigmoid",
-    loss_weights=None,
-    label_smoothing: float = 0.0,
-    f_divergence_type: str = "reverse_kl",
-    f_alpha_divergence_coef: float = 0.5,
-    discopop_tau: float = 0.05,
-    use_weighting: bool = False,
-    average_logps: bool = False,
-    nll_coef: float = 0.0,
+    sequence_ids: Optional[torch.Tensor] = None,
+    num_sequences: Optional[int] = None,
+    bias: Optional[torch.Tensor] = None,
+    ref_bias: Optional[torch.Tensor] = None,
+    options: Optional[DPOOptions] = None,
     token_metrics: bool = True,
     ignore_index: int = -100,
     backend: str = "auto",
-    sequence_ids: Optional[torch.Tensor] = None,
-    num_sequences: Optional[int] = None,
-    gamma: float = 0.0,
     temperature: float = 1.0,
     softcap: Optional[float] = None,
-    bias: Optional[torch.Tensor] = None,
-    ref_bias: Optional[torch.Tensor] = None,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     vocab_start: Optional[int] = None,
     vocab_size: Optional[int] = None,
     group=None,
+    **loss_options,
 ):
     """Fused DPO from hidden states: `[chosen; rejected]` in one call, no (N, V) logits.
 
@@ -435,11 +473,13 @@ def linear_dpo_loss(
     Reference log-probs: precomputed `ref_chosen_logps`/`ref_rejected_logps` (B,), or `ref_hidden`
     (same layout, any H_ref) with `ref_weight` (V, H_ref), scored under no_grad with the fused path
     (optional for reference-free losses, `simpo` and `sft`: then they only set the rewards/* metrics).
-    Loss options are `dpo_loss`'s (TRL 1.16's names): `loss_type` (one name or a list), `loss_weights`,
-    `label_smoothing`, `f_divergence_type`, `f_alpha_divergence_coef`, `discopop_tau`, `use_weighting`
-    (WPO: weights from the same fused pass's per-token log Σ_v p_v², no logits), `gamma` (SimPO).
-    `average_logps` divides each sequence sum by its completion-token count (SimPO; precomputed reference
-    log-probs must then be means too); `nll_coef` adds `"sft"` with that weight (RPO).
+    Loss options: one `DPOOptions` (`options=`) or its fields as keywords, as `dpo_loss` (TRL 1.16's names):
+    `beta`, `loss_type` (one name or a list), `loss_weights`, `label_smoothing`, `f_divergence_type`,
+    `f_alpha_divergence_coef`, `discopop_tau`, `use_weighting` (WPO: weights from the same fused pass's per-token
+    log Σ_v p_v², no logits), `simpo_gamma` (alias `gamma`: SimPO's margin), `average_logps` (divide each sequence
+    sum by its completion-token count; default on for simpo alone; precomputed reference log-probs must then be
+    means too), `nll_coef` (RPO: adds `"sft"` with that weight). The head's options (`temperature`, `softcap`,
+    `ignore_index`, `backend`, `chunk_bytes`, the shard) are those of `fa.linear_logps`.
     Returns (loss: 0-d, metrics: dict of detached 0-d tensors with TRL's names: rewards/{chosen, rejected,
     margins, accuracies}, logps/{chosen, rejected}, and with `token_metrics` (the fused pass's extra row
     statistics) entropy, logits/{chosen, rejected}, mean_token_accuracy; plus nll, the chosen token-mean NLL).
@@ -450,15 +490,7 @@ def linear_dpo_loss(
     so its log-probs equal a plain `linear_logps` call's to fp32 rounding, not bitwise — as in TRL, whose
     reference is scored without them).
     """
-    types, weights = check_dpo_options(beta=beta, loss_type=loss_type, loss_weights=loss_weights,
-                                       label_smoothing=label_smoothing, gamma=gamma,
-                                       f_divergence_type=f_divergence_type,
-                                       f_alpha_divergence_coef=f_alpha_divergence_coef, discopop_tau=discopop_tau,
-                                       use_weighting=use_weighting, average_logps=average_logps)
-    if nll_coef < 0:
-        raise ValueError(f"nll_coef must be >= 0, got {nll_coef}")
-    if nll_coef:  # RPO: the chosen NLL as one more term, exactly TRL 1.16's loss_type=[..., "sft"]
-        types, weights = types + ("sft",), weights + (float(nll_coef),)
+    o = resolve_options(DPOOptions, options, loss_options, caller="linear_dpo_loss")
     if sequence_ids is None:
         if hidden.dim() != 3 or targets.dim() != 2:
             raise ValueError(f"padded layout needs hidden (2B, T, H) and targets (2B, T), got "
@@ -487,12 +519,12 @@ def linear_dpo_loss(
 
     precomputed = ref_chosen_logps is not None or ref_rejected_logps is not None
     on_the_fly = ref_hidden is not None or ref_weight is not None
-    needs_ref = not set(types) <= REFERENCE_FREE
+    needs_ref = o.needs_reference
     if precomputed and on_the_fly:
         raise ValueError("reference given twice: pass either ref_chosen_logps/ref_rejected_logps or "
                          "ref_hidden/ref_weight, not both")
     if needs_ref and not (precomputed or on_the_fly):
-        raise ValueError(f"loss_type={list(types)} needs a reference: pass ref_chosen_logps and ref_rejected_logps "
+        raise ValueError(f"loss_type={list(o.loss_type)} needs a reference: pass ref_chosen_logps and ref_rejected_logps "
                          f"(B,), or ref_hidden and ref_weight")
     if precomputed and (ref_chosen_logps is None or ref_rejected_logps is None):
         raise ValueError("pass both ref_chosen_logps and ref_rejected_logps")
@@ -503,12 +535,15 @@ def linear_dpo_loss(
             if tuple(t.shape) != (B,):
                 raise ValueError(f"{name} must have shape (B,) = ({B},), got {tuple(t.shape)}")
 
-    head = dict(temperature=temperature, softcap=softcap, ignore_index=ignore_index, backend=backend,
-                chunk_bytes=chunk_bytes, vocab_start=vocab_start, vocab_size=vocab_size, group=group)
+    def score(h, w, b, outputs):  # the head's options, spelled once for the policy and the reference
+        return linear_logps(h, w, targets, bias=b, temperature=temperature, softcap=softcap, ignore_index=ignore_index,
+                            outputs=outputs, backend=backend, chunk_bytes=chunk_bytes, vocab_start=vocab_start,
+                            vocab_size=vocab_size, group=group)
+
     # One fused pass; the statistics are forward-only row reductions of the same logit tiles (no gradient).
     outputs = ("logps",) + (("entropy", "mean_logits", "is_top1") if token_metrics else ()) + (
-        ("log_sum_sq_probs",) if use_weighting else ())
-    per_token = dict(zip(outputs, linear_logps(hidden, weight, targets, bias=bias, outputs=outputs, **head)))
+        ("log_sum_sq_probs",) if o.use_weighting else ())
+    per_token = dict(zip(outputs, score(hidden, weight, bias, outputs)))
     token_logps = per_token["logps"]  # (2B, T) or (N,), 0 at ignored targets
 
     def per_sequence(values):  # (2B,) sums over each sequence's completion tokens
@@ -516,28 +551,26 @@ def linear_dpo_loss(
 
     seq_logps, counts = _sequence_sums(token_logps, targets, sequence_ids, n_seq, ignore_index)
     _check_every_sequence_has_completion(counts, ignore_index)
-    if average_logps:
+    if o.per_token_means:
         seq_logps = seq_logps / counts
     if on_the_fly:
         if tuple(ref_hidden.shape[:-1]) != tuple(hidden.shape[:-1]):
             raise ValueError(f"ref_hidden leading shape {tuple(ref_hidden.shape[:-1])} must equal hidden's "
                              f"{tuple(hidden.shape[:-1])}")
         with torch.no_grad():  # the fused no-grad path: nothing saved
-            ref_seq = per_sequence(linear_logps(ref_hidden, ref_weight, targets, bias=ref_bias, **head))
-            if average_logps:
+            ref_seq = per_sequence(score(ref_hidden, ref_weight, ref_bias, ("logps",))[0])
+            if o.per_token_means:
                 ref_seq = ref_seq / counts
         ref_chosen_logps, ref_rejected_logps = ref_seq[:B], ref_seq[B:]
     wpo = {}
-    if use_weighting:  # WPO, Eq. 2 of Zhou et al. 2024: mean over tokens of log p(y_t) − log Σ_v p_v², a constant
+    if o.use_weighting:  # WPO, Eq. 2 of Zhou et al. 2024: mean over tokens of log p(y_t) − log Σ_v p_v², a constant
         aligned = per_sequence(token_logps.detach() - per_token["log_sum_sq_probs"]) / counts
         wpo = dict(chosen_wpo_logps=aligned[:B], rejected_wpo_logps=aligned[B:])
 
     chosen_logps, rejected_logps = seq_logps[:B], seq_logps[B:]
     losses, chosen_rewards, rejected_rewards = dpo_loss(
-        chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, beta=beta, loss_type=list(types), loss_weights=list(weights),
-        label_smoothing=label_smoothing, gamma=gamma, f_divergence_type=f_divergence_type,
-        f_alpha_divergence_coef=f_alpha_divergence_coef, discopop_tau=discopop_tau, chosen_lengths=counts[:B],
-        rejected_lengths=counts[B:], average_logps=average_logps, use_weighting=use_weighting, **wpo)
+        chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, options=o, chosen_lengths=counts[:B],
+        rejected_lengths=counts[B:], **wpo)
     loss = losses.mean()
 
     n_chosen = counts[:B].sum().clamp_min(1)
@@ -559,78 +592,3 @@ def linear_dpo_loss(
             "mean_token_accuracy": per_sequence(per_token["is_top1"].float())[:B].sum() / n_chosen,
         })
     return loss, metrics
-
-
-def bradley_terry_loss(
-    chosen_rewards: torch.Tensor,
-    rejected_rewards: torch.Tensor,
-    *,
-    margin: Optional[torch.Tensor] = None,
-    center_coef: float = 0.0,
-) -> torch.Tensor:
-    """Reward-model loss: mean(−log σ(r_c − r_r − margin)) + center_coef · mean((r_c + r_r)²).
-
-    Bradley & Terry 1952 as used by Ouyang et al. 2022 (Eq. 1); `margin` (B,) or scalar as in
-    Llama 2 (Touvron et al. 2023, Eq. 2); the centring term keeps rewards near zero (Eisenstein et
-    al. 2023). chosen_rewards, rejected_rewards: (B,).
-    """
-    if chosen_rewards.shape != rejected_rewards.shape:
-        raise ValueError(f"chosen_rewards shape {tuple(chosen_rewards.shape)} differs from rejected_rewards "
-                         f"{tuple(rejected_rewards.shape)}: they must pair up (same B)")
-    if center_coef < 0:
-        raise ValueError(f"center_coef must be >= 0, got {center_coef}")
-    diff = chosen_rewards - rejected_rewards
-    if margin is not None:
-        diff = diff - margin
-    loss = -F.logsigmoid(diff).mean()
-    if center_coef:
-        loss = loss + center_coef * ((chosen_rewards + rejected_rewards) ** 2).mean()
-    return loss
-
-
-def sequence_rewards(
-    hidden: torch.Tensor,
-    value_weight: torch.Tensor,
-    attention_mask_or_lengths: torch.Tensor,
-    value_bias: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
-    """Scalar reward per sequence from the hidden state of its last non-padding token.
-
-    hidden: (B, T, H); value_weight: (H,) or (1, H); attention_mask_or_lengths: (B, T) 0/1 mask
-    (left or right padding: the last position holding 1 is read) or (B,) lengths (right padding);
-    value_bias: () or (1,). Returns (B,) in hidden's dtype promoted with the weight's.
-    """
-    if hidden.dim() != 3:
-        raise ValueError(f"hidden must be (B, T, H), got {tuple(hidden.shape)}")
-    B, T, H = hidden.shape
-    w = value_weight.reshape(-1)
-    if w.shape[0] != H:
-        raise ValueError(f"value_weight must have H={H} elements ((H,) or (1, H)), got {tuple(value_weight.shape)}")
-    m = attention_mask_or_lengths
-    if m.dim() == 2:
-        if tuple(m.shape) != (B, T):
-            raise ValueError(f"attention mask must be (B, T) = ({B}, {T}), got {tuple(m.shape)}")
-        present = m != 0
-        # Position of the last 1: argmax of position·mask (ties impossible: positions are distinct).
-        last = (torch.arange(T, device=m.device) * present).argmax(-1)
-        has_token = present.any(-1)
-    elif m.dim() == 1:
-        if m.shape[0] != B:
-            raise ValueError(f"lengths must be (B,) = ({B},), got {tuple(m.shape)}")
-        if m.dtype.is_floating_point:
-            raise TypeError(f"lengths must be integers, got {m.dtype}")
-        last = (m.long() - 1).clamp(0, T - 1)
-        has_token = (m > 0) & (m <= T)
-    else:
-        raise ValueError("attention_mask_or_lengths must be a (B, T) mask or (B,) lengths")
-    if has_token.is_cuda:
-        device_assert(has_token.all(), "a sequence has no tokens (empty mask or length 0 / > T)")
-    elif not bool(has_token.all()):
-        bad = int((~has_token).nonzero()[0])
-        raise ValueError(f"sequence {bad} has no tokens (all-zero mask, or length 0 or > T={T})")
-    dtype = torch.promote_types(hidden.dtype, value_weight.dtype)
-    h_last = hidden[torch.arange(B, device=hidden.device), last].to(dtype)  # (B, H)
-    r = h_last @ w.to(dtype)
-    if value_bias is not None:
-        r = r + value_bias.reshape(()).to(dtype)
-    return r

@@ -14,7 +14,10 @@ Every metric of every row is summarised over seeds by `stats.mean_interval` (mea
 The findings quote, per setting, the DPO rows at the preset's main β (DPOConfig's default, 0.5; fixed in
 advance, not picked from the results): offline, on-policy and iterative, each as PPO − X at matched KL, and
 each on-policy variant's improvement over offline DPO, (PPO − offline) − (PPO − on-policy), paired by seed.
-A finding names a winner only when its 95 % interval excludes 0.
+A finding names a winner only when its 95 % interval excludes 0, and says whether it is resolved at the run's
+seeds; if not, how many seeds would resolve it at the observed mean and spread (`stats.resolution`: the
+smallest n with t(0.975, n − 1)·s/√n < |mean|), or "not resolvable: mean ≈ 0" when |mean| ≤ s/√n.
+`claims.py` turns the findings into verdicts on the seed document's three claims.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from typing import Optional
 
 import numpy as np
 
-from .stats import interpolate, mean_interval
+from .stats import interpolate, mean_interval, resolution
 
 METRICS = ("gt_reward", "kl_to_sft", "win_rate_vs_sft", "eos_rate")
 MATCHED_KL = ("Matched KL: for each seed, PPO's frontier is the piecewise-linear interpolation of ground-truth reward "
@@ -34,6 +37,11 @@ MATCHED_KL = ("Matched KL: for each seed, PPO's frontier is the piecewise-linear
               "extrapolation beyond PPO's largest KL. The frontier is concave, so a segment between two sweep points "
               "lies below it: the difference errs in X's favour. The findings quote the DPO rows at the preset's main "
               "β (DPOConfig's default), fixed before the runs, not picked from them.")
+RESOLVE = ("Seeds to resolve: the smallest n with t(0.975, n − 1)·s/√n < |mean|, s the per-seed spread of the paired "
+           "differences — the seeds whose 95 % interval would exclude 0 if the mean and spread held (a projection: "
+           "more seeds move both). \"not resolvable: mean ≈ 0\" when |mean| ≤ s/√n, the mean within one standard "
+           "error of 0: such a mean is about as consistent with the opposite sign, so no count is projected from it "
+           "(so at most 15 seeds are projected from 3, 41 from 10).")
 
 
 # --- across seeds ------------------------------------------------------------------------------------------
@@ -44,7 +52,7 @@ def aggregate(per_seed: dict) -> list:
     for i, row in enumerate(per_seed[seeds[0]]):
         runs = [per_seed[s][i] for s in seeds]
         assert all(r["stage"] == row["stage"] for r in runs), "every seed runs the same stages"
-        out.append({k: row[k] for k in ("method", "setting", "knob", "stage")}
+        out.append({k: row[k] for k in ("method", "setting", "knob", "stage")} | {"loss_type": row.get("loss_type")}
                    | {m: mean_interval([r[m] for r in runs]) for m in METRICS})
     return out
 
@@ -75,9 +83,10 @@ def matched_differences(per_seed: dict) -> list:
                 beyond.append(s)
             else:
                 deltas.append(ppo - x["gt_reward"])
-        d = {k: row[k] for k in ("method", "setting", "knob", "stage")}
+        d = {k: row[k] for k in ("method", "setting", "knob", "stage")} | {"loss_type": row.get("loss_type")}
         d["ppo_minus"] = mean_interval(deltas) if not beyond else None
         d["beyond_ppo_kl_in_seeds"] = beyond
+        d["resolution"] = resolution(d["ppo_minus"]) if d["ppo_minus"] else None
         out.append(d)
     return out
 
@@ -95,8 +104,9 @@ def headline(diffs: list, beta: float) -> dict:
         for method in ("DPO-onpolicy", "DPO-iterative"):
             if method in pick and h["offline"]:
                 off, on = h["offline"]["ppo_minus"]["values"], pick[method]["ppo_minus"]["values"]
-                h["variants"][method] = {"row": pick[method],
-                                         "improvement": mean_interval([a - b for a, b in zip(off, on)])}
+                imp = mean_interval([a - b for a, b in zip(off, on)])
+                h["variants"][method] = {"row": pick[method], "improvement": imp,
+                                         "improvement_resolution": resolution(imp)}
         out[setting] = h
     return out
 
@@ -119,7 +129,11 @@ def _range(iv: dict, digits: int = 3, *, short: bool = False) -> str:
 
 
 def _knob(r) -> str:
-    return "–" if r["knob"] is None else f"{'β' if r['method'].startswith('DPO') else 'KL coef'} {r['knob']:g}"
+    """The row's knob, and a GRPO row's loss type (TRL's name) when its results record it."""
+    if r["knob"] is None:
+        return "–"
+    knob = f"{'β' if r['method'].startswith('DPO') else 'KL coef'} {r['knob']:g}"
+    return f"{knob}, {r['loss_type']} loss" if r.get("loss_type") else knob
 
 
 def table(rows: list, timing: Optional[dict] = None) -> str:
@@ -135,12 +149,38 @@ def table(rows: list, timing: Optional[dict] = None) -> str:
 
 
 def diff_table(diffs: list, rows: list) -> str:
+    """PPO − X per row X, whether its interval excludes 0 at the run's seeds (n), and the seeds that would resolve
+    it at the observed mean and spread (`stats.resolution`; "not resolvable: mean ≈ 0" when |mean| ≤ s/√n)."""
     kl = {r["stage"]: r["kl_to_sft"] for r in rows}
-    lines = ["| X | pairs | knob | KL→SFT of X | PPO − X (gt reward at X's KL) |", "|---|---|---|---:|---:|"]
+    n = next((d["ppo_minus"]["n"] for d in diffs if d["ppo_minus"]), None)
+    at = "the run's seeds" if n is None else f"{n} seed{'s' if n != 1 else ''}"
+    lines = [f"| X | pairs | knob | KL→SFT of X | PPO − X (gt reward at X's KL) | resolved at {at} | "
+             f"seeds to resolve |", "|---|---|---|---:|---:|:---:|---:|"]
     for d in diffs:
         cell = _pm(d["ppo_minus"]) if d["ppo_minus"] else f"beyond PPO's largest KL (seeds {d['beyond_ppo_kl_in_seeds']})"
-        lines.append(f"| {d['method']} | {d['setting']} | {_knob(d)} | {_pm(kl[d['stage']], 2)} | {cell} |")
+        res = resolution(d["ppo_minus"]) if d["ppo_minus"] else None  # recomputed: older compare.json lack it
+        done = "–" if res is None else "yes" if res["resolved"] else "no"
+        need = "–" if res is None else res["note"] or str(res["seeds_needed"])
+        lines.append(f"| {d['method']} | {d['setting']} | {_knob(d)} | {_pm(kl[d['stage']], 2)} | {cell} | {done} | "
+                     f"{need} |")
     return "\n".join(lines)
+
+
+def resolved_text(iv: dict, *, short: bool = False) -> str:
+    """Whether a paired difference is resolved at its seeds and, if not, how many seeds would resolve it:
+    "resolved at 3 seeds" · "not resolved at 3 seeds; 5 would resolve it at this mean and spread" ·
+    "not resolved at 3 seeds; not resolvable: mean ≈ 0" · "one seed: no spread"; with short=True "resolved",
+    "needs 5 seeds", "mean ≈ 0", "one seed"."""
+    res = resolution(iv)
+    if res is None:
+        return "one seed" if short else "one seed: no spread"
+    if short:
+        return "resolved" if res["resolved"] else "mean ≈ 0" if res["note"] else f"needs {res['seeds_needed']} seeds"
+    head = f"{'resolved' if res['resolved'] else 'not resolved'} at {iv['n']} seeds"
+    if res["resolved"]:
+        return head
+    return f"{head}; {res['note']}" if res["note"] else f"{head}; {res['seeds_needed']} would resolve it at this " \
+                                                         f"mean and spread"
 
 
 def _side(iv: dict) -> Optional[int]:
@@ -199,23 +239,27 @@ def sentences(head: dict) -> list:
             out.append(f"{where}: no matched-KL comparison with DPO at β {head[setting]['beta']:g} ({why}).")
             continue
         out.append(f"{where}, PPO − DPO ({_knob(off)}) at matched KL is {_range(off['ppo_minus'])}: "
-                   f"{_winner(off['ppo_minus'], 'DPO')}.")
+                   f"{_winner(off['ppo_minus'], 'DPO')} ({resolved_text(off['ppo_minus'])}).")
     parts = []
     for setting, where in (("in", "in-distribution"), ("ood", "out-of-distribution")):
         h = head.get(setting)
         if not h or not h["variants"] or h["offline"] is None:
             continue
         vs = h["variants"].items()
+        off = h["offline"]["ppo_minus"]
         parts.append(
-            f"{where}, PPO − DPO at matched KL is {_range(h['offline']['ppo_minus'], short=True)} offline, "
-            + " and ".join(f"{_range(v['row']['ppo_minus'], short=True)} {KINDS[m]}" for m, v in vs)
+            f"{where}, PPO − DPO at matched KL is {_range(off, short=True)} offline ({resolved_text(off, short=True)}), "
+            + " and ".join(f"{_range(v['row']['ppo_minus'], short=True)} {KINDS[m]} "
+                           f"({resolved_text(v['row']['ppo_minus'], short=True)})" for m, v in vs)
             + "; the improvement over offline is "
-            + " and ".join(f"{_range(v['improvement'], short=True)} {KINDS[m]}" for m, v in vs)
+            + " and ".join(f"{_range(v['improvement'], short=True)} {KINDS[m]} "
+                           f"({resolved_text(v['improvement'], short=True)})" for m, v in vs)
             + f": {_onpolicy_verdict(h)}")
     beta = next(iter(head.values()))["beta"] if head else None
     if parts:
-        out.append(f"On-policy pairs labelled by the reward model (β {beta:g}; [95 % interval]) — " + "; ".join(parts)
-                   + ".")
+        n = next(h["offline"]["ppo_minus"]["n"] for h in head.values() if h["variants"] and h["offline"])
+        out.append(f"On-policy pairs labelled by the reward model (β {beta:g}; [95 % interval] (resolved at {n} seeds / "
+                   f"seeds needed at this mean and spread / mean ≈ 0)) — " + "; ".join(parts) + ".")
     elif any(h["offline_run"] for h in head.values()):
         out.append(f"Whether on-policy data closes DPO's gap is not measured: offline DPO at β {beta:g} (or the "
                    f"on-policy rows) lie beyond PPO's KL sweep in some seed.")
@@ -225,13 +269,31 @@ def sentences(head: dict) -> list:
     return out
 
 
-def report_markdown(r: dict, *, image: str = "frontier.png", level: int = 1) -> str:
-    """report.md (and the README's compare section): findings, table, matched-KL differences, plot, rules."""
+def report_markdown(r: dict, *, image: str = "frontier.png", level: int = 1, title: Optional[str] = None,
+                    results_table: bool = True) -> str:
+    """report.md (and the README's compare section): findings, the seed document's claims, table, matched-KL
+    differences, plot, rules. `title` replaces the heading's text; results_table=False leaves the table of every
+    row out (the README's 10-seed block: report.md has it)."""
+    from .claims import RULE, claims_markdown, judge  # claims.py builds on this module
+
     h = "#" * level
     p, seeds = r["preset"], r["seeds"]
     n = len(seeds)
+    command = f"fusealign compare --preset {r['config']['preset']}" + (
+        f" --seeds {r['config']['seeds']}" if r["config"].get("seeds") else "")
+    results = [
+        f"{h}# Results",
+        "",
+        table(r["rows"], r.get("timing", {}).get("stages")),
+        "",
+        "knob: KL coefficient β of the reward penalty for PPO and GRPO, β for DPO. pairs: what the reward model "
+        "(and offline DPO) trained on. DPO-onpolicy: pairs sampled once from the SFT policy, labelled by that "
+        "setting's reward model; DPO-iterative: re-sampled from the current DPO policy every "
+        f"{p['resample_every']} steps.",
+        "",
+    ]
     return "\n".join([
-        f"{h} PPO or DPO? `fusealign compare --preset {r['config']['preset']}`",
+        f"{h} {title or f'PPO or DPO? `{command}`'}",
         "",
         f"Built-in task, {n} seed{'s' if n > 1 else ''} ({', '.join(map(str, seeds))}), each re-running the whole "
         f"pipeline (SFT → reward model → PPO / GRPO, and DPO from the same SFT policy); device {r['device']}, "
@@ -243,20 +305,20 @@ def report_markdown(r: dict, *, image: str = "frontier.png", level: int = 1) -> 
         "",
         *[f"- {s}" for s in sentences(r["headline"])],
         "",
-        f"{h}# Results",
+        f"{h}# The seed document's claims",
         "",
-        table(r["rows"], r.get("timing", {}).get("stages")),
+        *claims_markdown(judge(r)),
         "",
-        "knob: KL coefficient β of the reward penalty for PPO and GRPO, β for DPO. pairs: what the reward model "
-        "(and offline DPO) trained on. DPO-onpolicy: pairs sampled once from the SFT policy, labelled by that "
-        "setting's reward model; DPO-iterative: re-sampled from the current DPO policy every "
-        f"{p['resample_every']} steps.",
+        RULE,
         "",
+        *(results if results_table else []),
         f"{h}# PPO − X at matched KL",
         "",
         diff_table(r["differences"], r["rows"]),
         "",
         r["matched_kl"],
+        "",
+        RESOLVE,
         "",
         f"![reward vs KL]({image})",
         "",
@@ -308,7 +370,7 @@ def plot(rows: list, path: Path) -> bool:
 
 def render(out_dir: Path) -> None:
     """Re-render report.md and frontier.png of a finished study from its compare.json (the numbers are not
-    touched): `python -m fusealign.engine.report runs/compare`."""
+    touched): `python -m fusealign.engine.study.report runs/compare`."""
     import json
 
     r = json.loads((Path(out_dir) / "compare.json").read_text())

@@ -39,44 +39,27 @@ import torch
 
 from fusealign.kernels import linear_kl, segment_sum
 
+from fusealign.losses import DPOOptions, GRPOOptions
+
+from ..checkpoint import latest_checkpoint, write_text_atomic
+from ..config import DPOConfig, PPOConfig, RMConfig, SFTConfig
+from ..data import collate
+from ..errors import UserError
+from ..models import completion_inputs, load_causal_lm
+from ..recipes import check_output_dir, load_tokenizer, run_dpo, run_ppo, run_rm, run_sft
+from ..runtime import resolve_device, set_threads
+from ..sampling import sample
 from . import task
-from .checkpoint import latest_checkpoint, write_text_atomic
-from .errors import UserError
-from .config import CompareConfig, DPOConfig, PPOConfig, RMConfig, SFTConfig
-from .data import collate
-from .models import completion_inputs, load_causal_lm
-from .recipes import check_output_dir, load_tokenizer, run_dpo, run_ppo, run_rm, run_sft
-from .report import MATCHED_KL, aggregate, headline, matched_differences, plot, report_markdown, sentences, table
-from .sampling import sample
-from .trainer import resolve_device, set_threads
+from .claims import claims_markdown, judge
+from .config import CompareConfig, parse_seeds
+from .presets import DPO_DATA, PRESETS, SETTINGS  # noqa: F401  (DPO_DATA re-exported)
+from .report import (MATCHED_KL, aggregate, diff_table, headline, matched_differences, plot, report_markdown, sentences,
+                     table)
 
-DPO_DATA = ("offline", "onpolicy", "iterative")
-
-PRESETS = {
-    # name: stage sizes and per-setting sweeps ("in" overridden by --kl-coefs / --betas). `main_beta` is the β of
-    # the on-policy rows and of the DPO rows the findings quote: DPOConfig's default, fixed before any run rather
-    # than picked from the results. GRPO draws
-    # `grpo_generations` samples for each of ppo_batch / grpo_generations prompts: as many samples per iteration as
-    # PPO. On-policy DPO samples `onpolicy_prompts` pairs once (default: as many as the offline set holds);
-    # iterative DPO re-samples every `resample_every` steps, resample_every × 16 (the DPO batch) pairs a round, so
-    # each pair is trained on once.
-    "smoke": dict(seeds=(0, 1), sft_steps=40, rm_steps=40, dpo_steps=30, ppo_steps=6, ppo_batch=16, eval_prompts=48,
-                  ppo_kl_coefs={"in": (0.05,), "ood": (0.05,)}, grpo_kl_coefs={"in": (0.05,), "ood": ()},
-                  dpo_betas={"in": (0.5,), "ood": (0.5,)}, main_beta=0.5, grpo_generations=4,
-                  onpolicy_prompts=96, resample_every=15),
-    "default": dict(seeds=(0, 1, 2), sft_steps=200, rm_steps=200, dpo_steps=200, ppo_steps=60, ppo_batch=32,
-                    eval_prompts=256, ppo_kl_coefs={"in": (0.01, 0.05, 0.2, 0.5, 1.0), "ood": (0.05, 0.2, 0.5, 1.0)},
-                    grpo_kl_coefs={"in": (0.05,), "ood": ()},
-                    dpo_betas={"in": (0.1, 0.5, 2.0), "ood": (0.1, 0.5, 2.0)}, main_beta=0.5,
-                    grpo_generations=4, onpolicy_prompts=2000, resample_every=50),
-    "gpu": dict(seeds=(0, 1, 2, 3, 4), sft_steps=500, rm_steps=500, dpo_steps=500, ppo_steps=200, ppo_batch=64,
-                eval_prompts=1024, ppo_kl_coefs={"in": (0.005, 0.01, 0.03, 0.05, 0.1, 0.2, 0.5, 1.0),
-                                                 "ood": (0.01, 0.05, 0.2, 1.0)},
-                grpo_kl_coefs={"in": (0.01, 0.05, 0.2), "ood": (0.05,)},
-                dpo_betas={"in": (0.05, 0.1, 0.3, 0.5, 1.0, 2.0), "ood": (0.1, 0.5, 2.0)}, main_beta=0.5,
-                grpo_generations=4, onpolicy_prompts=2000, resample_every=100),
-}
-SETTINGS = (("in", "builtin:pairs"), ("ood", "builtin:pairs-ood"))
+# The GRPO rows' loss (TRL 1.16's name, stated in the row): bnpo = PPO's clipped surrogate as a token mean over each
+# minibatch, the loss the committed GRPO results were run with (TRL's default, dapo, divides by the rollout's
+# tokens per minibatch instead).
+GRPO_LOSS_TYPE = "bnpo"
 RECIPES = {"ppo": run_ppo, "dpo": run_dpo}
 MAX_NEW_TOKENS = 24  # evaluation samples: longer than any SFT completion (≤ 11 tokens), so EOS can be missed
 
@@ -86,7 +69,7 @@ def _floats(text, default):
 
 
 def seeds_of(cfg: CompareConfig) -> tuple:
-    return tuple(int(x) for x in cfg.seeds.split(",")) if cfg.seeds else tuple(PRESETS[cfg.preset]["seeds"])
+    return parse_seeds(cfg.seeds) or tuple(PRESETS[cfg.preset]["seeds"])
 
 
 def make_deterministic(threads: int) -> None:
@@ -190,20 +173,21 @@ def policy_stages(cfg: CompareConfig, p: dict, seed: int, dirs: dict) -> list:
             name, k = f"grpo-{setting}-kl{kc:g}", p["grpo_generations"]
             stages.append(Stage(seed, "GRPO", setting, kc, name, "ppo", PPOConfig(
                 output_dir=str(out / name), advantage="grpo", num_generations=k, batch_size=p["ppo_batch"] // k,
-                kl_coef=kc, **rl)))
+                kl_coef=kc, grpo=GRPOOptions(loss_type=GRPO_LOSS_TYPE), **rl)))
         dpo = dict(sft_model=dirs["sft"], max_steps=p["dpo_steps"], eval_samples=8, **common)
         betas = _floats(cfg.betas, p["dpo_betas"]["in"]) if setting == "in" else p["dpo_betas"][setting]
         for b in betas if "offline" in dpo_data else ():
             name = f"dpo-{setting}-b{b:g}"
             stages.append(Stage(seed, "DPO", setting, b, name, "dpo", DPOConfig(
-                output_dir=str(out / name), data=data, beta=b, **dpo)))
+                output_dir=str(out / name), data=data, loss=DPOOptions(beta=b), **dpo)))
         b = p["main_beta"]
         K = p["resample_every"]
         for kind, every, n in (("onpolicy", 0, p["onpolicy_prompts"]), ("iterative", K, K * DPOConfig.batch_size)):
             if kind in dpo_data:
                 name = f"dpo-{kind}-{setting}-b{b:g}"
                 stages.append(Stage(seed, f"DPO-{kind}", setting, b, name, "dpo", DPOConfig(
-                    output_dir=str(out / name), data="onpolicy", reward_model=dirs[f"rm-{setting}"], beta=b,
+                    output_dir=str(out / name), data="onpolicy", reward_model=dirs[f"rm-{setting}"],
+                    loss=DPOOptions(beta=b),
                     onpolicy_prompts=n, resample_every=every, **dpo)))
     return stages
 
@@ -225,14 +209,16 @@ def train_and_evaluate(cfg: CompareConfig, p: dict, stage: Stage, sft_dir: str) 
     sft_samples = sample(sft, tok, prompts, max_new_tokens=MAX_NEW_TOKENS, seed=stage.seed + 2)
     ev = evaluate(policy_dir, sft, tok, prompts, sft_samples, seed=stage.seed, backend=cfg.backend)
     timing[f"eval-{stage.name}"] = {"wall_s": time.perf_counter() - t0}
-    row = {"method": stage.method, "setting": stage.setting, "knob": stage.knob, "stage": stage.name, **ev}
+    grpo = isinstance(stage.cfg, PPOConfig) and stage.cfg.advantage != "gae"
+    row = {"method": stage.method, "setting": stage.setting, "knob": stage.knob, "stage": stage.name,
+           "loss_type": stage.cfg.grpo.loss_type if grpo else None, **ev}
     return row, timing
 
 
 def _worker_init(threads: int) -> None:
     from transformers.utils import logging as hf_logging
 
-    from . import loop
+    from .. import loop
 
     loop.SHOW_PROGRESS = False  # the parent prints one line per finished task instead of interleaved bars
     hf_logging.disable_progress_bar()
@@ -317,6 +303,7 @@ def run_compare(cfg: CompareConfig) -> dict:
               "interval": "95 % Student-t interval across seeds: mean ± t(0.975, n−1)·s/√n",
               "matched_kl": MATCHED_KL, "rows": rows, "differences": diffs, "headline": headline(diffs, p["main_beta"]),
               "per_seed": {str(s): v for s, v in per_seed.items()}}
+    report["claims"] = judge(report)  # the seed document's claims (claims.py), from the numbers above
     # the one key that differs between two runs of the same command, last in the file
     report["timing"] = {"total_wall_s": time.perf_counter() - t_start, "jobs": jobs, "stages": timing}
     write_text_atomic(out / "compare.json", json.dumps(report, indent=1, default=str))
@@ -324,6 +311,10 @@ def run_compare(cfg: CompareConfig) -> dict:
     write_text_atomic(out / "report.md", report_markdown(report))
     print(table(rows, timing))
     print()
+    print(diff_table(diffs, rows))
+    print()
     print("\n".join(sentences(report["headline"])))
+    print()
+    print("\n".join(claims_markdown(report["claims"])))
     print(f"\n{out / 'report.md'}; {time.perf_counter() - t_start:.0f} s on {jobs} worker(s) × {cfg.threads} thread(s)")
     return report
