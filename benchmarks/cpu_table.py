@@ -51,13 +51,20 @@ def cpu_table(data: dict) -> str:
     timed = data["records"]
     lines = [f"CPU: {h.get('cpu_model')}, {h.get('threads')} threads of {h.get('cores')} cores, fp32, torch "
              f"{h.get('torch')}, commit `{(h.get('commit') or '')[:10]}`, {h.get('date')}; load average "
-             f"{', '.join(f'{x:.1f}' for x in h.get('load_before', []))} before, "
-             f"{', '.join(f'{x:.1f}' for x in h.get('load_after', []))} after; "
+             f"{', '.join(f'{x:.1f}' for x in h.get('load_before', []))} before"
+             + (f", {', '.join(f'{x:.1f}' for x in h['load_after'])} after; " if h.get("load_after") else "; ")
              + "".join(f"{k}={v}; " for k, v in h.get("env", {}).items())
              + f"{h.get('reps')} interleaved "
              f"repeats. Time as a multiple of the bare matmul's median in the same run (forward: 1 GEMM; "
              f"forward + backward: 3), median [min–max]; +H = with entropy. Peers: "
              + ", ".join(f"{k} {v}" for k, v in sorted(h.get("versions", {}).items())) + ".", ""]
+    if h.get("note"):
+        lines[-1:] = ["", f"Note: {h['note']}", ""]
+    for part in h.get("parts", []):  # a run made of several invocations: each one's command, commit and load
+        lines.insert(-1, f"- `{part.get('command')}`: commit `{(part.get('commit') or '')[:10]}`, {part.get('date')}, "
+                         f"load {', '.join(f'{x:.1f}' for x in part.get('load_before') or [])} before"
+                         + (f", {', '.join(f'{x:.1f}' for x in part['load_after'])} after" if part.get("load_after")
+                            else ""))
     for op, labels in (("logps", LABEL), ("kl", KL_LABEL)):
         shapes = sorted({(r["N"], r["H"], r["V"]) for r in timed if r["op"] == op},
                         key=lambda s: s[0] * s[1] * s[2])

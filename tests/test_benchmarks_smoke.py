@@ -28,3 +28,17 @@ def test_benchmark_smoke(script, tmp_path, monkeypatch):
     if script == "bench_cpu.py":  # correctness beside every time, peak memory from its own process
         assert all(r["errors"] for r in ours) and all(r["ratio"] for r in ours)
         assert data["memory"] and all(m["peak_mem_bytes"] is not None for m in data["memory"])
+
+
+def test_readme_cpu_table_is_generated_from_the_committed_json():
+    """The README's CPU table is cpu_table() of benchmarks/results/cpu/cpu.json (scripts/readme_tables.py),
+    never typed by hand; the JSON names its machine, versions and commit."""
+    root = BENCH.parent
+    tables = runpy.run_path(str(root / "scripts" / "readme_tables.py"))
+    readme = (root / "README.md").read_text()
+    begin, end = "<!-- cpu-bench:begin -->", "<!-- cpu-bench:end -->"
+    assert readme[readme.index(begin) + len(begin):readme.index(end)] == "\n" + tables["cpu_section"]()
+    data = json.loads((BENCH / "results" / "cpu" / "cpu.json").read_text())
+    assert data["header"]["commit"] and data["header"]["cpu_model"] and data["header"]["versions"]
+    assert {(r["N"], r["H"], r["V"]) for r in data["records"] if r["op"] == "logps"} >= {
+        (512, 512, 32000), (2048, 1024, 32000), (1024, 1024, 128256)}
