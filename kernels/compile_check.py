@@ -318,7 +318,7 @@ def _run_launchers(H: int, V: int, dtype, N: int = 256):
     valid = torch.ones(N, dtype=torch.uint8)
     klt.kl_fwd(h, w, h, w, valid, temperature=1.0, softcap=None)
     klt.kl_bwd_dz(h, w, None, h, w, None, valid, f, f, f, f, dz, reverse=False, temperature=1.0, softcap=None)
-    if dtype == torch.float16:  # CUDA's backward writes fp16 inputs' ∂r in bf16 (head_backward.dz_dtype)
+    if dtype == torch.float16:  # CUDA's backward writes fp16 inputs' ∂r in bf16 (head_backward.dz_dtype_of)
         dz16 = torch.empty((N, V), dtype=torch.bfloat16)
         lt.logps_bwd_dz(h, w, None, y, f, f, f, f, dz16, temperature=1.0, softcap=None, ignore_index=-100)
         klt.kl_bwd_dz(h, w, None, h, w, None, valid, f, f, f, f, dz16, reverse=False, temperature=1.0,

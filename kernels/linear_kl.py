@@ -6,7 +6,11 @@ Math (token t; z = policy logits, z_ref = reference logits, both softcap(h Wᵀ)
     ∂KL_fwd/∂z_v = p_v (log p_v − log q_v − KL),   ∂KL_rev/∂z_v = p_v − q_v
 Gradients flow to the policy side only (`hidden`, `weight`); the reference is a constant.
 Saved for backward: inputs (no copies) and per-token lse, lse_ref, KL — O(N). Both logit tiles are
-recomputed in backward; no (N, V) tensor exists (see linear_kl_triton.py / linear_kl_torch.py).
+recomputed in backward; no (N, V) tensor exists (see linear_kl_triton.py / linear_kl_torch.py) — except
+on the torch backend when both heads' fp32 logits for the whole batch fit `chunk_bytes` (2·N·V·4 bytes,
+one forward chunk; with `shard`, this rank's rows): the Function keeps the two tiles and the backward forms
+∂r from them in place (no logit GEMM; consumed by the first backward, a second one under
+`retain_graph=True` recomputes; nothing is kept under `torch.no_grad()`).
 The reference head may be wider (distillation): ref_weight is (V, H_ref) with H_ref ≠ H allowed. Each
 head may carry a bias; gradients reach the policy's bias too.
 Vocabulary-parallel heads (`shard`, see vocab_parallel.py): the same Function; each rank's split statistics are
@@ -22,39 +26,53 @@ import torch.distributed as dist
 
 from . import vocab_parallel as vp
 from .checks import check_linear_head
+from .chunked import head_weight
 from .common import DEFAULT_CHUNK_BYTES, KL_ROWS, HeadOptions, backend_impl, needs_grad, on_device
-from .head_backward import head_backward
+from .head_backward import head_backward, keeps_tile
 from .linear_kl_torch import kl_combine_stats
 
 DIRECTIONS = ("forward", "reverse")
 
 
 def _forward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, valid, reverse, opts: HeadOptions,
-             shard: Optional[vp.VocabShard] = None):
-    """-> kl, lse (policy), lse_ref: (N,) fp32 (with `shard`: the whole vocabulary's, from this rank's rows),
-    launched on the tensors' device (common.on_device)."""
+             shard: Optional[vp.VocabShard] = None, keep: bool = False):
+    """As `_forward_here`, launched on the tensors' device (common.on_device)."""
     with on_device(hidden):
-        return _forward_here(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, valid, reverse, opts, shard)
+        return _forward_here(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, valid, reverse, opts, shard,
+                             keep)
 
 
 def _forward_here(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, valid, reverse, opts: HeadOptions,
-                  shard: Optional[vp.VocabShard] = None):
+                  shard: Optional[vp.VocabShard] = None, keep: bool = False):
+    """-> kl, lse (policy), lse_ref: (N,) fp32 (with `shard`: the whole vocabulary's, from this rank's rows).
+    With `keep` (torch backend only, see `keeps_tile`) a 4th element: the kept (policy, reference) final-logit
+    tiles of these rows when both fitted one chunk, else None."""
     if hidden.shape[0] == 0 and shard is None:
         e = hidden.new_zeros((0,), dtype=torch.float32)
-        return e, e.clone(), e.clone()
+        return (e, e.clone(), e.clone()) + ((None,) if keep else ())
     kw = dict(temperature=opts.temperature, softcap=opts.softcap, chunk_bytes=opts.chunk_bytes)
+    if keep:
+        kw["keep"] = True
     impl = backend_impl("kl", opts.backend, hidden, weight)
     # KL(A‖B): forward KL(π‖π_ref) has A = policy, B = reference; reverse KL(π_ref‖π) the other way round.
     a, b = ((ref_hidden, ref_weight, ref_bias), (hidden, weight, bias)) if reverse else \
         ((hidden, weight, bias), (ref_hidden, ref_weight, ref_bias))
+    tiles = None
     if shard is None:
-        kl, lse_a, lse_b = impl.kl_fwd(a[0], a[1], b[0], b[1], valid, bias_a=a[2], bias_b=b[2], **kw)
-    else:  # an empty shard: neutral statistics, and still the gather (vocab_parallel.empty_stats)
-        stats = vp.empty_stats(KL_ROWS, hidden.shape[0], hidden.device) if shard.size == 0 else \
-            impl.kl_partial_stats(a[0], a[1], b[0], b[1], bias_a=a[2], bias_b=b[2], **kw)
+        out = impl.kl_fwd(a[0], a[1], b[0], b[1], valid, bias_a=a[2], bias_b=b[2], **kw)
+        (kl, lse_a, lse_b), tiles = out[:3], (out[3] if keep else None)
+    else:
+        if shard.size == 0:  # an empty shard: neutral statistics, and still the gather (vocab_parallel.empty_stats)
+            stats = vp.empty_stats(KL_ROWS, hidden.shape[0], hidden.device)
+        else:
+            stats = impl.kl_partial_stats(a[0], a[1], b[0], b[1], bias_a=a[2], bias_b=b[2], **kw)
+            if keep:
+                stats, tiles = stats
         kl, lse_a, lse_b = kl_combine_stats(vp.gather_ranks(vp.merge_kl_partials(stats), shard.group), valid)
     lse, lse_ref = (lse_b, lse_a) if reverse else (lse_a, lse_b)
-    return kl, lse, lse_ref
+    if tiles is not None and reverse:
+        tiles = tiles[::-1]  # (policy, reference)
+    return (kl, lse, lse_ref) + ((tiles,) if keep else ())
 
 
 class LinearKLFunction(torch.autograd.Function):
@@ -65,9 +83,11 @@ class LinearKLFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, valid, reverse: bool, opts: HeadOptions,
                 shard: Optional[vp.VocabShard] = None):
-        kl, lse, lse_ref = _forward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, valid, reverse, opts,
-                                    shard)
+        keep = keeps_tile(hidden, opts) and any(ctx.needs_input_grad[:3])  # see LinearLogpsFunction
+        out = _forward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, valid, reverse, opts, shard, keep)
+        kl, lse, lse_ref = out[:3]
         ctx.save_for_backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, valid, lse, lse_ref, kl)
+        ctx.kept = out[3] if keep else None  # (policy, reference) tiles: intermediates, plain attributes
         ctx.reverse, ctx.opts, ctx.shard = reverse, opts, shard
         ctx.set_materialize_grads(False)
         return kl
@@ -78,32 +98,49 @@ class LinearKLFunction(torch.autograd.Function):
         hidden, weight, bias, ref_hidden, ref_weight, ref_bias, valid, lse, lse_ref, kl = ctx.saved_tensors
         if g is None:
             return (None,) * 10
+        needs, shard = ctx.needs_input_grad[:3], ctx.shard
+        g = g.reshape(-1).float().contiguous()
+        kept, ctx.kept = ctx.kept, None  # ∂r overwrites the policy's kept tile: a second backward recomputes
+        want_h = needs[0] or shard is not None  # the all-reduce below needs every rank's part
         with on_device(hidden):
-            dh, dW, db = _backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, valid, lse, lse_ref, kl, g,
-                                   ctx.reverse, ctx.opts, ctx.needs_input_grad[:3], ctx.shard)
-        return dh, dW, db, None, None, None, None, None, None, None
+            dh, dW, db = kl_backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, valid, lse, lse_ref, kl,
+                                     g, ctx.reverse, ctx.opts, (want_h, needs[1], needs[2]), kept)
+        if shard is not None:
+            dist.all_reduce(dh, group=shard.group)  # ∂h sums over the whole vocabulary
+        return (dh if needs[0] else None), dW, db, None, None, None, None, None, None, None
 
 
-def _backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, valid, lse, lse_ref, kl, g, reverse,
-              opts: HeadOptions, needs, shard: Optional[vp.VocabShard]):
-    """Gradients (dh (N, H), dW (V, H), db (V,)) of the policy side for upstream g: (N,); with `shard`, this rank's
-    dW, db and dh summed over the group (a collective)."""
-    g = g.reshape(-1).float().contiguous()
+def kl_backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, valid, lse, lse_ref, kl, g, reverse,
+                opts: HeadOptions, needs, kept=None):
+    """(dh, dW, db) of Σ g·KL through head_backward (this rank's rows; no collective).
+    `kept`: the torch backend's (policy, reference) tiles from the forward (the policy's becomes the ∂r buffer).
+    On the torch backend both weights are upcast once per call and the reference's logits of every chunk go to
+    one workspace (or are the kept tile)."""
     impl = backend_impl("kl", opts.backend, hidden, weight)
+    on_torch = opts.backend == "torch"
+    w, w_ref = (head_weight(weight), head_weight(ref_weight)) if on_torch else (weight, ref_weight)
+    ref_ws = [None]  # the torch backend's reference-logit workspace, allocated by the first (largest) block
 
     def write_dz(rows, dz, cols=slice(None)):
-        # cols: a vocabulary slice (head_backward's sliced path): both heads' rows of W and b.
+        # cols: a vocabulary slice (head_backward's sliced path, never with kept tiles): both heads' rows of W, b.
         sl = lambda t: None if t is None else t[cols]  # noqa: E731
-        impl.kl_bwd_dz(hidden[rows], weight[cols], sl(bias), ref_hidden[rows], ref_weight[cols], sl(ref_bias),
+        kw = {}
+        if on_torch:
+            if kept is not None:
+                ref = kept[1]
+            else:
+                if ref_ws[0] is None:
+                    ref_ws[0] = torch.empty(dz.numel(), device=dz.device, dtype=torch.float32)
+                ref = ref_ws[0][: dz.numel()].view(dz.shape)
+            kw = dict(logits_in_dz=kept is not None, ref_logits=ref)
+        impl.kl_bwd_dz(hidden[rows], w[cols], sl(bias), ref_hidden[rows], w_ref[cols], sl(ref_bias),
                        valid[rows], lse[rows], lse_ref[rows], kl[rows], g[rows], dz, reverse=reverse,
-                       temperature=opts.temperature, softcap=opts.softcap)
+                       temperature=opts.temperature, softcap=opts.softcap, **kw)
 
-    want_h = needs[0] or shard is not None  # the all-reduce below needs every rank's part
-    dh, dW, db = head_backward(hidden, weight, bias, valid == 0, write_dz, chunk_bytes=opts.chunk_bytes,
-                               temp_bytes_per_logit=impl.BWD_BYTES_PER_LOGIT, needs=(want_h, needs[1], needs[2]))
-    if shard is not None:
-        dist.all_reduce(dh, group=shard.group)  # ∂h sums over the whole vocabulary
-    return (dh if needs[0] else None), dW, db
+    return head_backward(hidden, weight, bias, valid == 0, write_dz, chunk_bytes=opts.chunk_bytes,
+                         temp_bytes_per_logit=impl.bwd_bytes_per_logit if on_torch else impl.BWD_BYTES_PER_LOGIT,
+                         needs=needs, weight_work=w if on_torch else None,
+                         dz_buffer=None if kept is None else kept[0])
 
 
 def linear_kl(

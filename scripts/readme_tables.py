@@ -1,6 +1,6 @@
 """Regenerate the README's result sections from committed raw results (never typed by hand).
 
-    python scripts/readme_tables.py      # rewrites the sections between <!-- compare:begin/end --> markers
+    python scripts/readme_tables.py      # rewrites the sections between <!-- compare/cpu-bench:begin/end --> markers
 
 The compare section has two parts, each rendered from a committed `compare.json` by `report_markdown` (the
 function that writes every run's report.md) with the plot's path from the repository root and headings one
@@ -10,6 +10,8 @@ level down:
     that would resolve each, the plot (its full table stays in its report.md). Until that directory is
     committed, a paragraph says so and gives the commands that make it;
   - the quick check, `benchmarks/results/compare/` (the main job, `bash scripts/run.sh`: 3 seeds), in full.
+The cpu-bench section is benchmarks/cpu_table.py's table of the committed CPU benchmark,
+`benchmarks/results/cpu/cpu.json` (benchmarks/bench_cpu.py).
 """
 
 import json
@@ -58,6 +60,13 @@ def compare_section(study_dir: Path = STUDY, main_dir: Path = RESULTS) -> str:
     return study_block(study_dir) + "\n" + quick
 
 
+def cpu_section() -> str:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from cpu_table import cpu_table
+
+    return cpu_table(json.loads((ROOT / "benchmarks" / "results" / "cpu" / "cpu.json").read_text()))
+
+
 def replace(text: str, name: str, body: str) -> str:
     begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
     a, b = text.index(begin) + len(begin), text.index(end)
@@ -66,4 +75,5 @@ def replace(text: str, name: str, body: str) -> str:
 
 if __name__ == "__main__":
     readme = ROOT / "README.md"
-    readme.write_text(replace(readme.read_text(), "compare", compare_section()))
+    text = replace(readme.read_text(), "compare", compare_section())
+    readme.write_text(replace(text, "cpu-bench", cpu_section()))

@@ -22,7 +22,7 @@ from triton.runtime.interpreter import InterpretedFunction
 
 import fusealign as fa
 from fusealign.kernels import vocab_parallel
-from fusealign.kernels.head_backward import dz_dtype, head_backward
+from fusealign.kernels.head_backward import dz_dtype_of, head_backward
 from fusealign.kernels.reference import linear_kl_reference, linear_logps_reference
 
 
@@ -178,8 +178,8 @@ def test_fp16_inputs_write_their_logit_gradient_in_bf16_so_small_gradients_survi
     for every p < 4e-3. CUDA's backward stores fp16 inputs' ∂logits in bf16 (fp32's exponent range); the same
     work dtype on the CPU keeps ∂h = g (W_y − E_p[W]) within bf16 rounding of float64, where fp16 ∂logits flush
     the softmax part E_p[W] to zero."""
-    assert dz_dtype(torch.float16, "cuda") == torch.bfloat16
-    assert dz_dtype(torch.bfloat16, "cuda") == torch.bfloat16 and dz_dtype(torch.float16, "cpu") == torch.float32
+    assert dz_dtype_of(torch.float16, "cuda") == torch.bfloat16
+    assert dz_dtype_of(torch.bfloat16, "cuda") == torch.bfloat16 and dz_dtype_of(torch.float16, "cpu") == torch.float32
     g = torch.Generator().manual_seed(3)
     N, H, V = 32, 16, 2048
     h, W = torch.randn(N, H, generator=g).half(), (torch.randn(V, H, generator=g) * 0.3).half()

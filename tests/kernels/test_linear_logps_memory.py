@@ -1,7 +1,8 @@
 """`chunk_bytes` bounds the fused ops' peak extra memory, forward + backward: measured, and by accounting.
 
 The bound (docstrings of `linear_logps` / `linear_kl`): peak extra memory ≤ 1.25 × chunk_bytes + the
-O(N·H + V·H) gradients (and fp32 ∂W accumulator). Measured on the CPU (torch backend) in a fresh process
+O(N·H + V·H) gradients (and fp32 ∂W accumulator) — also when the forward keeps its logit tile(s) for the
+backward because they fit the budget (the last two shapes). Measured on the CPU (torch backend) in a fresh process
 whose peak resident set (VmHWM, reset through /proc/self/clear_refs once the inputs exist) is read
 after forward + backward with an entropy gradient. N = 8,192 × V = 65,536 is 2 GiB of fp32 logits.
 """
@@ -63,6 +64,8 @@ MiB = 2**20
 @pytest.mark.parametrize("N,H,V,chunk_bytes,softcap", [
     (8192, 32, 65536, 256 * MiB, "none"),  # the issue's shape, default budget
     (2048, 16, 262144, 32 * MiB, "30"),  # small budget, wide vocabulary, softcap
+    (512, 32, 65536, 128 * MiB, "none"),  # log-probs: the whole (N, V) tile fits the budget and is kept
+    (256, 32, 65536, 128 * MiB, "30"),  # both KL tiles fit and are kept (2 · N · V · 4 = budget)
 ])
 def test_peak_extra_memory_within_chunk_bytes(op, N, H, V, chunk_bytes, softcap):
     # A fixed mmap threshold: glibc otherwise raises it after each free (up to 32 MiB), and freed buffers below
@@ -89,10 +92,16 @@ def test_backward_chunk_counts_every_buffer():
         seen.setdefault("elem", dz.element_size())
         dz.zero_()
 
-    for temp in (0, linear_logps_torch.BWD_BYTES_PER_LOGIT, linear_kl_torch.BWD_BYTES_PER_LOGIT):
+    # The torch backends declare their temporaries as a function of the ∂r buffer's dtype (fp32 on the CPU:
+    # logps forms ∂r in that buffer, 0 bytes more; KL holds the reference's tile, 4).
+    for temp in (0, linear_logps_torch.BWD_BYTES_PER_LOGIT, linear_kl_torch.BWD_BYTES_PER_LOGIT,
+                 linear_logps_torch.bwd_bytes_per_logit, linear_kl_torch.bwd_bytes_per_logit):
         seen.clear()
         hidden, weight = torch.randn(4096, 8), torch.randn(V, 8)
         hb.head_backward(hidden, weight, None, torch.zeros(4096, dtype=torch.bool), write_dz,
                          chunk_bytes=budget, temp_bytes_per_logit=temp)
         rows = seen["shape"][0]
-        assert rows * V * (seen["elem"] + temp) <= budget < (rows + 1) * V * (seen["elem"] + temp)
+        t = temp(torch.float32) if callable(temp) else temp
+        assert rows * V * (seen["elem"] + t) <= budget < (rows + 1) * V * (seen["elem"] + t)
+    assert (linear_logps_torch.bwd_bytes_per_logit(torch.float32), linear_kl_torch.bwd_bytes_per_logit(torch.float32)) \
+        == (0, 4)

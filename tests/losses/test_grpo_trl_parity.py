@@ -7,7 +7,9 @@ metrics), unmodified, on a tiny Llama with TRL's own fused head, then ours on th
 type × importance-sampling level × clipping option × KL on/off × vLLM IS mode (and the extras: entropy and
 off-policy masks, entropy bonus, bias correction off, SAPO / VESPO parameters, truncated-completion masking,
 temperature): the loss, the gradient of every model parameter and every metric TRL logs agree within 1e-5
-relative. `pytest -s` prints the parity table (also: `python scripts/grpo_parity.py`).
+relative (the fused twin's loss: or at least as near the float64 loss as TRL's, where a loss that nearly
+cancels amplifies fp32 rounding of the log-probs past 1e-5). `pytest -s` prints the parity table (also:
+`python scripts/grpo_parity.py`).
 """
 
 import dataclasses
@@ -30,8 +32,14 @@ def check(row):
             continue
         r = row[impl]
         for what in ("loss_rel", "grad_rel", "metric_rel"):
+            # The fused twin's loss may differ from TRL's by more than RTOL only where it is at least as near the
+            # float64 loss as TRL's own (H.compare measures both then): fp32 rounding of a loss that nearly cancels.
+            if what == "loss_rel" and "loss_err64" in r and r["loss_err64"] <= r["trl_err64"]:
+                continue
             if not r[what] < RTOL:
-                bad.append(f"{row['case']}: {impl} {what} = {r[what]:.2e}")
+                bad.append(f"{row['case']}: {impl} {what} = {r[what]:.2e}"
+                           + (f" (vs float64: ours {r['loss_err64']:.1e}, TRL {r['trl_err64']:.1e})"
+                              if what == "loss_rel" and "loss_err64" in r else ""))
         if r["metrics_missing"]:
             bad.append(f"{row['case']}: {impl} does not log {r['metrics_missing']}")
     return bad
