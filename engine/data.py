@@ -260,7 +260,8 @@ def truncation_report(stats: DataStats) -> Optional[str]:
     if not stats.truncated:
         return None
     return (f"data: {stats.truncated} of {stats.completions} completions are longer than --max-length "
-            f"{stats.max_length} allows and lose their end (EOS); --max-length {stats.longest} keeps every one")
+            f"{stats.max_length} allows and lose their end (EOS or end of turn); --max-length {stats.longest} "
+            f"keeps every one")
 
 
 def check_truncation(stats: DataStats) -> None:

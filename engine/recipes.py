@@ -8,9 +8,11 @@ With `--model builtin`, RM, DPO and PPO start from the built-in task's SFT polic
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
+import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Optional
@@ -22,8 +24,10 @@ from fusealign.losses import BATCH_LOSSES
 
 from .study import task
 from .checkpoint import latest_checkpoint, write_text_atomic
-from .config import DPOConfig, PPOConfig, RMConfig, SFTConfig, TrainConfig
-from .data import DataStream, check_data_file, check_vocab, load_examples, load_prompts
+from . import loop
+from .config import DPOConfig, PPOConfig, RMConfig, SFTConfig, TrainConfig, resolved_hparams
+from .data import DataStream, check_data_file, check_truncation, check_vocab, load_examples, load_prompts, \
+    truncation_report
 from .errors import CheckpointError, DataError, ModelPathError, OutputDirError
 from .models import RewardModel, disable_dropout, fingerprint, load_causal_lm, model_from_config
 from .onpolicy import OnPolicyPairs
@@ -31,15 +35,66 @@ from .objectives import dpo_objective, pair_batch, rm_objective, sequence_logps,
 from .ppo import PPOTrainer
 from .sampling import sample
 from .distributed import check_world_size, init_distributed, run, shard
-from .runtime import autocast, resolve_device, set_threads
+from .runtime import autocast, bf16_enabled, cpu_has_native_bf16, resolve_device, set_threads
 from .trainer import train
 
 
 def _defaults(cfg: TrainConfig, kind: str) -> TrainConfig:
-    """Fill the default output directory, then check every path the run needs — before any model loads."""
+    """Fill the default output directory, check every path the run needs — before any model loads —, and print the
+    resolved hyper-parameters (one block, rank 0)."""
     cfg = replace(cfg, output_dir=cfg.output_dir or f"runs/{kind}")
     preflight(cfg)
+    device = resolve_device(cfg.device)
+    bf16 = bf16_enabled(cfg, device)
+    note(f"{kind}: " + resolved_hparams(cfg, device.type, bf16))
+    if bf16 and device.type == "cpu" and not cpu_has_native_bf16():
+        note(f"{kind}: --bf16 on a CPU without AVX-512 BF16 or AMX: bf16 matrix products are emulated, slower than "
+             f"fp32 (--no-bf16 to run in fp32)")
     return cfg
+
+
+def note(text: str) -> None:
+    """A line (or block) for the user on stderr: rank 0 only, and not from `compare`'s worker processes."""
+    if loop.SHOW_PROGRESS and int(os.environ.get("RANK", "0")) == 0:
+        print(f"fusealign {text}", file=sys.stderr, flush=True)
+
+
+def report_data(kind: str, stats) -> None:
+    """Before training: refuse a --max-length that cuts most completions, say in one line what it cuts."""
+    check_truncation(stats)
+    line = truncation_report(stats)
+    if line:
+        note(f"{kind}: {line}")
+    if stats.prompt_boundary:
+        note(f"{kind}: data: in {stats.prompt_boundary} of {stats.lines} lines the prompt's own tokens are not a prefix "
+             f"of prompt + completion (a template that renders the prompt differently alone, or a token merging "
+             f"across the boundary); the completion starts where they part, as in TRL")
+
+
+def cleans_up(kind: str):
+    """A run that fails before it wrote anything leaves no directory behind: the run directory (and parents) it
+    created are removed on an exception when they are still empty. A directory that existed, or holds anything —
+    metrics, a checkpoint, a cached reference —, stays."""
+    def wrap(fn):
+        @functools.wraps(fn)
+        def run_fn(cfg):
+            path = Path(cfg.output_dir or f"runs/{kind}").absolute()
+            created = []
+            p = path
+            while not p.exists() and p != p.parent:
+                created.append(p)
+                p = p.parent
+            try:
+                return fn(cfg)
+            except BaseException:
+                for d in created:  # deepest first
+                    try:
+                        d.rmdir()  # only if empty
+                    except OSError:
+                        break
+                raise
+        return run_fn
+    return wrap
 
 
 def check_output_dir(path: str) -> None:
@@ -139,15 +194,17 @@ def finish(cfg, summary: dict) -> dict:
 
 
 def _bf16_params(cfg: TrainConfig, device: torch.device) -> bool:
-    """FSDP2's bf16 parameters with fp32 gradient reduction: on CUDA with --bf16, as autocast alone would be."""
-    return device.type == "cuda" and cfg.bf16
+    """FSDP2's bf16 parameters with fp32 gradient reduction: on CUDA with bf16, as autocast alone would be."""
+    return device.type == "cuda" and bf16_enabled(cfg, device)
 
 
+@cleans_up("sft")
 def run_sft(cfg: SFTConfig) -> dict:
     cfg = _defaults(cfg, "sft")
     set_threads(cfg.threads)
     examples, stats = load_examples(cfg.data, "sft", start_tokenizer(cfg), max_length=cfg.max_length,
                                     skip_bad_lines=cfg.skip_bad_lines)
+    report_data("sft", stats)
     info = init_distributed(cfg.device, cfg.fsdp)
     model, tok = load_policy(cfg, init=cfg.model)
     inner = model
@@ -160,12 +217,14 @@ def run_sft(cfg: SFTConfig) -> dict:
                          "data/truncated": stats.truncated})
 
 
+@cleans_up("rm")
 def run_rm(cfg: RMConfig) -> dict:
     cfg = _defaults(cfg, "rm")
     set_threads(cfg.threads)
     device = resolve_device(cfg.device)
     kw = dict(max_length=cfg.max_length, skip_bad_lines=cfg.skip_bad_lines)
     examples, stats = load_examples(cfg.data, "pairs", start_tokenizer(cfg), **kw)
+    report_data("rm", stats)
     ckpt = latest_checkpoint(Path(cfg.output_dir)) if cfg.resume else None
     if ckpt is not None:
         rm, tok = RewardModel.from_pretrained(str(ckpt)), load_tokenizer(ckpt)
@@ -219,7 +278,7 @@ def reference_logps(ref, examples, *, pad_id, average: bool, temperature: float,
         h.update(repr((e.prompt, e.completions)).encode())
     device = next(ref.parameters()).device
     amp = autocast(cfg, device) if cfg is not None else contextlib.nullcontext()
-    mode = "bf16" if (cfg is not None and cfg.bf16 and device.type == "cuda") else "fp"
+    mode = "bf16" if (cfg is not None and bf16_enabled(cfg, device)) else "fp"
     key = f"{h.hexdigest()[:16]}-{ref_key or fingerprint(ref)}-{'avg' if average else 'sum'}-T{temperature}-{mode}"
     path = cache_dir / f"ref_logps-{key}.safetensors" if cache_dir is not None else None
     if path is not None and path.is_file():
@@ -253,6 +312,7 @@ def builtin_rm_path(cfg, init: str) -> str:
     return str(latest_checkpoint(rm_dir))
 
 
+@cleans_up("dpo")
 def run_dpo(cfg: DPOConfig) -> dict:
     cfg = _defaults(cfg, "dpo")
     set_threads(cfg.threads)
@@ -261,6 +321,7 @@ def run_dpo(cfg: DPOConfig) -> dict:
     if not onpolicy:  # data errors before any model is trained or loaded
         examples, stats = load_examples(cfg.data, "pairs", start_tokenizer(cfg), max_length=cfg.max_length,
                                         skip_bad_lines=cfg.skip_bad_lines)
+        report_data("dpo", stats)
     info = init_distributed(cfg.device, cfg.fsdp)
     check_world_size("dpo --data onpolicy", info, not onpolicy, "on-policy pairs are sampled in one process for now")
     batch_wide = sorted(set(cfg.loss.loss_type) & set(BATCH_LOSSES)) + (["--nll-coef"] if cfg.loss.nll_coef else [])
@@ -320,6 +381,7 @@ def run_dpo(cfg: DPOConfig) -> dict:
     return finish(cfg, summary)
 
 
+@cleans_up("ppo")
 def run_ppo(cfg: PPOConfig) -> dict:
     """`fusealign ppo`: defaults to the built-in task, its SFT policy and the reward model trained on it."""
     cfg = _defaults(cfg, "ppo")
