@@ -135,7 +135,14 @@ class TrainConfig(RunConfig):
                                         "trust")
     log_every: int = opt(0, "without a terminal: a progress line every N steps (0: about 20 lines per run)")
     save_every: int = opt(100, "checkpoint every N steps (and at the end)")
-    save_total_limit: int = opt(2, "checkpoints kept")
+    save_total_limit: int = opt(2, "checkpoints kept on disk: each resumable one holds the weights and the AdamW "
+                                   "state (two fp32 moments per parameter, in dcp/): about 3× the fp32 weights; with "
+                                   "--save-only-model, the weights alone. While the next one is written, one more "
+                                   "exists; the run prints the size of its first checkpoint")
+    save_only_model: bool = opt(False, "checkpoints hold what from_pretrained needs — weights, config, tokenizer (and "
+                                       "a reward model's value head) — without optimizer, scheduler, RNG and data "
+                                       "position: about a third of the size, but they cannot be resumed (TRL's "
+                                       "save_only_model); start a new run from one with --model")
     temperature: float = opt(1.0, "softmax temperature of the policy's log-probs")
     attn_implementation: Optional[str] = opt(None, "attention implementation (sdpa, eager, flash_attention_2)")
     fsdp: Optional[bool] = opt(None, "FSDP2 sharding (default: on exactly when torchrun starts more than one "

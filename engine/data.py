@@ -407,11 +407,19 @@ class DataStream:
         self.epoch, self.index = 0, 0
         self._perm = None
 
+    def _permutation(self, epoch: int) -> list:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(len(self.examples), generator=g).tolist()
+
     def _order(self):
         if self._perm is None:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-            self._perm = torch.randperm(len(self.examples), generator=g).tolist()
+            self._perm = self._permutation(self.epoch)
         return self._perm
+
+    def epoch_batches(self, epoch: int = 0) -> list:
+        """The batches `next_batch` yields in epoch `epoch`, in order (the stream's position is not moved)."""
+        order = self._permutation(epoch)
+        return [[self.examples[i] for i in order[j: j + self.batch_size]] for j in range(0, len(order), self.batch_size)]
 
     def next_batch(self) -> list:
         if self.index >= len(self.examples):

@@ -54,22 +54,23 @@ def chatml_tokenizer(*, llama_bos: bool = False):
     return out
 
 
-def tiny_llama(vocab_size: int, *, seed: int = 0):
-    """A 2-layer Llama (hidden 32) with a tied head, as the 135 M SmolLM2 ties its head."""
+def tiny_llama(vocab_size: int, *, seed: int = 0, hidden: int = 64):
+    """A 2-layer Llama (hidden 64) with a tied head, as the 135 M SmolLM2 ties its head. At hidden 64 CPU matrix
+    products are already not batch invariant (a row's log-prob moves by ~1e-6 with the other rows of its batch)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5,
                       tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=0)
     torch.manual_seed(seed)
     return LlamaForCausalLM(cfg)
 
 
-def save_model(path, tok, *, seed: int = 0) -> str:
+def save_model(path, tok, *, seed: int = 0, hidden: int = 64) -> str:
     """A `--model` directory: the tiny Llama's config and safetensors, and `tok`."""
     path = Path(path)
-    tiny_llama(len(tok), seed=seed).save_pretrained(path)
+    tiny_llama(len(tok), seed=seed, hidden=hidden).save_pretrained(path)
     tok.save_pretrained(path)
     return str(path)
 
