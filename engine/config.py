@@ -21,6 +21,8 @@ from typing import ClassVar, Optional
 
 from fusealign.losses import DPOOptions, GRPOOptions, PPOOptions
 
+REPORT_TO = ("none", "tensorboard", "wandb", "trackio")  # TRL's names (engine/reporting.py)
+
 
 def opt(default, help: str, **kw):
     return field(default=default, metadata={"help": help, **kw})
@@ -88,7 +90,7 @@ def by_model_bundle(cls, name: str, model: str):
 class RunConfig:
     """Common to every command."""
 
-    output_dir: str = opt("", "run directory (checkpoints, metrics.jsonl); default runs/<command>")
+    output_dir: str = opt("", "run directory (checkpoints, metrics.jsonl; default: runs/<command>)")
     seed: int = opt(0, "seed for initialisation, data order and sampling")
     device: str = opt("auto", "cpu, cuda, or auto (cuda when available)")
     backend: str = opt("auto", "fused-kernel backend: auto, triton or torch")
@@ -134,6 +136,10 @@ class TrainConfig(RunConfig):
                                         "(older fusealign checkpoints). It can run code: only for checkpoints you "
                                         "trust")
     log_every: int = opt(0, "without a terminal: a progress line every N steps (0: about 20 lines per run)")
+    report_to: list = field(default_factory=lambda: ["none"], metadata={
+        "help": "where metrics also go, TRL's names: none, tensorboard (<output-dir>/runs), wandb (offline without "
+                "network), trackio; several allowed. Each library is imported only when chosen. metrics.jsonl and "
+                "metrics.png (fusealign plot) are always written", "nargs": "+"})
     save_every: int = opt(100, "checkpoint every N steps (and at the end)")
     save_total_limit: int = opt(2, "checkpoints kept on disk: each resumable one holds the weights and the AdamW "
                                    "state (two fp32 moments per parameter, in dcp/): about 3× the fp32 weights; with "
@@ -166,6 +172,11 @@ class TrainConfig(RunConfig):
                              f"got {self.warmup_steps}")
         if self.schedule not in ("cosine", "linear", "constant"):
             raise ValueError(f"--schedule must be cosine, linear or constant, got {self.schedule!r}")
+        self.report_to = [self.report_to] if isinstance(self.report_to, str) else list(self.report_to)
+        bad = [n for n in self.report_to if n not in REPORT_TO]
+        if bad or not self.report_to or ("none" in self.report_to and len(self.report_to) > 1):
+            raise ValueError(f"--report-to must be none, or one or more of tensorboard, wandb, trackio; got "
+                             f"{' '.join(self.report_to)}")
         if getattr(self, "sft_model", "") and self.model != "builtin":
             raise ValueError(f"--sft-model applies to --model builtin only; with --model {self.model} the run "
                              f"starts from that model itself (drop --sft-model, or pass the SFT checkpoint as "

@@ -38,9 +38,11 @@ from .checkpoint import check_fresh_start, check_resumable, clean_partial_writes
     load_trainer_state, truncate_metrics
 from .distributed import DistInfo, barrier
 from .errors import Interrupted, NonFiniteLoss
+from .reporting import Reporters
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 SHOW_PROGRESS = True  # False in `compare`'s worker processes: the parent prints one line per finished stage
+PLOT = True  # metrics.png at the end of a run; False in `compare`'s workers (the study draws its own plots)
 
 
 def note(text: str) -> None:
@@ -190,6 +192,7 @@ def run_loop(cfg, state, step_fn: Callable[[int], dict], *, device: torch.device
     start = state.restore()
     last = {}
     memory = PeakMemory(device)
+    reporters = Reporters(cfg, run_dir, note=note) if info.main else None  # first: its failure leaves nothing open
     progress = _Progress(cfg, start, desc, postfix) if (info.main and SHOW_PROGRESS) else None
     log = open(run_dir / "metrics.jsonl", "a") if info.main else None
     try:
@@ -202,6 +205,7 @@ def run_loop(cfg, state, step_fn: Callable[[int], dict], *, device: torch.device
                 if log is not None:
                     log.write(json.dumps(last) + "\n")
                     log.flush()
+                    reporters.log(last)
                 if progress is not None:
                     progress.update(last)
                 saved = None
@@ -215,4 +219,18 @@ def run_loop(cfg, state, step_fn: Callable[[int], dict], *, device: torch.device
             progress.close()
         if log is not None:
             log.close()
+            reporters.close()
+            _plot(run_dir)
     return last
+
+
+def _plot(run_dir: Path) -> None:
+    """metrics.png beside metrics.jsonl (also after an interruption); a failure to draw never fails the run."""
+    if not PLOT or not (run_dir / "metrics.jsonl").stat().st_size:
+        return
+    try:
+        from .plot import plot_run
+
+        plot_run(run_dir)
+    except Exception as e:  # noqa: BLE001 — the curves are a convenience; the run's results are already written
+        note(f"plot: could not draw {run_dir / 'metrics.png'} ({type(e).__name__}: {e})")

@@ -28,6 +28,7 @@ from .data import DataStream, check_data_file, check_truncation, check_vocab, lo
     truncation_report
 from .errors import CheckpointError, DataError, ModelPathError, OutputDirError
 from .loop import note
+from .reporting import check_report_to
 from .models import RewardModel, disable_dropout, fingerprint, load_causal_lm, model_from_config
 from .onpolicy import OnPolicyPairs
 from .objectives import dpo_objective, dpo_sequence_logps, pair_batch, rm_objective, sft_objective
@@ -118,6 +119,7 @@ def preflight(cfg: TrainConfig) -> None:
     """Paths first: output writable, data readable and UTF-8, model directories present, a checkpoint to resume
     from resumable."""
     check_output_dir(cfg.output_dir)
+    check_report_to(cfg.report_to)
     if cfg.resume:
         check_resumable(latest_checkpoint(Path(cfg.output_dir)), trust=cfg.trust_checkpoint)
     if cfg.data == "onpolicy" and hasattr(cfg, "prompts"):  # DPO on pairs sampled from the policy

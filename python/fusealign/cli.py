@@ -1,8 +1,10 @@
-"""`fusealign sft|rm|dpo|ppo|compare` — flags built from the engine's dataclass configs (`--help` shows their docs).
+"""`fusealign sft|rm|dpo|ppo|compare|plot` — flags built from the engine's dataclass configs (`--help` shows their
+docs).
 
     fusealign dpo                          # built-in task end to end: SFT policy, then DPO; prints metrics
     fusealign sft --data my.jsonl --model ./llama --max-steps 1000 --output-dir runs/sft
     fusealign dpo --resume --output-dir runs/dpo
+    fusealign plot runs/dpo                # loss, rewards/margins, KL, lr against step -> runs/dpo/metrics.png
 
 Failing like a Unix tool: an error the user can fix (bad flag, data, path, model directory, an unsafe
 checkpoint, out of GPU memory) prints one line, `fusealign <command>: error: …`, and exits 2; `--debug`
@@ -58,7 +60,7 @@ def _add_flag(parser: argparse.ArgumentParser, f, default, dest: str, aliases=()
     """One flag for dataclass field `f`: its help text with its default (once: `shown`, else `default` as typed),
     its type; lists space-separated."""
     help_ = f.metadata.get("help", "")
-    if shown is not None or not re.search(r"\bdefault\b", help_):  # a help text that states its default keeps it
+    if shown is not None or "default:" not in help_:  # a help text that states its default keeps it
         help_ = f"{help_} (default: {shown or _shown(default)})"
     names = [_flag(f.name), *(_flag(a) for a in aliases)]
     meta = {} if dest == f.name else {"metavar": f.name.upper()}
@@ -90,7 +92,7 @@ def _add_flags(parser: argparse.ArgumentParser, cls) -> None:
                 own.add(g.name)
                 key = f"{f.name}.{g.name}"
                 shown = by_model(cls.KIND, key) if key in kind_defaults else \
-                    None if re.search(r"\bdefault\b", g.metadata.get("help", "")) else _shown(getattr(bundle, g.name))
+                    None if "default:" in g.metadata.get("help", "") else _shown(getattr(bundle, g.name))
                 _add_flag(parser, g, None, _BUNDLE + g.name, [aliases[g.name]] if g.name in aliases else (), shown)
         else:
             shown = by_model(cls.KIND, f.name) if f.metadata.get("by_model") else f.metadata.get("shown")
@@ -127,6 +129,12 @@ def build_parser() -> argparse.ArgumentParser:
                            description=(cls.__doc__ or "").strip())
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
         _add_flags(p, cls)
+    p = sub.add_parser("plot", help="draw a run's loss, rewards/margins, KL and learning rate against step (PNG)",
+                       description="Loss, rewards/margins, KL and learning rate against step, from RUN_DIR/"
+                                   "metrics.jsonl, as one PNG (every run also writes RUN_DIR/metrics.png at its end).")
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (holding metrics.jsonl)")
+    p.add_argument("--out", default=None, help="where to write the PNG (default: RUN_DIR/metrics.png)")
     return parser
 
 
@@ -160,6 +168,16 @@ def main(argv=None) -> int:
         print(f"fusealign {command}: error: {message}", file=sys.stderr)
         return 2
 
+    if command == "plot":
+        from fusealign.engine.plot import plot_run
+
+        try:
+            print(plot_run(args["run_dir"], args["out"]))
+        except UserError as e:
+            if debug:
+                raise
+            return fail(str(e))
+        return 0
     try:
         cfg = build_config(CONFIGS[command], args)
     except ValueError as e:  # config validation: a flag error, not a traceback
