@@ -1,9 +1,10 @@
 """`fusealign plot RUN_DIR`: loss, rewards/margins, KL and learning rate against step, from `metrics.jsonl`, as one
 PNG (`RUN_DIR/metrics.png`; every run also writes it when it ends).
 
-A panel per quantity the run logged: `loss`; `rewards/margins` (DPO, RM); the KL — `objective/kl` (PPO's
-per-sequence KL to the reference), `kl` (GRPO / RLOO, TRL's per-token mean); `lr`. A quantity the trainer does not
-log (SFT has no margins, DPO no KL) has no panel. matplotlib only, non-interactive (Agg), imported here alone.
+A panel per quantity the run logged: the loss — `loss` (SFT, RM, DPO), `loss/policy_avg` (PPO); the reward —
+`rewards/margins` (DPO, RM), `objective/scores` (PPO: the reward model's), `reward` (GRPO / RLOO); the KL —
+`objective/kl` (PPO's per-sequence KL to the reference), `kl` (GRPO / RLOO, TRL's per-token mean); `lr`. A quantity
+the trainer does not log (SFT has no reward, DPO no KL) has no panel. matplotlib only, non-interactive (Agg), imported here alone.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from typing import Optional
 from .errors import UserError
 
 # (title, candidate metric names: the first one present is drawn)
-PANELS = (("loss", ("loss",)), ("rewards/margins", ("rewards/margins",)),
+PANELS = (("loss", ("loss", "loss/policy_avg")),
+          ("reward", ("rewards/margins", "objective/scores", "reward")),
           ("KL", ("objective/kl", "kl")), ("learning rate", ("lr",)))
 
 

@@ -26,6 +26,17 @@ def test_builtin_data_loads_and_tokenizes():
     assert len(pairs[0].completions) == 2
 
 
+def test_builtin_sequences_are_the_tasks_under_trls_rule():
+    """The built-in task's sequences are `<bos> prompt completion <eos>` (the built-in tokenizer adds `<bos>` itself,
+    the records carry the completion's separating space), as before the engine tokenised like TRL."""
+    for name, kind, keys in (("builtin:sft", "sft", ("completion",)), ("builtin:pairs-ood", "pairs", ("chosen", "rejected"))):
+        ex, stats = load_examples(name, kind, TOK, max_length=48)
+        for e, r in zip(ex[:300], task.builtin_dataset(name, kind)):
+            assert e.prompt == [TOK.bos_token_id] + TOK.encode(r["prompt"], add_special_tokens=False)
+            assert e.completions == [TOK.encode(r[k], add_special_tokens=False) + [TOK.eos_token_id] for k in keys]
+        assert stats.truncated == 0 and stats.prompt_boundary == 0
+
+
 def test_malformed_and_missing_fields_name_file_line_field(tmp_path):
     good = {"prompt": "movie the", "chosen": "good", "rejected": "bad"}
     path = write(tmp_path, [good, "{not json", good])

@@ -268,7 +268,7 @@ def test_every_run_draws_metrics_png_and_fusealign_plot_redraws_it(real, tmp_pat
     png = out / "metrics.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     h, w = matplotlib.image.imread(png).shape[:2]
-    assert h == 300 and w == 3 * 360  # loss, rewards/margins, lr panels (DPO logs no KL)
+    assert h == 300 and w == 3 * 360  # loss, reward (rewards/margins), lr panels (DPO logs no KL)
     png.unlink()
     assert cli.main(["plot", str(out)]) == 0 and png.is_file()
     assert cli.main(["plot", str(tmp_path / "nowhere")]) == 2
@@ -281,5 +281,8 @@ def test_ppo_on_your_own_model_prompts_and_reward_model(real, tmp_path):
     s = run_ppo(PPOConfig(model=real.model, data=real.prompts, reward_model=rm, output_dir=str(tmp_path / "ppo"),
                           max_steps=1, batch_size=4, max_new_tokens=6, num_minibatches=2, device="cpu"))
     assert s["step"] == 1 and "objective/kl" in s
+    import matplotlib.image
+
+    assert matplotlib.image.imread(tmp_path / "ppo" / "metrics.png").shape[1] == 4 * 360  # loss, reward, KL, lr
     with pytest.raises(ValueError, match="needs --reward-model RM_DIR"):
         PPOConfig(model=real.model, data=real.prompts)
