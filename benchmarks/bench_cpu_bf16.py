@@ -1,13 +1,15 @@
 """CPU training throughput, fp32 against `--bf16` (CPU autocast, the fused head's fp32 logits), in one process.
 
-    python benchmarks/bench_cpu_bf16.py                    # a 17 M-parameter Llama, SFT steps of 8 × 128 tokens
+    python benchmarks/bench_cpu_bf16.py                    # a 15.5 M-parameter Llama, SFT steps of 4 × 64 tokens
     python benchmarks/bench_cpu_bf16.py --hidden 576 --layers 30 --vocab 49152   # SmolLM2-135M's shape
 
 The engine's own SFT trainer (`trainer.train`: backbone, fused head, backward, AdamW) runs `--steps` steps per
 round with bf16 off and on, alternating for `--rounds` rounds so that a change in machine load hits both alike;
 tokens/s is the median over every round's steps after the first (warm-up). The header records the CPU model, its
-bf16 flags (avx512_bf16, amx_bf16: without either, oneDNN emulates bf16 matrix products), the thread count and the
-load average before and after. Results: benchmarks/results/cpu_bf16.json.
+bf16 flags (avx512_bf16, amx_bf16: without either, oneDNN emulates bf16 matrix products), the thread count, the
+load average before and after, the commit and whether the work tree differed from it (`dirty`). Run it alone
+(`/work/tools/cpu.sh --exclusive` here): another job on the cores shows up as the spread of `all`.
+Results: benchmarks/results/cpu_bf16.json.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, header  # noqa: E402
+from checkpoint_sizes import work_tree_dirty  # noqa: E402
 
 from fusealign.engine.config import SFTConfig  # noqa: E402
 from fusealign.engine.data import DataStream, Example  # noqa: E402
@@ -83,15 +86,15 @@ def main():
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--vocab", type=int, default=8192)
     p.add_argument("--intermediate", type=int, default=0)
-    p.add_argument("--seq", type=int, default=128)
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--seq", type=int, default=64)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--steps", type=int, default=3)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--out", default=str(RESULTS / "cpu_bf16.json"))
     args = p.parse_args()
     params = sum(t.numel() for t in model(args).parameters())
     info = {**header("engine SFT step", "cpu"), **cpu_info(), "load_before": os.getloadavg(), "params": params,
-            "tokens_per_step": args.batch * args.seq, **vars(args)}
+            "tokens_per_step": args.batch * args.seq, "dirty": work_tree_dirty(), **vars(args)}
     data = examples(args)
     speeds = {"fp32": [], "bf16": []}
     with tempfile.TemporaryDirectory() as tmp:

@@ -9,6 +9,7 @@ One SFT step of the engine's trainer on a synthetic batch, then the checkpoint e
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -16,13 +17,20 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS  # noqa: E402
+from common import RESULTS, header  # noqa: E402
 
 from fusealign.engine.checkpoint import checkpoint_sizes, latest_checkpoint  # noqa: E402
 from fusealign.engine.config import SFTConfig  # noqa: E402
 from fusealign.engine.data import DataStream, Example  # noqa: E402
 from fusealign.engine.objectives import sft_objective  # noqa: E402
 from fusealign.engine.trainer import train  # noqa: E402
+
+
+def work_tree_dirty() -> bool:
+    """Whether the code differs from the commit the header names (a result from uncommitted code says so)."""
+    r = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
+                       cwd=Path(__file__).parent)
+    return bool(r.stdout.strip())
 
 
 def smollm2_135m():
@@ -36,7 +44,7 @@ def smollm2_135m():
 
 def main():
     data = [Example(list(range(10, 26)), [list(range(30, 62))], f"synthetic:{i}", uid=i) for i in range(2)]
-    out = {}
+    out = {"header": {**header("engine SFT step + checkpoint", "cpu"), "dirty": work_tree_dirty()}}
     with tempfile.TemporaryDirectory() as tmp:
         for name, only in (("resumable", False), ("save_only_model", True)):
             model = smollm2_135m()
