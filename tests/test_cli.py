@@ -59,7 +59,7 @@ ERRORS = [  # (args, command, fragment of the one-line message)
     (["dpo", "--sft-model", "not_a_model"], "dpo", "--sft-model 'not_a_model': no config.json"),
     (["ppo", "--reward-model", "not_a_model"], "ppo", "--reward-model 'not_a_model': no config.json"),
     (["sft", "--output-dir", "a_file/run"], "sft", "--output-dir 'a_file/run': cannot create or write it"),
-    (["dpo", "--beta", "-1"], "dpo", "--beta must be > 0"),
+    (["dpo", "--beta", "-1"], "dpo", "--beta must be a finite number > 0"),
     (["sft", "--device", "tpu"], "sft", "--device must be auto, cpu or cuda"),
     (["compare", "--preset", "huge"], "compare", "--preset must be one of"),
     (["compare", "--seeds", "9-0"], "compare", "--seeds: range '9-0' is reversed; write it low-high: 0-9"),

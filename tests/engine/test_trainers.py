@@ -122,7 +122,7 @@ def test_cli_help_and_validation(tmp_path):
     for flag in ("--max-steps", "--output-dir", "--resume", "--model", "--data", "--beta", "--loss-type", "--ref-mode"):
         assert flag in h.stdout, flag
     bad = run("dpo", "--beta", "-1", "--output-dir", str(tmp_path))
-    assert bad.returncode == 2 and "--beta must be > 0" in bad.stderr
+    assert bad.returncode == 2 and "--beta must be a finite number > 0" in bad.stderr
     ok = run("sft", "--max-steps", "2", "--output-dir", str(tmp_path / "s"), "--device", "cpu")
     assert ok.returncode == 0, ok.stderr
     assert json.loads(ok.stdout)["step"] == 2

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import functools
 import math
-import numbers
 from dataclasses import dataclass
 from typing import ClassVar, NamedTuple, Optional, Union
 
@@ -284,10 +283,7 @@ class DPOOptions:
         if weights is not None and len(weights) != len(types):
             raise ValueError(f"loss_weights must have one weight per loss type: {len(weights)} weights for "
                              f"{len(types)} types {list(types)}")
-        if isinstance(self.beta, bool) or not isinstance(self.beta, numbers.Real):
-            raise TypeError(f"beta must be a Python float, got {type(self.beta).__name__}")
-        if not (math.isfinite(self.beta) and self.beta > 0):
-            raise ValueError(f"beta must be > 0 (and finite), got {self.beta}")
+        check_positive("beta", self.beta)
         eps = self.label_smoothing
         if not 0.0 <= eps < 0.5:
             raise ValueError(f"label_smoothing must lie in [0, 0.5), got {eps}")
