@@ -9,6 +9,10 @@ A checkpoint is written to a hidden temporary directory, flushed, then renamed i
 does `latest` move (write-temp-then-`os.replace`). Older checkpoints beyond the limit are pruned last,
 each renamed to a hidden `.trash-*` name first so that a half-deleted one is never taken for complete.
 
+With --save-only-model a checkpoint holds the model (weights, config, tokenizer) and a trainer state of three
+entries (step, config, `model_only`), no dcp/ or RNG states: `from_pretrained`-loadable and counted by
+`latest_checkpoint` and the pruning, refused by `check_resumable` when a run would resume from it.
+
 Trainer state (optimizer, scheduler, step, data position, RNG states, config) is `torch.save`d from
 plain containers, tensors and numbers only — the NumPy RNG state is stored as a tensor and a tuple, not
 as NumPy objects — so it loads with `torch.load(weights_only=True)` and an empty allow-list of extra
@@ -167,7 +171,8 @@ def save_sharded_checkpoint(run_dir: Path, step: int, models: dict, optimizer, t
         if info.main:
             _export(wrapper.inner, inner, tmp / name if name else tmp)
             extras.update({f"{name}.{k}" if name else k: v for k, v in ex.items()})
-    save_optimizer_and_rng(tmp, models, optimizer, info.rank)
+    if optimizer is not None:  # None: --save-only-model
+        save_optimizer_and_rng(tmp, models, optimizer, info.rank)
     if info.main:
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
@@ -265,6 +270,24 @@ def latest_checkpoint(run_dir: Path) -> Optional[Path]:
             return p
     done = sorted(p for p in run_dir.glob("checkpoint-*") if (p / TRAINER_STATE).is_file())
     return done[-1] if done else None
+
+
+def check_resumable(ckpt: Optional[Path], *, trust: bool = False) -> None:
+    """A checkpoint written with --save-only-model cannot be resumed: CheckpointError naming what to do instead."""
+    if ckpt is None:
+        return
+    if load_trainer_state(ckpt, trust=trust).get("model_only"):
+        raise CheckpointError(f"{ckpt} was saved with --save-only-model (weights, config and tokenizer; no optimizer, "
+                              f"scheduler or data position), so it cannot be resumed: start a new run from it with "
+                              f"--model {ckpt} (and a fresh --output-dir), or save resumable checkpoints by leaving "
+                              f"out --save-only-model")
+
+
+def checkpoint_sizes(ckpt: Path) -> tuple:
+    """(bytes of the whole checkpoint, bytes of its dcp/ optimizer state)."""
+    def du(p: Path) -> int:
+        return sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) if p.is_dir() else 0
+    return du(Path(ckpt)), du(Path(ckpt) / "dcp")
 
 
 def check_fresh_start(run_dir: Path) -> None:

@@ -6,8 +6,9 @@ and safe interruption.
 The loop restores `state` (resume-or-fresh: `state.restore()` gives the step to continue from), then
 `step_fn(step)` runs optimizer step `step + 1` and returns its metrics; `check_finite` is what a step
 calls on its loss (and gradient norm) to stop cleanly, naming the last good checkpoint. The loop adds
-`step` and `peak_mem_bytes` (CUDA), writes one JSON line per step to `metrics.jsonl`, and checkpoints
-every `cfg.save_every` steps and at the end through `state.save(step)`.
+`step`, `peak_mem_bytes` and `peak_mem_kind` (see `PeakMemory`), writes one JSON line per step to `metrics.jsonl`,
+sends the same metrics to `--report-to` (reporting.py), checkpoints every `cfg.save_every` steps and at the end
+through `state.save(step)`, and draws `metrics.png` from `metrics.jsonl` at the end (plot.py).
 
 Interruption: on SIGINT / SIGTERM the current step finishes, a checkpoint is written (atomically, like
 every checkpoint) and `Interrupted` is raised — the CLI prints the `--resume` command and exits 130 / 143.
@@ -22,6 +23,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
+import resource
 import signal
 import sys
 import threading
@@ -31,13 +34,22 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 
-from .checkpoint import check_fresh_start, clean_partial_writes, latest_checkpoint, load_trainer_state, \
-    truncate_metrics
+from .checkpoint import check_fresh_start, check_resumable, clean_partial_writes, latest_checkpoint, \
+    load_trainer_state, truncate_metrics
 from .distributed import DistInfo, barrier
 from .errors import Interrupted, NonFiniteLoss
+from .reporting import Reporters
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 SHOW_PROGRESS = True  # False in `compare`'s worker processes: the parent prints one line per finished stage
+PLOT = True  # metrics.png at the end of a run; False in `compare`'s workers (the study draws its own plots)
+
+
+def note(text: str) -> None:
+    """A line (or block) for the user on stderr, `fusealign <text>`: rank 0 only, and not from `compare`'s worker
+    processes (SHOW_PROGRESS)."""
+    if SHOW_PROGRESS and int(os.environ.get("RANK", "0")) == 0:
+        print(f"fusealign {text}", file=sys.stderr, flush=True)
 
 
 def check_finite(value, what: str, step: int, run_dir: Path) -> None:
@@ -60,6 +72,7 @@ def resume_or_fresh(run_dir: Path, cfg, info: DistInfo = DistInfo()) -> Optional
     metrics_path = run_dir / "metrics.jsonl"
     ckpt = latest_checkpoint(run_dir) if cfg.resume else None
     if ckpt is not None:
+        check_resumable(ckpt, trust=getattr(cfg, "trust_checkpoint", False))
         state = load_trainer_state(ckpt, trust=getattr(cfg, "trust_checkpoint", False))
         barrier(info)
         if info.main:
@@ -127,6 +140,41 @@ class _Progress:
             self.bar.close()
 
 
+class PeakMemory:
+    """The peak memory of each step, and which memory it is (`peak_mem_kind`):
+
+    cuda_allocated  torch.cuda.max_memory_allocated on the run's GPU: tensors only, reset every step
+    cpu_rss         the process's peak resident set size (Linux VmHWM: everything the process touched — model,
+                    optimizer state, activations, the Python heap), reset every step through
+                    /proc/self/clear_refs where the kernel allows it; else the peak since the process started
+                    (getrusage), which only grows
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.kind = "cuda_allocated" if device.type == "cuda" else "cpu_rss"
+
+    def reset(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # resets VmHWM to the current RSS (Linux ≥ 4.0)
+        except OSError:
+            pass
+
+    def peak(self) -> int:
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device)
+        try:
+            with open("/proc/self/status") as f:
+                return int(re.search(r"VmHWM:\s+(\d+) kB", f.read()).group(1)) * 1024
+        except (OSError, AttributeError):
+            scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, kB on Linux
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+
 def _stop_signal(stop: _StopOnSignal, info: DistInfo):
     """The signal to stop on, agreed by every rank (a rank may see it a step later than another)."""
     if not info.active:
@@ -143,19 +191,21 @@ def run_loop(cfg, state, step_fn: Callable[[int], dict], *, device: torch.device
     run_dir = Path(cfg.output_dir)
     start = state.restore()
     last = {}
+    memory = PeakMemory(device)
+    reporters = Reporters(cfg, run_dir, note=note) if info.main else None  # first: its failure leaves nothing open
     progress = _Progress(cfg, start, desc, postfix) if (info.main and SHOW_PROGRESS) else None
     log = open(run_dir / "metrics.jsonl", "a") if info.main else None
     try:
         with _StopOnSignal() as stop:
             for step in range(start, cfg.max_steps):
-                if device.type == "cuda":
-                    torch.cuda.reset_peak_memory_stats(device)
+                memory.reset()
                 out = step_fn(step)
-                peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-                last = {"step": step + 1, **out, "peak_mem_bytes": peak, "world_size": info.world_size}
+                last = {"step": step + 1, **out, "peak_mem_bytes": memory.peak(), "peak_mem_kind": memory.kind,
+                        "world_size": info.world_size}
                 if log is not None:
                     log.write(json.dumps(last) + "\n")
                     log.flush()
+                    reporters.log(last)
                 if progress is not None:
                     progress.update(last)
                 saved = None
@@ -169,4 +219,18 @@ def run_loop(cfg, state, step_fn: Callable[[int], dict], *, device: torch.device
             progress.close()
         if log is not None:
             log.close()
+            reporters.close()
+            _plot(run_dir)
     return last
+
+
+def _plot(run_dir: Path) -> None:
+    """metrics.png beside metrics.jsonl (also after an interruption); a failure to draw never fails the run."""
+    if not PLOT or not (run_dir / "metrics.jsonl").stat().st_size:
+        return
+    try:
+        from .plot import plot_run
+
+        plot_run(run_dir)
+    except Exception as e:  # noqa: BLE001 — the curves are a convenience; the run's results are already written
+        note(f"plot: could not draw {run_dir / 'metrics.png'} ({type(e).__name__}: {e})")

@@ -16,6 +16,7 @@ import torch
 
 from fusealign.kernels import segment_sum
 from fusealign.losses import DPOOptions, bradley_terry_loss, linear_dpo_loss
+from fusealign.losses.preference import dpo_head_outputs
 
 from .data import Batch, collate
 from .distributed import InForward, run
@@ -28,6 +29,20 @@ def sequence_logps(model, batch: Batch, *, average: bool = False, temperature=1.
     sums = segment_sum(s.logps, s.seq_ids, batch.num_sequences)
     if average:
         counts = torch.bincount(s.seq_ids, minlength=batch.num_sequences).clamp_min(1)
+        sums = sums / counts
+    return sums
+
+
+def dpo_sequence_logps(model, batch: Batch, *, options: DPOOptions, temperature=1.0, backend="auto"):
+    """Per-sequence completion log-probs (S,) computed as `dpo_objective`'s loss computes the policy's — the same
+    head path, the same fused outputs (`dpo_head_outputs`), sums or per-token means (`options.per_token_means`): on
+    the same batch, a reference equal to the policy gets bitwise the policy's values (step 0's margins exactly 0)."""
+    x = completion_inputs(model, batch, temperature=temperature)
+    lp = x.head.logps(x.hidden, x.targets, outputs=dpo_head_outputs(options), backend=backend)[0]
+    sums = segment_sum(lp, x.seq_ids, batch.num_sequences)
+    if options.per_token_means:
+        counts = torch.zeros(batch.num_sequences, dtype=torch.long, device=lp.device).index_add_(
+            0, x.seq_ids.long(), torch.ones_like(x.seq_ids, dtype=torch.long))
         sums = sums / counts
     return sums
 

@@ -54,12 +54,13 @@ def label_pairs(policy, reward_model, tok, prompts: List[List[int]], *, seed: in
 
 class OnPolicyPairs:
     """A `DataStream` of pairs sampled from `policy` and labelled by `reward_model`, re-sampled every
-    `resample_every` optimizer steps (0: once). `reference(examples) -> (n, 2)` gives the pairs' reference
-    (chosen, rejected) log-probs; `ref_logps(examples)` looks them up for a batch."""
+    `resample_every` optimizer steps (0: once). `reference(examples, batches) -> (n, 2)` gives the pairs' reference
+    (chosen, rejected) log-probs, scored in `batches` (the round's first-epoch batches, as they are trained);
+    `ref_logps(examples)` looks them up for a batch."""
 
     def __init__(self, policy, reward_model, tok, prompts: List[List[int]], *, batch_size: int, seed: int,
                  prompts_per_round: int, resample_every: int, grad_accum: int, max_new_tokens: int,
-                 missing_eos_penalty: float, reference: Callable[[List[Example]], torch.Tensor],
+                 missing_eos_penalty: float, reference: Callable[[List[Example], list], torch.Tensor],
                  temperature: float = 1.0):
         self.policy, self.reward_model, self.tok, self.prompts = policy, reward_model, tok, prompts
         self.batch_size, self.seed, self.n = batch_size, seed, prompts_per_round
@@ -80,8 +81,11 @@ class OnPolicyPairs:
                                     missing_eos_penalty=self.penalty, temperature=self.temperature)
         if not self.examples:
             raise RuntimeError(f"on-policy round {self.round}: every sampled pair was identical; no preferences")
-        self.table = self.reference(self.examples)
         self.epoch, self.index, self._perm = 0, 0, None
+        order = self._order()  # the round's first epoch, scored by the reference in its training batches
+        batches = [[self.examples[i] for i in order[j: j + self.batch_size]]
+                   for j in range(0, len(order), self.batch_size)]
+        self.table = self.reference(self.examples, batches)
 
     def _order(self) -> list:
         if self._perm is None:

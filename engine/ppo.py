@@ -37,7 +37,7 @@ from .distributed import DistInfo, all_reduce_max, all_reduce_mean, all_reduce_s
 from .errors import UserError
 from .loop import check_finite, run_loop
 from .models import RewardModel, TokenScores, ValueHead, critic_values, disable_dropout, score_tokens
-from .runtime import autocast, enable_gradient_checkpointing
+from .runtime import autocast, bf16_enabled, enable_gradient_checkpointing
 from .sampling import HFGenerate, SamplingParams, sampling_logp_difference, truncation_notice
 from .state import TrainState, load_modules
 
@@ -211,7 +211,7 @@ class PPOTrainer:
         head = ValueHead(H).to(self.device) if critic is None and cfg.advantage == "gae" else None
         if head is not None:
             load_modules(cfg, {"value_head": head})  # resumed before FSDP2 shards it (one process alike)
-        bf16 = self.device.type == "cuda" and cfg.bf16
+        bf16 = self.device.type == "cuda" and bf16_enabled(cfg, self.device)  # FSDP2's bf16 parameters
         self.policy = shard(policy, info, bf16=bf16, **({"value_head": head} if head is not None else {}))
         self.ref = shard(ref, info, bf16=bf16)
         self.critic = SharedCritic(head) if head is not None else \

@@ -8,6 +8,7 @@ With `--model builtin`, RM, DPO and PPO start from the built-in task's SFT polic
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -21,25 +22,73 @@ from safetensors.torch import load_file, save_file
 from fusealign.losses import BATCH_LOSSES
 
 from .study import task
-from .checkpoint import latest_checkpoint, write_text_atomic
-from .config import DPOConfig, PPOConfig, RMConfig, SFTConfig, TrainConfig
-from .data import DataStream, check_data_file, check_vocab, load_examples, load_prompts
+from .checkpoint import check_resumable, latest_checkpoint, write_text_atomic
+from .config import DPOConfig, PPOConfig, RMConfig, SFTConfig, TrainConfig, resolved_hparams
+from .data import DataStream, check_data_file, check_truncation, check_vocab, load_examples, load_prompts, \
+    truncation_report
 from .errors import CheckpointError, DataError, ModelPathError, OutputDirError
+from .loop import note
+from .reporting import check_report_to
 from .models import RewardModel, disable_dropout, fingerprint, load_causal_lm, model_from_config
 from .onpolicy import OnPolicyPairs
-from .objectives import dpo_objective, pair_batch, rm_objective, sequence_logps, sft_objective
+from .objectives import dpo_objective, dpo_sequence_logps, pair_batch, rm_objective, sft_objective
 from .ppo import PPOTrainer
 from .sampling import sample
-from .distributed import check_world_size, init_distributed, run, shard
-from .runtime import autocast, resolve_device, set_threads
+from .distributed import DistInfo, check_world_size, init_distributed, rank_slice, run, shard
+from .runtime import autocast, bf16_enabled, cpu_has_native_bf16, resolve_device, set_threads
 from .trainer import train
 
 
 def _defaults(cfg: TrainConfig, kind: str) -> TrainConfig:
-    """Fill the default output directory, then check every path the run needs — before any model loads."""
+    """Fill the default output directory, check every path the run needs — before any model loads —, and print the
+    resolved hyper-parameters (one block, rank 0)."""
     cfg = replace(cfg, output_dir=cfg.output_dir or f"runs/{kind}")
     preflight(cfg)
+    device = resolve_device(cfg.device)
+    bf16 = bf16_enabled(cfg, device)
+    note(f"{kind}: " + resolved_hparams(cfg, device.type, bf16))
+    if bf16 and device.type == "cpu" and not cpu_has_native_bf16():
+        note(f"{kind}: --bf16 on a CPU without AVX-512 BF16 or AMX: bf16 matrix products are emulated, slower than "
+             f"fp32 (--no-bf16 to run in fp32)")
     return cfg
+
+
+def report_data(kind: str, stats) -> None:
+    """Before training: refuse a --max-length that cuts most completions, say in one line what it cuts."""
+    check_truncation(stats)
+    line = truncation_report(stats)
+    if line:
+        note(f"{kind}: {line}")
+    if stats.prompt_boundary:
+        note(f"{kind}: data: in {stats.prompt_boundary} of {stats.lines} lines the prompt's own tokens are not a prefix "
+             f"of prompt + completion (a template that renders the prompt differently alone, or a token merging "
+             f"across the boundary); the completion starts where they part, as in TRL")
+
+
+def cleans_up(kind: str):
+    """A run that fails before it wrote anything leaves no directory behind: the run directory (and parents) it
+    created are removed on an exception when they are still empty. A directory that existed, or holds anything —
+    metrics, a checkpoint, a cached reference —, stays."""
+    def wrap(fn):
+        @functools.wraps(fn)
+        def run_fn(cfg):
+            path = Path(cfg.output_dir or f"runs/{kind}").absolute()
+            created = []
+            p = path
+            while not p.exists() and p != p.parent:
+                created.append(p)
+                p = p.parent
+            try:
+                return fn(cfg)
+            except BaseException:
+                for d in created:  # deepest first
+                    try:
+                        d.rmdir()  # only if empty
+                    except OSError:
+                        break
+                raise
+        return run_fn
+    return wrap
 
 
 def check_output_dir(path: str) -> None:
@@ -67,8 +116,12 @@ def check_model_dir(path: str, flag: str, *, reward_model: bool = False) -> None
 
 
 def preflight(cfg: TrainConfig) -> None:
-    """Paths first: output writable, data readable and UTF-8, model directories present."""
+    """Paths first: output writable, data readable and UTF-8, model directories present, a checkpoint to resume
+    from resumable."""
     check_output_dir(cfg.output_dir)
+    check_report_to(cfg.report_to)
+    if cfg.resume:
+        check_resumable(latest_checkpoint(Path(cfg.output_dir)), trust=cfg.trust_checkpoint)
     if cfg.data == "onpolicy" and hasattr(cfg, "prompts"):  # DPO on pairs sampled from the policy
         check_data_file(cfg.prompts)
     else:
@@ -139,15 +192,17 @@ def finish(cfg, summary: dict) -> dict:
 
 
 def _bf16_params(cfg: TrainConfig, device: torch.device) -> bool:
-    """FSDP2's bf16 parameters with fp32 gradient reduction: on CUDA with --bf16, as autocast alone would be."""
-    return device.type == "cuda" and cfg.bf16
+    """FSDP2's bf16 parameters with fp32 gradient reduction: on CUDA with bf16, as autocast alone would be."""
+    return device.type == "cuda" and bf16_enabled(cfg, device)
 
 
+@cleans_up("sft")
 def run_sft(cfg: SFTConfig) -> dict:
     cfg = _defaults(cfg, "sft")
     set_threads(cfg.threads)
     examples, stats = load_examples(cfg.data, "sft", start_tokenizer(cfg), max_length=cfg.max_length,
                                     skip_bad_lines=cfg.skip_bad_lines)
+    report_data("sft", stats)
     info = init_distributed(cfg.device, cfg.fsdp)
     model, tok = load_policy(cfg, init=cfg.model)
     inner = model
@@ -160,12 +215,14 @@ def run_sft(cfg: SFTConfig) -> dict:
                          "data/truncated": stats.truncated})
 
 
+@cleans_up("rm")
 def run_rm(cfg: RMConfig) -> dict:
     cfg = _defaults(cfg, "rm")
     set_threads(cfg.threads)
     device = resolve_device(cfg.device)
     kw = dict(max_length=cfg.max_length, skip_bad_lines=cfg.skip_bad_lines)
     examples, stats = load_examples(cfg.data, "pairs", start_tokenizer(cfg), **kw)
+    report_data("rm", stats)
     ckpt = latest_checkpoint(Path(cfg.output_dir)) if cfg.resume else None
     if ckpt is not None:
         rm, tok = RewardModel.from_pretrained(str(ckpt)), load_tokenizer(ckpt)
@@ -207,38 +264,55 @@ def run_rm(cfg: RMConfig) -> dict:
                          "data/truncated": stats.truncated})
 
 
-def reference_logps(ref, examples, *, pad_id, average: bool, temperature: float, backend: str, cache_dir: Optional[Path],
-                    key_extra: str = "", cfg: TrainConfig = None, ref_key: Optional[str] = None) -> torch.Tensor:
-    """(n, 2) reference (chosen, rejected) log-probs in one no-grad pass, cached on disk keyed by data and model.
+def reference_logps(ref, examples, batches, *, pad_id, pack: bool, options, temperature: float, backend: str,
+                    cache_dir: Optional[Path], key_extra: str = "", cfg: TrainConfig = None,
+                    ref_key: Optional[str] = None, info: DistInfo = DistInfo()) -> torch.Tensor:
+    """(n, 2) reference (chosen, rejected) log-probs of `examples` (row = uid) in one no-grad pass, cached on disk
+    keyed by data, batches and model.
 
-    The cache is a safetensors file (a plain tensor: reading it cannot execute code). `ref_key`: the reference
-    weights' fingerprint when `ref` is FSDP-sharded (taken before sharding); with several ranks every rank
-    scores every pair (the same forward steps on each, as FSDP needs) and holds the whole table."""
+    Scored in the training batches' composition: `batches` are the micro-batches of the first epoch, in order
+    (`DataStream.epoch_batches`), each collated as training collates it (`pack`), each rank scoring its
+    `rank_slice` as it trains on it, with the loss's own fused outputs (`dpo_sequence_logps`) under the same
+    autocast — so at step 0, where the policy is the reference, every log-ratio is exactly 0 (margins 0,
+    accuracies 0): CPU kernels are not batch invariant (a row's result can depend on the other rows of its
+    matrix product), and a pass in another composition would leave float noise in the ratios. Every pair is
+    scored by exactly one rank and the tables are summed over ranks (x + 0 is exact): every rank holds the whole
+    table, for the later epochs' other slices. The cache is a safetensors file (a plain tensor: reading it
+    cannot execute code). `ref_key`: the reference weights' fingerprint when `ref` is FSDP-sharded (taken before
+    sharding)."""
     h = hashlib.sha256(key_extra.encode())
     for e in examples:
         h.update(repr((e.prompt, e.completions)).encode())
+    h.update(repr([[e.uid for e in b] for b in batches]).encode())
     device = next(ref.parameters()).device
     amp = autocast(cfg, device) if cfg is not None else contextlib.nullcontext()
-    mode = "bf16" if (cfg is not None and cfg.bf16 and device.type == "cuda") else "fp"
-    key = f"{h.hexdigest()[:16]}-{ref_key or fingerprint(ref)}-{'avg' if average else 'sum'}-T{temperature}-{mode}"
+    mode = "bf16" if (cfg is not None and bf16_enabled(cfg, device)) else "fp"
+    key = (f"{h.hexdigest()[:16]}-{ref_key or fingerprint(ref)}-{'avg' if options.per_token_means else 'sum'}"
+           f"-T{temperature}-{mode}-{'pack' if pack else 'pad'}-w{info.world_size}")
     path = cache_dir / f"ref_logps-{key}.safetensors" if cache_dir is not None else None
     if path is not None and path.is_file():
         return load_file(str(path))["ref_logps"]
-    out = []
+    table = torch.zeros(len(examples), 2)
     ref.eval()
     with torch.no_grad(), amp:  # the same precision as the policy's forward in training
-        for i in range(0, len(examples), 16):  # 32 packed sequences: the packed row's mask is quadratic in its length
-            chunk = examples[i:i + 16]
-            batch = pair_batch(chunk, pad_id=pad_id, pack=True).to(next(ref.parameters()).device)
-            s = run(ref, sequence_logps, batch, average=average, temperature=temperature, backend=backend).float().cpu()
-            out.append(torch.stack([s[: len(chunk)], s[len(chunk):]], 1))
-    table = torch.cat(out)
+        for chunk in batches:
+            local = rank_slice(chunk, info)
+            batch = pair_batch(local or chunk[:1], pad_id=pad_id, pack=pack).to(device)  # a rank without pairs
+            s = run(ref, dpo_sequence_logps, batch, options=options, temperature=temperature,  # still runs FSDP's
+                    backend=backend).float().cpu()                                            # collectives
+            if local:
+                table[[e.uid for e in local]] = torch.stack([s[: len(local)], s[len(local):]], 1)
+    if info.active:
+        table = table.to(device)
+        torch.distributed.all_reduce(table)
+        table = table.cpu()
     if path is None:  # cache_dir=None: not cached (on-policy pairs are new every round)
         return table
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file({"ref_logps": table.contiguous()}, str(tmp))
-    os.replace(tmp, path)
+    if info.main:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        save_file({"ref_logps": table.contiguous()}, str(tmp))
+        os.replace(tmp, path)
     return table
 
 
@@ -253,6 +327,7 @@ def builtin_rm_path(cfg, init: str) -> str:
     return str(latest_checkpoint(rm_dir))
 
 
+@cleans_up("dpo")
 def run_dpo(cfg: DPOConfig) -> dict:
     cfg = _defaults(cfg, "dpo")
     set_threads(cfg.threads)
@@ -261,6 +336,7 @@ def run_dpo(cfg: DPOConfig) -> dict:
     if not onpolicy:  # data errors before any model is trained or loaded
         examples, stats = load_examples(cfg.data, "pairs", start_tokenizer(cfg), max_length=cfg.max_length,
                                         skip_bad_lines=cfg.skip_bad_lines)
+        report_data("dpo", stats)
     info = init_distributed(cfg.device, cfg.fsdp)
     check_world_size("dpo --data onpolicy", info, not onpolicy, "on-policy pairs are sampled in one process for now")
     batch_wide = sorted(set(cfg.loss.loss_type) & set(BATCH_LOSSES)) + (["--nll-coef"] if cfg.loss.nll_coef else [])
@@ -279,8 +355,8 @@ def run_dpo(cfg: DPOConfig) -> dict:
         ref_key = fingerprint(ref_model) if info.active else None  # before sharding splits its weights
         ref_model = shard(ref_model, info, bf16=bf16)
     precompute = ref_model is not None and cfg.ref_mode == "precompute"
-    ref_kw = dict(pad_id=tok.pad_token_id, average=cfg.loss.per_token_means, temperature=cfg.temperature,
-                  backend=cfg.backend, cfg=cfg, ref_key=ref_key)
+    ref_kw = dict(pad_id=tok.pad_token_id, pack=cfg.pack, options=cfg.loss, temperature=cfg.temperature,
+                  backend=cfg.backend, cfg=cfg, ref_key=ref_key, info=info)
     lookup = None
     if onpolicy:  # pairs sampled from the policy (again every K steps with --resample-every), labelled by an RM
         reward_model = RewardModel.from_pretrained(builtin_rm_path(cfg, init)).to(next(policy.parameters()).device)
@@ -290,13 +366,15 @@ def run_dpo(cfg: DPOConfig) -> dict:
                                prompts_per_round=cfg.onpolicy_prompts, resample_every=cfg.resample_every,
                                grad_accum=cfg.grad_accum, max_new_tokens=cfg.max_new_tokens,
                                missing_eos_penalty=cfg.missing_eos_penalty, temperature=cfg.temperature,
-                               reference=(lambda exs: reference_logps(ref_model, exs, cache_dir=None, **ref_kw))
+                               reference=(lambda exs, batches: reference_logps(ref_model, exs, batches, cache_dir=None,
+                                                                               **ref_kw))
                                if precompute else None)
         lookup = stream.ref_logps if precompute else None
     else:
         stream = DataStream(examples, cfg.batch_size, cfg.seed)
         if precompute:
-            table = reference_logps(ref_model, examples, cache_dir=Path(cfg.output_dir), key_extra=str(init), **ref_kw)
+            table = reference_logps(ref_model, examples, stream.epoch_batches(0), cache_dir=Path(cfg.output_dir),
+                                    key_extra=str(init), **ref_kw)
             lookup = lambda ex: table[[e.uid for e in ex]]  # noqa: E731
             ref_model = None  # not needed any more: free it
     online_ref = None if precompute else ref_model  # the frozen reference scored on the fly (--ref-mode online)
@@ -320,6 +398,7 @@ def run_dpo(cfg: DPOConfig) -> dict:
     return finish(cfg, summary)
 
 
+@cleans_up("ppo")
 def run_ppo(cfg: PPOConfig) -> dict:
     """`fusealign ppo`: defaults to the built-in task, its SFT policy and the reward model trained on it."""
     cfg = _defaults(cfg, "ppo")

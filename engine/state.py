@@ -22,11 +22,11 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .checkpoint import latest_checkpoint, load_optimizer_and_rng, load_trainer_state, save_checkpoint, \
-    save_optimizer_and_rng, save_sharded_checkpoint
+from .checkpoint import checkpoint_sizes, latest_checkpoint, load_optimizer_and_rng, load_trainer_state, \
+    save_checkpoint, save_optimizer_and_rng, save_sharded_checkpoint
 from .distributed import DistInfo
 from .errors import CheckpointError
-from .loop import resume_or_fresh
+from .loop import note, resume_or_fresh
 from .runtime import lr_lambda
 
 
@@ -44,6 +44,7 @@ class TrainState:
         self.params = [p for p in dict.fromkeys(params) if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
+        self._sized = False  # the first save of this process prints the checkpoint's size
 
     def restore(self) -> int:
         """Continue from the latest checkpoint when cfg.resume finds one (its metrics after it dropped), else start
@@ -59,7 +60,15 @@ class TrainState:
         return state["step"]
 
     def save(self, at: int) -> Path:
-        """Checkpoint after optimizer step `at` (every rank calls it under FSDP2)."""
+        """Checkpoint after optimizer step `at` (every rank calls it under FSDP2). With cfg.save_only_model: the
+        models' weights, config and tokenizer only (not resumable; see checkpoint.check_resumable)."""
+        path = self._save_model_only(at) if getattr(self.cfg, "save_only_model", False) else self._save(at)
+        if not self._sized and self.info.main:
+            self._sized = True
+            note(self._size_line(path))
+        return path
+
+    def _save(self, at: int) -> Path:
         state = {"step": at, "scheduler": self.scheduler.state_dict(), "config": asdict(self.cfg),
                  **{name: obj.state_dict() for name, obj in self.extras.items()}}
         keep = self.cfg.save_total_limit
@@ -76,6 +85,25 @@ class TrainState:
             save_optimizer_and_rng(d, self.models, self.optimizer)
 
         return save_checkpoint(self.run_dir, at, self.models[""], self.tokenizer, state, keep=keep, extra=parts)
+
+    def _save_model_only(self, at: int) -> Path:
+        """The exported model alone ("" of `models`), as TRL's save_only_model: no optimizer, RNG or extras."""
+        state = {"step": at, "config": asdict(self.cfg), "model_only": True}
+        keep = self.cfg.save_total_limit
+        if self.info.active:
+            return save_sharded_checkpoint(self.run_dir, at, {"": self.models[""]}, None, self.tokenizer, state,
+                                           keep=keep, info=self.info)
+        return save_checkpoint(self.run_dir, at, self.models[""], self.tokenizer, state, keep=keep)
+
+    def _size_line(self, path: Path) -> str:
+        total, optim = checkpoint_sizes(path)
+        keep = self.cfg.save_total_limit
+        gb = lambda b: f"{b / 1e9:.2f} GB" if b >= 1e8 else f"{b / 1e6:.1f} MB"  # noqa: E731
+        what = f"weights and tokenizer {gb(total - optim)}, optimizer state (dcp/) {gb(optim)}" if optim else \
+            "the model only: --save-only-model, not resumable"
+        return (f"{getattr(self.cfg, 'KIND', 'run')}: {path.name} takes {gb(total)} ({what}); --save-total-limit {keep} "
+                f"keeps at most "
+                f"{gb(keep * total)}, {gb((keep + 1) * total)} while the next is written")
 
 
 def load_modules(cfg, modules: dict[str, nn.Module]) -> None:

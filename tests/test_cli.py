@@ -68,17 +68,45 @@ ERRORS = [  # (args, command, fragment of the one-line message)
     (["ppo", "--loss-type", "grpo"], "ppo", "--loss-type: TRL's GRPO loss options apply to --advantage grpo or rloo"),
     (["ppo", "--advantage", "grpo", "--num-generations", "4", "--epsilon-high", "-1"], "ppo",
      "--epsilon-high must be >= 0"),
+    (["sft", "--report-to", "wandb"], "sft", "--report-to wandb: the wandb package is not installed (pip install wandb"),
+    (["sft", "--report-to", "tensorboard"], "sft", "--report-to tensorboard: the tensorboard package is not installed"),
+    (["sft", "--report-to", "mlflow"], "sft", "--report-to must be none, or one or more of tensorboard, wandb, trackio"),
+    (["plot", "no_such_run"], "plot", "no_such_run: no metrics.jsonl there"),
 ]
 
 
 @pytest.mark.parametrize("args,command,fragment", ERRORS, ids=[" ".join(e[0]) for e in ERRORS])
 def test_expected_errors_are_one_line(files, args, command, fragment):
-    out = [] if "--output-dir" in args else ["--output-dir", "run-" + command]
+    out = [] if "--output-dir" in args or command == "plot" else ["--output-dir", "run-" + command]
     t0 = time.perf_counter()
-    r = run(*args, *out, "--device", "cpu", cwd=files) if "--device" not in args else run(*args, *out, cwd=files)
+    device = [] if "--device" in args or command == "plot" else ["--device", "cpu"]
+    r = run(*args, *out, *device, cwd=files)
     one_line_error(r, command, fragment)
+    if command != "plot" and "--output-dir" not in args:  # a run that fails before training leaves no directory
+        assert not (files / ("run-" + command)).exists()
     # Paths and data are checked before any model is trained or loaded: these fail in seconds.
     assert time.perf_counter() - t0 < 60
+
+
+def test_help_states_each_default_once():
+    import argparse
+
+    sub = next(a for a in cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    for command, parser in sub.choices.items():
+        for action in parser._actions:
+            if not action.option_strings or action.help in (None, argparse.SUPPRESS) or action.dest in ("help",
+                                                                                                       "debug"):
+                continue
+            text = " ".join(action.help.split())  # every flag states its default, once
+            assert text.count("default:") == 1 or (command == "plot" and action.dest == "out"), \
+                (command, action.option_strings, text)
+    helps = {a.dest: " ".join(a.help.split()) for a in sub.choices["dpo"]._actions if a.help}
+    assert helps["sft_model"].startswith("optional, with --model builtin only")
+    assert helps["lr"].endswith("(default: 0.001 with --model builtin, 1e-06 with a model directory)")
+    assert helps["bundle.beta"].endswith("(default: 0.5 with --model builtin, 0.1 with a model directory)")
+    assert "(default: none)" not in helps["max_length"] and "1024 with a model directory" in helps["max_length"]
+    ppo = " ".join(sub.choices["ppo"].format_help().split())
+    assert '{"prompt": str or chat messages} per line' in ppo and "--reward-model RM_DIR" in ppo
 
 
 def test_debug_shows_the_traceback(files):

@@ -221,6 +221,7 @@ def _worker_init(threads: int) -> None:
     from .. import loop
 
     loop.SHOW_PROGRESS = False  # the parent prints one line per finished task instead of interleaved bars
+    loop.PLOT = False  # the study draws its own plots
     hf_logging.disable_progress_bar()
     make_deterministic(threads)
 

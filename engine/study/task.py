@@ -36,16 +36,20 @@ _SCORE = {**{w: 1 for w in POSITIVE}, **{w: -1 for w in NEGATIVE}}
 
 
 def tokenizer():
-    """The built-in word-level tokenizer (a `transformers` fast tokenizer)."""
+    """The built-in word-level tokenizer (a `transformers` fast tokenizer). Like a Llama tokenizer it adds `<bos>`
+    itself (`tok(text)`; `add_special_tokens=False` leaves it out), so the engine's one tokenisation rule (TRL's,
+    engine/data.py) gives the task's sequences `<bos> prompt completion <eos>`."""
     from tokenizers import Tokenizer
     from tokenizers.models import WordLevel
     from tokenizers.pre_tokenizers import WhitespaceSplit
+    from tokenizers.processors import TemplateProcessing
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(WordLevel({w: i for i, w in enumerate(VOCAB)}, unk_token="<unk>"))
     tok.pre_tokenizer = WhitespaceSplit()
+    tok.post_processor = TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", VOCAB.index("<bos>"))])
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
-                                   unk_token="<unk>", add_bos_token=False, add_eos_token=False)
+                                   unk_token="<unk>")
 
 
 def model_config(**overrides):
@@ -130,7 +134,8 @@ def is_builtin_data(name: str) -> bool:
 
 
 def builtin_dataset(name: str, kind: str, *, held_out: bool = False, seed: int = 0) -> Optional[list]:
-    """Records of a built-in data set name (None if `name` is not built-in)."""
+    """Records of a built-in data set name (None if `name` is not built-in), as a JSONL file would hold them for
+    TRL: completions start with the space that separates them from the prompt (strings are joined as they are)."""
     if name == "builtin":
         name = "builtin:sft" if kind == "sft" else "builtin:pairs"
     if name not in BUILTIN_DATA:
@@ -138,6 +143,7 @@ def builtin_dataset(name: str, kind: str, *, held_out: bool = False, seed: int =
     split = "eval" if held_out else "train"
     n = 200 if held_out else None
     if name == "builtin:sft":
-        return sft_records(n or 4000, seed + (1000 if held_out else 0))
-    dist = "out" if name.endswith("ood") else "in"
-    return pair_records(n or 2000, seed, split=split, distribution=dist)
+        records = sft_records(n or 4000, seed + (1000 if held_out else 0))
+    else:
+        records = pair_records(n or 2000, seed, split=split, distribution="out" if name.endswith("ood") else "in")
+    return [{k: v if k == "prompt" else " " + v for k, v in r.items()} for r in records]

@@ -1,8 +1,10 @@
-"""`fusealign sft|rm|dpo|ppo|compare` — flags built from the engine's dataclass configs (`--help` shows their docs).
+"""`fusealign sft|rm|dpo|ppo|compare|plot` — flags built from the engine's dataclass configs (`--help` shows their
+docs).
 
     fusealign dpo                          # built-in task end to end: SFT policy, then DPO; prints metrics
     fusealign sft --data my.jsonl --model ./llama --max-steps 1000 --output-dir runs/sft
     fusealign dpo --resume --output-dir runs/dpo
+    fusealign plot runs/dpo                # loss, rewards/margins, KL, lr against step -> runs/dpo/metrics.png
 
 Failing like a Unix tool: an error the user can fix (bad flag, data, path, model directory, an unsafe
 checkpoint, out of GPU memory) prints one line, `fusealign <command>: error: …`, and exits 2; `--debug`
@@ -23,6 +25,7 @@ import sys
 from dataclasses import MISSING, fields
 
 from fusealign.engine.config import CONFIGS as _TRAIN_CONFIGS
+from fusealign.engine.config import MODEL_DEFAULTS, by_model, by_model_bundle
 from fusealign.engine.distributed import shutdown
 from fusealign.engine.errors import Interrupted, UserError
 from fusealign.engine.recipes import RUNS as _TRAIN_RUNS
@@ -32,7 +35,8 @@ from fusealign.engine.study.config import CompareConfig
 CONFIGS = {**_TRAIN_CONFIGS, "compare": CompareConfig}
 RUNS = {**_TRAIN_RUNS, "compare": run_compare}
 
-_TYPES = {"int": int, "float": float, "str": str, "Optional[str]": str, "Optional[float]": float}
+_TYPES = {"int": int, "float": float, "str": str, "Optional[str]": str, "Optional[float]": float,
+          "Optional[int]": int}
 _LISTS = {"list[str]": str, "Optional[list[float]]": float}  # space-separated values: --loss-type sigmoid sft
 _BUNDLE = "bundle."  # argparse dest prefix of a bundle's field: bundle.<bundle field> (shared by every bundle)
 
@@ -52,9 +56,12 @@ def _shown(default) -> str:
     return "none" if default is None else '""' if default == "" else str(default)
 
 
-def _add_flag(parser: argparse.ArgumentParser, f, default, dest: str, aliases=()) -> None:
-    """One flag for dataclass field `f`: its help text with its default (once), its type; lists space-separated."""
-    help_ = f"{f.metadata.get('help', '')} (default: {_shown(default)})"
+def _add_flag(parser: argparse.ArgumentParser, f, default, dest: str, aliases=(), shown=None) -> None:
+    """One flag for dataclass field `f`: its help text with its default (once: `shown`, else `default` as typed),
+    its type; lists space-separated."""
+    help_ = f.metadata.get("help", "")
+    if shown is not None or "default:" not in help_:  # a help text that states its default keeps it
+        help_ = f"{help_} (default: {shown or _shown(default)})"
     names = [_flag(f.name), *(_flag(a) for a in aliases)]
     meta = {} if dest == f.name else {"metavar": f.name.upper()}
     if f.type in ("bool", "Optional[bool]"):
@@ -70,31 +77,40 @@ def _add_flags(parser: argparse.ArgumentParser, cls) -> None:
     """A flag per config field; for a field holding a loss-options bundle (`bundle` metadata: fa.DPOOptions,
     fa.PPOOptions, fa.GRPOOptions), a flag per field of the bundle that the config neither defines itself nor derives
     from the run, with the bundle's help text and the config's default bundle's value (and its aliases, e.g. DPO's
-    --gamma for --simpo-gamma). A name in two bundles of one config is one flag, setting both."""
+    --gamma for --simpo-gamma). A name in two bundles of one config is one flag, setting both. Bundle flags parse
+    to None when not given, so that only the options given replace the default bundle's; a default that depends
+    on the model (MODEL_DEFAULTS) shows both values."""
     own = {f.name for f in fields(cls)}
+    kind_defaults = MODEL_DEFAULTS.get(getattr(cls, "KIND", ""), {})
     for f in fields(cls):
         if f.metadata.get("bundle"):
-            bundle = _default(f)
+            bundle = f.metadata["cls"]()
             aliases = {new: old for old, new in getattr(type(bundle), "ALIASES", {}).items()}
             for g in fields(bundle):
                 if g.name in own or g.name in f.metadata.get("derived", ()):
                     continue
                 own.add(g.name)
-                _add_flag(parser, g, getattr(bundle, g.name), _BUNDLE + g.name,
-                          [aliases[g.name]] if g.name in aliases else ())
+                key = f"{f.name}.{g.name}"
+                shown = by_model(cls.KIND, key) if key in kind_defaults else \
+                    None if "default:" in g.metadata.get("help", "") else _shown(getattr(bundle, g.name))
+                _add_flag(parser, g, None, _BUNDLE + g.name, [aliases[g.name]] if g.name in aliases else (), shown)
         else:
-            _add_flag(parser, f, _default(f), f.name)
+            shown = by_model(cls.KIND, f.name) if f.metadata.get("by_model") else f.metadata.get("shown")
+            _add_flag(parser, f, _default(f), f.name, shown=shown)
 
 
 def build_config(cls, args: dict):
-    """The config dataclass from parsed flags: each bundle rebuilt from its flags (validated there)."""
-    flagged = {k[len(_BUNDLE):]: args.pop(k) for k in [k for k in args if k.startswith(_BUNDLE)]}
+    """The config dataclass from parsed flags: each bundle is its default (for the run's model, where that
+    matters) with the options given on the command line (validated there)."""
+    flagged = {k[len(_BUNDLE):]: v for k, v in [(k, args.pop(k)) for k in [k for k in args if k.startswith(_BUNDLE)]]
+               if v is not None}
     for f in fields(cls):
         if f.metadata.get("bundle"):
-            bundle_cls = type(_default(f))
+            bundle_cls = f.metadata["cls"]
+            base = by_model_bundle(cls, f.name, args.get("model", "builtin")) if f.default is None else _default(f)
             names = [g.name for g in fields(bundle_cls)]
             try:
-                args[f.name] = dataclasses.replace(_default(f), **{n: flagged[n] for n in names if n in flagged})
+                args[f.name] = dataclasses.replace(base, **{n: flagged[n] for n in names if n in flagged})
             except (ValueError, TypeError) as e:  # the bundle's own message, in flag spelling
                 longest_first = sorted(names, key=len, reverse=True)
                 raise ValueError(re.sub(r"\b(" + "|".join(longest_first) + r")\b", lambda m: _flag(m.group(1)),
@@ -113,6 +129,12 @@ def build_parser() -> argparse.ArgumentParser:
                            description=(cls.__doc__ or "").strip())
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
         _add_flags(p, cls)
+    p = sub.add_parser("plot", help="draw a run's loss, rewards/margins, KL and learning rate against step (PNG)",
+                       description="Loss, rewards/margins, KL and learning rate against step, from RUN_DIR/"
+                                   "metrics.jsonl, as one PNG (every run also writes RUN_DIR/metrics.png at its end).")
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (holding metrics.jsonl)")
+    p.add_argument("--out", default=None, help="where to write the PNG (default: RUN_DIR/metrics.png)")
     return parser
 
 
@@ -146,6 +168,16 @@ def main(argv=None) -> int:
         print(f"fusealign {command}: error: {message}", file=sys.stderr)
         return 2
 
+    if command == "plot":
+        from fusealign.engine.plot import plot_run
+
+        try:
+            print(plot_run(args["run_dir"], args["out"]))
+        except UserError as e:
+            if debug:
+                raise
+            return fail(str(e))
+        return 0
     try:
         cfg = build_config(CONFIGS[command], args)
     except ValueError as e:  # config validation: a flag error, not a traceback

@@ -26,6 +26,17 @@ def test_builtin_data_loads_and_tokenizes():
     assert len(pairs[0].completions) == 2
 
 
+def test_builtin_sequences_are_the_tasks_under_trls_rule():
+    """The built-in task's sequences are `<bos> prompt completion <eos>` (the built-in tokenizer adds `<bos>` itself,
+    the records carry the completion's separating space), as before the engine tokenised like TRL."""
+    for name, kind, keys in (("builtin:sft", "sft", ("completion",)), ("builtin:pairs-ood", "pairs", ("chosen", "rejected"))):
+        ex, stats = load_examples(name, kind, TOK, max_length=48)
+        for e, r in zip(ex[:300], task.builtin_dataset(name, kind)):
+            assert e.prompt == [TOK.bos_token_id] + TOK.encode(r["prompt"], add_special_tokens=False)
+            assert e.completions == [TOK.encode(r[k], add_special_tokens=False) + [TOK.eos_token_id] for k in keys]
+        assert stats.truncated == 0 and stats.prompt_boundary == 0
+
+
 def test_malformed_and_missing_fields_name_file_line_field(tmp_path):
     good = {"prompt": "movie the", "chosen": "good", "rejected": "bad"}
     path = write(tmp_path, [good, "{not json", good])
@@ -51,13 +62,13 @@ def test_skip_bad_lines_counts(tmp_path):
 
 
 def test_truncation_policy_and_no_room(tmp_path):
-    long = " ".join(["good"] * 30)
-    path = write(tmp_path, [{"prompt": "movie the", "completion": long}, {"prompt": "movie", "completion": "good"}])
+    long = " " + " ".join(["good"] * 30)  # strings are joined as they are (TRL's rule): the space is the completion's
+    path = write(tmp_path, [{"prompt": "movie the", "completion": long}, {"prompt": "movie", "completion": " good"}])
     ex, stats = load_examples(path, "sft", TOK, max_length=12)
-    assert stats.truncated == 1
+    assert stats.truncated == 1 and stats.completions == 2 and stats.longest == 1 + 2 + 30 + 1
     assert len(ex[0].prompt) + len(ex[0].completions[0]) == 12  # completion cut on the right
     assert ex[0].prompt == [TOK.bos_token_id] + TOK.encode("movie the", add_special_tokens=False)  # prompt intact
-    path = write(tmp_path, [{"prompt": " ".join(["movie"] * 20), "completion": "good"}])
+    path = write(tmp_path, [{"prompt": " ".join(["movie"] * 20), "completion": " good"}])
     with pytest.raises(DataError, match=r"d\.jsonl:1: the prompt has 21 tokens, leaving no room"):
         load_examples(path, "sft", TOK, max_length=12)
 
@@ -79,8 +90,10 @@ def test_chat_messages_use_the_chat_template(tmp_path):
     tok = task.tokenizer()
     tok.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}{% if add_generation_prompt %}the{% endif %}"
     path = write(tmp_path, [{"messages": [{"role": "user", "content": "movie"}, {"role": "assistant", "content": "good"}]}])
-    (e,), _ = load_examples(path, "sft", tok, max_length=48)
-    assert tok.decode(e.prompt) == "movie the" and tok.decode(e.completions[0]) == "good <eos>"
+    (e,), stats = load_examples(path, "sft", tok, max_length=48)
+    # The prompt alone renders "movie the", prompt + completion "movie good": the completion starts where the two
+    # token sequences part (TRL's common prefix), and no EOS is added (the template ends a turn, or does not).
+    assert tok.decode(e.prompt) == "movie" and tok.decode(e.completions[0]) == "good" and stats.prompt_boundary == 1
     with pytest.raises(DataError, match="no chat template"):
         load_examples(path, "sft", TOK, max_length=48)
 

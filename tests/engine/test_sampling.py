@@ -342,6 +342,6 @@ def test_onpolicy_pairs_are_sampled_at_the_temperature(monkeypatch):
                         label_pairs(*a, **k))
     stream = onpolicy.OnPolicyPairs(policy, rm, TOK, ps, batch_size=4, seed=0, prompts_per_round=8, resample_every=0,
                                     grad_accum=1, max_new_tokens=8, missing_eos_penalty=1.0,
-                                    reference=lambda exs: torch.zeros(len(exs), 2), temperature=0.7)
+                                    reference=lambda exs, batches: torch.zeros(len(exs), 2), temperature=0.7)
     stream.next_batch()
     assert seen == [0.7]

@@ -140,7 +140,7 @@ def test_fresh_run_refuses_an_old_runs_checkpoints_and_resume_survives_a_cut_lin
 def test_reward_model_with_gradient_checkpointing_and_user_data(tmp_path, sft_run):
     out, _ = sft_run
     data = tmp_path / "pairs.jsonl"
-    data.write_text("".join(json.dumps({"prompt": "movie the", "chosen": "good great", "rejected": "bad awful"}) + "\n"
+    data.write_text("".join(json.dumps({"prompt": "movie the", "chosen": " good great", "rejected": " bad awful"}) + "\n"
                             for _ in range(20)))
     s = run_rm(RMConfig(output_dir=str(tmp_path / "rm"), sft_model=str(latest_checkpoint(out)), data=str(data),
                         max_steps=3, batch_size=4, device="cpu", gradient_checkpointing=True))

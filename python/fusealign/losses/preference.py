@@ -418,6 +418,14 @@ def dpo_loss(
     return losses, chosen_rewards, rejected_rewards
 
 
+def dpo_head_outputs(options: DPOOptions, token_metrics: bool = True) -> tuple:
+    """The `fa.linear_logps` outputs `linear_dpo_loss` asks for in its one fused pass. A precomputed reference
+    scored with the same outputs (and batch) gets bitwise the log-probs the policy gets at step 0: on CUDA the
+    statistics pass tiles the vocabulary differently from a logps-only pass."""
+    return ("logps",) + (("entropy", "mean_logits", "is_top1") if token_metrics else ()) + (
+        ("log_sum_sq_probs",) if options.use_weighting else ())
+
+
 def _sequence_sums(token_values, targets, sequence_ids, num_sequences, ignore_index):
     """(per-sequence sums of token_values, completion-token counts), both (2B,) — padded or packed."""
     valid = targets != ignore_index
@@ -541,8 +549,7 @@ def linear_dpo_loss(
                             vocab_size=vocab_size, group=group)
 
     # One fused pass; the statistics are forward-only row reductions of the same logit tiles (no gradient).
-    outputs = ("logps",) + (("entropy", "mean_logits", "is_top1") if token_metrics else ()) + (
-        ("log_sum_sq_probs",) if o.use_weighting else ())
+    outputs = dpo_head_outputs(o, token_metrics)
     per_token = dict(zip(outputs, score(hidden, weight, bias, outputs)))
     token_logps = per_token["logps"]  # (2B, T) or (N,), 0 at ignored targets
 
