@@ -15,6 +15,8 @@ from typing import Optional
 
 from fusealign.losses import DPOOptions, GRPOOptions, PPOOptions
 
+from .rollout import VLLM_IS_FIELDS, RolloutConfig
+
 
 def opt(default, help: str, **kw):
     return field(default=default, metadata={"help": help, **kw})
@@ -146,7 +148,7 @@ GRPO_DERIVED = ("max_completion_length", "gradient_accumulation_steps", "steps_p
 
 
 @dataclass
-class DPOConfig(SupervisedConfig, FromSFT):
+class DPOConfig(RolloutConfig, SupervisedConfig, FromSFT):
     """Direct preference optimisation and its family: every TRL 1.16 DPO loss type, f-divergences, WPO, SimPO.
 
     Defaults suit the built-in task (sequence log-ratios of ~10 tokens): β 0.5; TRL's usual β is 0.1.
@@ -178,6 +180,8 @@ class DPOConfig(SupervisedConfig, FromSFT):
             raise ValueError("--data onpolicy needs --reward-model (the model that labels the sampled pairs)")
         if self.ref_mode not in ("precompute", "online"):
             raise ValueError(f"--ref-mode must be precompute or online, got {self.ref_mode!r}")
+        if self.rollout != "hf" and self.data != "onpolicy":
+            raise ValueError(f"--rollout {self.rollout} samples on-policy pairs: it applies with --data onpolicy")
 
     @property
     def needs_reference(self) -> bool:
@@ -186,7 +190,7 @@ class DPOConfig(SupervisedConfig, FromSFT):
 
 
 @dataclass
-class PPOConfig(TrainConfig, FromSFT):
+class PPOConfig(RolloutConfig, TrainConfig, FromSFT):
     """PPO with a learned reward model (or a Python reward function); GRPO and RLOO advantages.
 
     With --advantage gae (a critic) the loss is PPO's clipped surrogate (--clip-eps, --dual-clip, --kl-mode);
@@ -245,7 +249,7 @@ class PPOConfig(TrainConfig, FromSFT):
             return [_flag(f.name) for f in fields(bundle)
                     if f.name not in skip and getattr(bundle, f.name) != getattr(default, f.name)]
 
-        shared = {"entropy_coef"} | set(GRPO_DERIVED)
+        shared = {"entropy_coef"} | set(GRPO_DERIVED) | set(VLLM_IS_FIELDS)  # one flag each, set in both bundles
         if self.advantage == "gae":
             wrong = changed(self.grpo, GRPOOptions(), shared)
             if wrong:
