@@ -216,7 +216,7 @@ def train_and_evaluate(cfg: CompareConfig, p: dict, stage: Stage, sft_dir: str) 
     timing[f"eval-{stage.name}"] = {"wall_s": time.perf_counter() - t0}
     grpo = isinstance(stage.cfg, PPOConfig) and stage.cfg.advantage != "gae"
     row = {"method": stage.method, "setting": stage.setting, "knob": stage.knob, "stage": stage.name,
-           "loss_type": stage.cfg.loss_type if grpo else None, **ev}
+           "loss_type": stage.cfg.grpo.loss_type if grpo else None, **ev}
     return row, timing
 
 

@@ -148,7 +148,7 @@ def test_compare_same_command_twice_is_byte_identical(smoke):
 
 def test_seeds_lists_and_ranges():
     """--seeds: "0-9" is ten seeds, "0,2,5-7" five, in the order written; bad lists fail with the item named."""
-    from fusealign.engine.config import CompareConfig, parse_seeds
+    from fusealign.engine.study.config import CompareConfig, parse_seeds
 
     assert parse_seeds("0-9") == tuple(range(10))
     assert parse_seeds("0,2,5-7") == (0, 2, 5, 6, 7)
