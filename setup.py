@@ -14,6 +14,8 @@ setup(
     python_requires=">=3.10",
     packages=["fusealign", "fusealign.losses", "fusealign.integrations", "fusealign.kernels", "fusealign.engine",
               "fusealign.engine.study"],
+    # The candidate selection table (kernels/candidates.py) travels with the kernels.
+    package_data={"fusealign.kernels": ["tuned.json"]},
     package_dir={
         "fusealign": "python/fusealign",
         "fusealign.kernels": "kernels",

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, header, write  # noqa: E402
+from common import RESULTS, emit, header, write  # noqa: E402
 
 import fusealign as fa  # noqa: E402
 from fusealign.engine.data import Example  # noqa: E402
@@ -147,6 +147,8 @@ def main(argv=None):
     p.add_argument("--pairs", type=int, default=1)
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--out", type=Path)
+    p.add_argument("--skip-trl", action="store_true", help="no TRL DPOTrainer runs (the suite's CPU dry run)")
+    p.add_argument("--no-max-seq", action="store_true", help="skip the longest-sequence search on the GPU")
     args = p.parse_args(argv)
     gpu = args.device == "cuda"
     cfg = llama_1b() if gpu else tiny()
@@ -170,7 +172,7 @@ def main(argv=None):
             rec.update(median_ms=sec * 1e3, tokens_per_s=rec["N"] / sec, peak_mem_bytes=peak)
         except Exception as e:  # OOM on the GPU is a result, not a crash
             rec["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
-        if gpu:  # the longest sequence that fits at batch 1
+        if gpu and not args.no_max_seq:  # the longest sequence that fits at batch 1
             longest, L = None, 1024
             while L <= 131072:
                 try:
@@ -184,9 +186,10 @@ def main(argv=None):
             rec["max_seq_batch1"] = longest
         records.append(rec)
         print(rec, flush=True)
+        emit(dict(kind="bench", **rec))
         write(out, head, records)
     del model, opt
-    for impl, liger in (("trl", False), ("trl_liger", True)):
+    for impl, liger in () if args.skip_trl else (("trl", False), ("trl_liger", True)):
         rec = dict(op="dpo_step", impl=impl, mode="train_step", N=2 * args.pairs * seq, H=cfg.hidden_size,
                    V=cfg.vocab_size, dtype=str(dtype).replace("torch.", ""), seq=seq, pairs=args.pairs)
         try:
@@ -196,6 +199,7 @@ def main(argv=None):
             rec["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
         records.append(rec)
         print(rec, flush=True)
+        emit(dict(kind="bench", **rec))
         write(out, head, records)
     ok = [r for r in records if "tokens_per_s" in r]
     if len(ok) == 2:

@@ -83,6 +83,7 @@ def record(fn, device: str, label: str, **fields) -> dict:
     except Exception as e:
         rec["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
     print(f"{label}: " + (f"{rec['median_ms']:.3f} ms" if rec["median_ms"] else rec["error"]), flush=True)
+    emit(dict(kind="bench", **rec))
     gc.collect()
     if device == "cuda":
         torch.cuda.empty_cache()
@@ -125,3 +126,15 @@ def ratio_table(records: list, baseline: str = "matmul", ours: str = "fusealign"
         lines.append(f"{op:6} {mode:8} {'y' if ent else 'n':3} {N:>6} {H:>5} {V:>7} {dt:8} {o['median_ms']:>9.3f} "
                      f"{rb:>8} {mem:>8}  " + ", ".join(peers))
     return "\n".join(lines)
+
+
+def emit(rec: dict, path=None) -> dict:
+    """Append one record as a JSON line to `path` (default $SUITE_RECORDS) and flush it to disk at once, so a
+    run killed at its time limit still returns every record measured before (benchmarks/gpu_suite.sh)."""
+    path = path or os.environ.get("SUITE_RECORDS")
+    if path:
+        with open(path, "a") as f:
+            f.write(json.dumps(rec, default=str) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+    return rec

@@ -90,10 +90,16 @@ _BACKEND_MODULES = {
 }
 
 
-def backend_impl(op: str, backend: str):
+def backend_impl(op: str, backend: str, hidden: Optional[torch.Tensor] = None, weight: Optional[torch.Tensor] = None):
     """The one dispatcher: the launcher module of `op` ("logps" or "kl") for a resolved backend. Both backends of
     an op have the same launcher signatures (`logps_fwd`, `logps_bwd_dz`, `partial_stats`; `kl_fwd`, `kl_bwd_dz`,
-    `kl_partial_stats`) and `BWD_BYTES_PER_LOGIT` (their own (chunk, V) temporaries in the backward)."""
+    `kl_partial_stats`) and `BWD_BYTES_PER_LOGIT` (their own (chunk, V) temporaries in the backward).
+    With the call's `hidden` (N, H) and `weight` (V, H), "triton" is the candidate measured fastest for its
+    (device, dtype, H, V class) (candidates.select_candidate; the default kernels without a tuned.json entry)."""
+    if backend == "triton" and hidden is not None:
+        from .candidates import triton_module
+
+        return triton_module(op, hidden, weight)
     return importlib.import_module(f"{__package__}.{_BACKEND_MODULES[op][backend]}")
 
 

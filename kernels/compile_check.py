@@ -29,6 +29,9 @@ import tempfile
 from dataclasses import dataclass
 from typing import Any, Optional
 
+# Modules of the Hopper-grade candidates (kernels/candidates.py): imported so their launches can be captured.
+_CANDIDATE_MODULES = ("linear_logps_persistent", "linear_kl_persistent", "linear_logps_hybrid")
+
 # Shared memory per block that a kernel may use, bytes (opt-in maximum): A100 and H100.
 SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 
@@ -41,6 +44,7 @@ class Launch:
     args: tuple
     kwargs: dict
     grid: tuple
+    arch: Optional[int] = None  # compile for this architecture only (a candidate's arch-specific tiles); None: all
 
     @property
     def name(self) -> str:
@@ -68,6 +72,7 @@ class KernelReport:
     has_dot: bool  # the TTGIR holds a dot (so the checks on MMA and pipelining apply)
     bytes_per_flop: Optional[float]  # operand bytes loaded per dot FLOP, from the tile shapes
     error: Optional[str] = None  # the compiler's message when it refused the kernel
+    sass: Optional[dict] = None  # sass.summary(): the main (K-) loop's instruction mix and the per-tile epilogue
 
     def problems(self) -> list[str]:
         """The checks every launched kernel must pass; empty when all hold."""
@@ -124,16 +129,19 @@ def capture_launches():
     def resolve_on_cpu(backend, device):
         return "triton" if backend in ("auto", "triton") else real_resolve(backend, device)
 
+    # Every kernels module that took `interpreting` from common.py / tiles.py (the candidates too) picks GPU tiles.
+    for m in _CANDIDATE_MODULES:
+        importlib.import_module(f"{__package__}.{m}")
+    pick = [mod for name, mod in list(sys.modules.items())
+            if name.startswith(f"{__package__}.") and getattr(mod, "interpreting", None) is tiles.interpreting]
     saved = [
         (JITFunction, "run", JITFunction.run),
         (common, "resolve_backend", real_resolve),
-        (tiles, "interpreting", tiles.interpreting),
-        (linear_logps_triton, "interpreting", linear_logps_triton.interpreting),
-        (linear_kl_triton, "interpreting", linear_kl_triton.interpreting),
-    ]
+    ] + [(mod, "interpreting", mod.interpreting) for mod in pick]
     JITFunction.run = record
     common.resolve_backend = resolve_on_cpu
-    tiles.interpreting = linear_logps_triton.interpreting = linear_kl_triton.interpreting = lambda: False
+    for mod in pick:
+        mod.interpreting = lambda: False
     try:
         yield launches
     finally:
@@ -199,6 +207,7 @@ def compile_launch(launch: Launch, arch: int) -> KernelReport:
     cubin, ptx, ttgir = compiled.asm["cubin"], compiled.asm["ptx"], compiled.asm["ttgir"]
     registers, spill = _resource_usage(cubin)
     sass = _sass(cubin)
+    has_dot = ("tt.dot" in ttgir) or ("ttng.warp_group_dot" in ttgir)
     names = {p.num: p.name for p in fn.params}
     const_named = {names[k[0]]: v for k, v in constexprs.items() if len(k) == 1}
     pointers = [v[1:] for v in signature.values() if isinstance(v, str) and v.startswith("*")]
@@ -219,9 +228,17 @@ def compile_launch(launch: Launch, arch: int) -> KernelReport:
         mma_sync=_count(r"\bHMMA\b", sass),
         cp_async=_count(r"\bLDGSTS\b", sass) + _count(r"cp\.async\.(ca|cg)", ptx),
         tma=_count(r"\bUTMALDG\b", sass) + _count(r"cp\.async\.bulk\.tensor", ptx),
-        has_dot=("tt.dot" in ttgir) or ("ttng.warp_group_dot" in ttgir),
-        bytes_per_flop=_bytes_per_flop(const_named, pointers[0] if pointers else ""),  # first operand: h
+        has_dot=has_dot,
+        sass=sass_summary(sass) or None,
+        # first operand: h; only for kernels with a dot (an elementwise pass has tiles but no operand stream)
+        bytes_per_flop=_bytes_per_flop(const_named, pointers[0] if pointers else "") if has_dot else None,
     )
+
+
+def sass_summary(sass: str) -> dict:
+    from .sass import summary
+
+    return summary(sass)
 
 
 def compile_key(launch: Launch) -> tuple:
@@ -233,7 +250,7 @@ def compile_key(launch: Launch) -> tuple:
     backend = make_backend(GPUTarget("cuda", 90, 32))
     binder = create_function_from_signature(launch.fn.signature, launch.fn.params, backend)
     _, specialization, options = binder(*launch.args, **dict(launch.kwargs, debug=False))
-    return (launch.name, repr(specialization), repr(sorted(options.items())))
+    return (launch.name, repr(specialization), repr(sorted(options.items())), launch.arch)  # [:3]: arch-free
 
 
 # ----------------------------------------------------------------------------- the launches to check
@@ -299,24 +316,112 @@ def _run_launchers(H: int, V: int, dtype, N: int = 256):
     klt.kl_bwd_dz(h, w, None, h, w, None, valid, f, f, f, f, dz, reverse=False, temperature=1.0, softcap=None)
 
 
-def collect_launches(dtypes=("bfloat16", "float16", "float32"), shapes=None) -> list[Launch]:
-    """Distinct launches (one per compile key) of the public ops and of the launchers over `shapes`."""
+def _run_candidate_launchers(dtypes, H: int = 4096, V: int = 128256, N: int = 256):
+    """The Hopper-grade candidates' launchers (kernels/candidates.py; nothing runs): every kernel of theirs in
+    bf16 with each flag set that changes the code — plain, bias + softcap, the extra statistics, and all three
+    (the most live values) — fp16 and fp32 plain and all-flags, a vocabulary not divisible by 16, and the
+    mixed-dtype KL heads. Subsets of a flag set hold fewer
+    values at once than the set (register pressure only grows with flags), so they are not compiled again."""
     import torch
 
+    from . import bare_matmul, tma
+    from . import linear_kl_persistent as klp, linear_logps_hybrid as hy, linear_logps_persistent as lp
+
+    y = torch.zeros(N, dtype=torch.long)
+    f = torch.zeros(N, dtype=torch.float32)
+    valid = torch.ones(N, dtype=torch.uint8)
+    for name in dtypes:
+        dt = getattr(torch, name)
+        h, w, b = torch.empty((N, H), dtype=dt), torch.empty((V, H), dtype=dt), torch.empty(V, dtype=dt)
+        flag_sets = [(None, None, False), (b, 30.0, True)]
+        if dt == torch.bfloat16:
+            flag_sets += [(b, 30.0, False), (None, None, True)]
+            lp.partial_stats(h, torch.empty((V - 1, H), dtype=dt), None, y, temperature=1.0, softcap=None)
+            bare_matmul.bare_matmul(h, w)
+            if tma.OFFLINE_ARCH >= 90:  # the 128 x 128 tiling of the extra statistics / KL, for the report's pairs
+                bare_matmul.bare_matmul(h, w, extra_stats=True)
+        for bias, softcap, extra in flag_sets:
+            lp.partial_stats(h, w, bias, y, temperature=0.7, softcap=softcap, extra=extra)
+            if not extra:
+                klp.kl_partial_stats(h, w, h, w, bias_a=bias, bias_b=bias, temperature=0.7, softcap=softcap)
+        # The hybrid: its reduce and dz kernels (its GEMM runs on the CPU: small H, one 64-row chunk).
+        hh, hw, hb = torch.zeros((64, 64), dtype=dt), torch.zeros((32000, 64), dtype=dt), torch.zeros(32000, dtype=dt)
+        yy, ff, dz = torch.zeros(64, dtype=torch.long), torch.zeros(64), torch.empty((64, 32000), dtype=dt)
+        for bias, softcap, extra in flag_sets:
+            hy.partial_stats(hh, hw, hb if bias is not None else None, yy, temperature=0.7, softcap=softcap, extra=extra,
+                             chunk_bytes=64 * 4 * 32000)
+            hy.logps_bwd_dz(hh, hw, hb if bias is not None else None, yy, ff, ff, ff, ff if extra else None, dz,
+                            temperature=0.7, softcap=softcap, ignore_index=-100)
+    if "float32" in dtypes and "bfloat16" in dtypes:
+        for a, r in ((torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16)):
+            klp.kl_partial_stats(torch.empty((N, H), dtype=a), torch.empty((V, H), dtype=a),
+                                 torch.empty((N, H), dtype=r), torch.empty((V, H), dtype=r),
+                                 temperature=1.0, softcap=None)
+    del f, valid
+
+
+def _run_mixed_kl(dtypes, H: int = 4096, V: int = 128256, N: int = 256):
+    """Every (policy, reference) dtype pair of the default KL launchers (the public API accepts mixed heads)."""
+    import torch
+
+    from . import linear_kl_triton as klt
+
+    valid = torch.ones(N, dtype=torch.uint8)
+    f = torch.empty(N, dtype=torch.float32)
+    for a in dtypes:
+        for r in dtypes:
+            if a == r:
+                continue
+            ha, wa = torch.empty((N, H), dtype=getattr(torch, a)), torch.empty((V, H), dtype=getattr(torch, a))
+            hr, wr = torch.empty((N, H), dtype=getattr(torch, r)), torch.empty((V, H), dtype=getattr(torch, r))
+            klt.kl_fwd(ha, wa, hr, wr, valid, temperature=1.0, softcap=None)
+            klt.kl_bwd_dz(ha, wa, None, hr, wr, None, valid, f, f, f, f, torch.empty((N, V), dtype=ha.dtype),
+                          reverse=False, temperature=1.0, softcap=None)
+
+
+def collect_launches(dtypes=("bfloat16", "float16", "float32"), shapes=None, arches=(90, 80),
+                     scope: str = "all") -> list[Launch]:
+    """Distinct launches (one per compile key). scope "default": the public ops and the default kernels'
+    launchers over `shapes` (and every mixed-dtype KL pair); "candidates": the candidates' launchers, captured
+    once per architecture in `arches` (their tiles depend on it) and tagged with it; "all": both."""
+    import torch
+
+    from . import tma
+
+    if scope not in ("all", "default", "candidates"):
+        raise ValueError(f"scope must be 'all', 'default' or 'candidates', got {scope!r}")
     shapes = SHAPE_CLASSES if shapes is None else shapes
-    seen, unique = set(), []
     with capture_launches() as launches:
-        for name in dtypes:
-            dtype = getattr(torch, name)
-            _run_public_ops(64, 300, dtype)
-            for H, V in shapes:
-                _run_launchers(H, V, dtype)
+        if scope in ("all", "default"):
+            for name in dtypes:
+                dtype = getattr(torch, name)
+                _run_public_ops(64, 300, dtype)
+                for H, V in shapes:
+                    _run_launchers(H, V, dtype)
+            _run_mixed_kl(dtypes)
+        if scope in ("all", "candidates"):
+            first = len(launches)
+            saved_arch = tma.OFFLINE_ARCH
+            try:
+                for arch in arches:
+                    tma.OFFLINE_ARCH = arch
+                    _run_candidate_launchers(dtypes)
+                    for launch in launches[first:]:
+                        launch.arch = arch
+                    first = len(launches)
+            finally:
+                tma.OFFLINE_ARCH = saved_arch
+    # One compile per key; a tagged launch whose binary does not depend on the architecture it was captured
+    # for (the same key under every arch, or an untagged twin) is compiled once for all of them.
+    by_key: dict = {}
     for launch in launches:
-        key = compile_key(launch)
-        if key not in seen:
-            seen.add(key)
-            unique.append(launch)
-    return unique
+        key = compile_key(launch)[:3]
+        seen = by_key.get(key)
+        if seen is None:
+            by_key[key] = launch
+        elif seen.arch != launch.arch:
+            seen.arch = None
+    return list(by_key.values())
 
 
 _FORKED_WORK: list = []  # (launch, arch) pairs, inherited by forked workers (JIT functions do not pickle)
@@ -339,11 +444,12 @@ def _compile_nth(i: int) -> KernelReport:
 
 
 def check_all(arches=(90, 80), dtypes=("bfloat16", "float16", "float32"), shapes=None,
-              workers: Optional[int] = None) -> list[KernelReport]:
+              workers: Optional[int] = None, scope: str = "all") -> list[KernelReport]:
     """Compile every distinct launch for every arch; `workers` processes (default: one per CPU)."""
     import multiprocessing
 
-    work = [(launch, arch) for launch in collect_launches(dtypes, shapes) for arch in arches]
+    work = [(launch, arch) for launch in collect_launches(dtypes, shapes, arches, scope) for arch in arches
+            if launch.arch in (None, arch)]
     workers = workers or os.cpu_count() or 1
     if workers <= 1 or "fork" not in multiprocessing.get_all_start_methods():
         return [compile_or_report(launch, arch) for launch, arch in work]
@@ -364,8 +470,10 @@ def main(argv=None) -> int:
     p.add_argument("--arch", type=int, nargs="+", default=[90, 80])
     p.add_argument("--dtype", nargs="+", default=["bfloat16", "float16", "float32"])
     p.add_argument("--json", action="store_true", help="print one JSON object per kernel report")
+    p.add_argument("--scope", choices=("all", "default", "candidates"), default="all",
+                   help="the default kernels, the candidates (kernels/candidates.py), or both")
     args = p.parse_args(argv)
-    reports = check_all(tuple(args.arch), tuple(args.dtype))
+    reports = check_all(tuple(args.arch), tuple(args.dtype), scope=args.scope)
     bad = 0
     for r in reports:
         problems = r.problems()

@@ -4,10 +4,12 @@ For raw logits r = h Wᵀ + b and any loss whose logit gradient ∂r a backend c
 chunk (recomputing the logits it needs), the parameter gradients are
     ∂h[chunk] = ∂r W,    ∂W = Σ_chunks ∂rᵀ h[chunk],    ∂b = Σ_chunks Σ_rows ∂r.
 Memory: the (chunk, V) ∂r buffer and the backend's own (chunk, V) temporaries together stay within
-`chunk_bytes` (the chunk's rows are chosen so); besides that, O(N·H + V·H): the returned gradients,
-and for low-precision weights with more than one chunk an fp32 (V, H) accumulator for ∂W. On CUDA ∂r
-is kept in the input dtype so both GEMMs run on tensor cores (fp32 accumulation inside each GEMM);
-on the CPU everything is fp32.
+`chunk_bytes` (the chunk's rows are chosen so); besides that, O(N·H + V·H): the returned gradients.
+On CUDA ∂r is kept in the input dtype so both GEMMs run on tensor cores (fp32 accumulation inside each
+GEMM); on the CPU everything is fp32. A low-precision backward that needs more than one chunk slices the
+vocabulary instead of the tokens when the backend's writer takes a column slice (blocked.py: no (V, H)
+fp32 buffer, an (N, H) fp32 ∂h accumulator); without one, ∂W accumulates in an fp32 (V, H) buffer,
+added to in blocks that bound the temporary by `chunk_bytes`.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ from typing import Callable, Optional
 
 import torch
 
-from .chunked import autocast_off, chunk_rows, mm_f32
+from .blocked import addmm_f32_, takes_cols, vocab_sliced_backward
+from .chunked import autocast_off, chunk_rows
 
 
 @autocast_off
@@ -30,11 +33,15 @@ def head_backward(
     chunk_bytes: int,
     temp_bytes_per_logit: int = 0,
     needs=(True, True, True),
+    sliced: Optional[bool] = None,
 ):
     """hidden: (N, H), weight: (V, H), bias: (V,)|None, row_ignored: (N,) bool.
 
     `write_dz(rows, dz)` fills `dz: (n, V)` with ∂L/∂r for `hidden[rows]` (zeros on ignored rows),
-    holding `temp_bytes_per_logit` bytes of its own (n, V) temporaries while it runs.
+    holding `temp_bytes_per_logit` bytes of its own (n, V) temporaries while it runs; a writer with a
+    `cols` parameter, `write_dz(rows, dz, cols)`, fills `dz: (n, cols)` for a vocabulary slice.
+    `sliced`: take the vocabulary-sliced path (blocked.py) — None: for a low-precision multi-chunk ∂W
+    with a slice-capable writer; True/False force it (tests run it on the CPU in fp32).
     Returns (dh (N, H) | None, dW (V, H) | None, db (V,) | None) per `needs`.
     """
     N, H = hidden.shape
@@ -51,6 +58,11 @@ def head_backward(
     dz_bytes = torch.empty((), dtype=work_dtype).element_size()
     step = chunk_rows(N, V, chunk_bytes, dz_bytes + temp_bytes_per_logit)
     single = step >= N
+    if sliced is None:
+        sliced = want_w and not single and work_dtype != torch.float32 and takes_cols(write_dz)
+    if sliced:
+        return vocab_sliced_backward(hidden, weight, bias, row_ignored, write_dz, dh, dW, db, chunk_bytes=chunk_bytes,
+                                     temp_bytes_per_logit=temp_bytes_per_logit, work_dtype=work_dtype)
     dz = torch.empty((step, V), device=dev, dtype=work_dtype)
     # ∂W sums over every token: one GEMM when a single chunk covers N; else accumulate in fp32 —
     # in dW itself when the weight is fp32, else in an fp32 (V, H) buffer.
@@ -73,8 +85,8 @@ def head_backward(
                 dW.copy_(dz_c.T @ h_work)
             elif dW32.dtype == work_dtype:
                 dW32.addmm_(dz_c.T, h_work)
-            else:
-                dW32 += mm_f32(dz_c.T, h_work)
+            else:  # no (V, H) fp32 temporary per chunk: blocks of ≤ chunk_bytes (issue 30)
+                addmm_f32_(dW32, dz_c.T, h_work, chunk_bytes)
         if want_b:
             db32 += dz_c.sum(0, dtype=torch.float32)
     if dW32 is not None and dW32 is not dW:

@@ -36,7 +36,7 @@ def _forward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, valid, reve
         e = hidden.new_zeros((0,), dtype=torch.float32)
         return e, e.clone(), e.clone()
     kw = dict(temperature=opts.temperature, softcap=opts.softcap, chunk_bytes=opts.chunk_bytes)
-    impl = backend_impl("kl", opts.backend)
+    impl = backend_impl("kl", opts.backend, hidden, weight)
     # KL(A‖B): forward KL(π‖π_ref) has A = policy, B = reference; reverse KL(π_ref‖π) the other way round.
     a, b = ((ref_hidden, ref_weight, ref_bias), (hidden, weight, bias)) if reverse else \
         ((hidden, weight, bias), (ref_hidden, ref_weight, ref_bias))
@@ -72,11 +72,13 @@ class LinearKLFunction(torch.autograd.Function):
             return (None,) * 10
         needs, shard = ctx.needs_input_grad[:3], ctx.shard
         g = g.reshape(-1).float().contiguous()
-        opts, impl = ctx.opts, backend_impl("kl", ctx.opts.backend)
+        opts, impl = ctx.opts, backend_impl("kl", ctx.opts.backend, hidden, weight)
 
-        def write_dz(rows, dz):
-            impl.kl_bwd_dz(hidden[rows], weight, bias, ref_hidden[rows], ref_weight, ref_bias, valid[rows],
-                           lse[rows], lse_ref[rows], kl[rows], g[rows], dz, reverse=ctx.reverse,
+        def write_dz(rows, dz, cols=slice(None)):
+            # cols: a vocabulary slice (head_backward's sliced path): both heads' rows of W and b.
+            sl = lambda t: None if t is None else t[cols]  # noqa: E731
+            impl.kl_bwd_dz(hidden[rows], weight[cols], sl(bias), ref_hidden[rows], ref_weight[cols], sl(ref_bias),
+                           valid[rows], lse[rows], lse_ref[rows], kl[rows], g[rows], dz, reverse=ctx.reverse,
                            temperature=opts.temperature, softcap=opts.softcap)
 
         want_h = needs[0] or shard is not None  # the all-reduce below needs every rank's part

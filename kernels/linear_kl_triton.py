@@ -24,7 +24,8 @@ import triton
 import triton.language as tl
 
 from . import common
-from .tiles import NEG_BIG, dot_precision, final_logits_tile, interpreting, store_dz, tile_config
+from .tiles import NEG_BIG, dot_precision, final_logits_tile, interpreting, store_dz, tile_config, tile_dtype
+from .tma import group_blocks, grouped_item
 
 # (chunk, V) buffers the launchers hold besides the backward's dz (see linear_logps_torch.py).
 BWD_BYTES_PER_LOGIT = 0
@@ -114,7 +115,7 @@ def _kl_merge_kernel(stats_ptr, valid_ptr, kl_ptr, lse_a_ptr, lse_b_ptr, N, SPLI
     tl.store(lse_b_ptr + offs, lse_b, mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["group_n"])  # group_n orders the work only: one binary for all
 def _kl_bwd_dz_kernel(
     h_ptr, w_ptr, b_ptr, hr_ptr, wr_ptr, br_ptr, valid_ptr, lse_ptr, lse_ref_ptr, kl_ptr, g_ptr,
     dz_ptr,  # (N, V) chunk of ∂L/∂r (policy raw logits), input dtype
@@ -122,12 +123,15 @@ def _kl_bwd_dz_kernel(
     stride_h_n, stride_h_k, stride_w_v, stride_w_k,
     stride_hr_n, stride_hr_k, stride_wr_v, stride_wr_k, stride_dz_n,
     inv_temp, softcap,
+    group_n,  # token blocks per group of the work order (tma.grouped_item)
     REVERSE: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, INTERPRET: tl.constexpr,
     PREC: tl.constexpr, PREC_R: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_v = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+    # One program per tile in L2-grouped order, as linear_logps_triton._logps_bwd_dz_kernel.
+    pid_n, pid_v = grouped_item(tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.cdiv(V, BLOCK_V), group_n)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
     mask_n = offs_n < N
     mask_v = offs_v < V
     valid = mask_n & (tl.load(valid_ptr + offs_n, mask=mask_n, other=0) != 0)
@@ -164,7 +168,7 @@ def kl_partial_stats(ha, wa, hb, wb, *, bias_a=None, bias_b=None, temperature, s
     `chunk_bytes` is accepted for the common launcher signature; the forward holds no (chunk, V) buffer."""
     N, H_A = ha.shape
     V, H_B = wa.shape[0], hb.shape[1]
-    cfg = tile_config(max(H_A, H_B), V, ha.dtype, heads=2)
+    cfg = tile_config(max(H_A, H_B), V, tile_dtype(ha.dtype, hb.dtype), heads=2)
     splits = triton.cdiv(V, cfg.split_cols)
     stats = torch.empty((splits, common.KL_ROWS, N), device=ha.device, dtype=torch.float32)
     has_bias, ba, bb = _biases(V, bias_a, bias_b, ha, hb)
@@ -185,10 +189,15 @@ def kl_partial_stats(ha, wa, hb, wb, *, bias_a=None, bias_b=None, temperature, s
 def kl_fwd(ha, wa, hb, wb, valid, *, bias_a=None, bias_b=None, temperature, softcap, chunk_bytes=None):
     """KL(softmax(A)‖softmax(B)) per token. ha: (N, H_A), wa: (V, H_A), hb: (N, H_B), wb: (V, H_B),
     bias_a, bias_b: (V,) or None, valid: (N,) uint8  ->  kl, lse_a, lse_b: (N,) fp32 (kl = 0 where not valid)."""
-    N = ha.shape[0]
     stats = kl_partial_stats(ha, wa, hb, wb, bias_a=bias_a, bias_b=bias_b, temperature=temperature,
                              softcap=softcap)
-    out = [torch.empty(N, device=ha.device, dtype=torch.float32) for _ in range(3)]  # separate: see logps_fwd
+    return merge_kl_stats(stats, valid)
+
+
+def merge_kl_stats(stats, valid):
+    """stats: (SPLITS, 5, N) fp32 of any split width, valid: (N,) uint8 -> kl, lse_a, lse_b, fixed-order merge."""
+    N = valid.shape[0]
+    out = [torch.empty(N, device=stats.device, dtype=torch.float32) for _ in range(3)]  # separate: see logps_fwd
     block = 16 if interpreting() else 256
     _kl_merge_kernel[(triton.cdiv(N, block),)](stats, valid, out[0], out[1], out[2], N, stats.shape[0],
                                                BLOCK=block)
@@ -200,9 +209,9 @@ def kl_bwd_dz(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, valid, lse
     """Write ∂L/∂(policy raw logits) for one chunk into `dz: (n, V)`."""
     N, H = hidden.shape
     V, H_R = weight.shape[0], ref_hidden.shape[1]
-    cfg = tile_config(max(H, H_R), V, hidden.dtype, heads=2)
+    cfg = tile_config(max(H, H_R), V, tile_dtype(hidden.dtype, ref_hidden.dtype), heads=2)
     has_bias, b, br = _biases(V, bias, ref_bias, hidden, ref_hidden)
-    _kl_bwd_dz_kernel[(triton.cdiv(N, cfg.BLOCK_N), triton.cdiv(V, cfg.BLOCK_V))](
+    _kl_bwd_dz_kernel[(triton.cdiv(N, cfg.BLOCK_N) * triton.cdiv(V, cfg.BLOCK_V),)](
         hidden, weight, b, ref_hidden, ref_weight, br, valid, lse, lse_ref, kl, g, dz,
         N, V, H, H_R,
         hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
@@ -210,6 +219,7 @@ def kl_bwd_dz(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, valid, lse
         1.0 / temperature, float(softcap or 1.0),
         REVERSE=reverse, HAS_BIAS=has_bias, SOFTCAP=softcap is not None, INTERPRET=interpreting(),
         PREC=dot_precision(hidden.dtype), PREC_R=dot_precision(ref_hidden.dtype),
+        group_n=group_blocks(cfg.BLOCK_N, max(H, H_R), 2 * hidden.element_size()),
         BLOCK_N=cfg.BLOCK_N, BLOCK_V=cfg.BLOCK_V, BLOCK_K=cfg.BLOCK_K,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )

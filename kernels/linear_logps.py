@@ -37,6 +37,7 @@ import torch
 import torch.distributed as dist
 
 from . import vocab_parallel as vp
+from .blocked import slice_targets
 from .checks import check_linear_head, check_target_range
 from .common import (DEFAULT_CHUNK_BYTES, OUTPUTS, STAT_OUTPUTS, HeadOptions, backend_impl, check_outputs,  # noqa: F401
                      needs_grad)
@@ -50,7 +51,7 @@ def logps_forward(hidden, weight, bias, targets, opts: HeadOptions, extra: bool 
     extras = (log_sum_sq_probs, mean_logits: (N,) fp32, is_top1: (N,) bool), else None. No autograd.
     With `shard`, `weight`/`bias` are this rank's vocabulary rows and the results are the whole head's."""
     N = hidden.shape[0]
-    impl = backend_impl("logps", opts.backend)
+    impl = backend_impl("logps", opts.backend, hidden, weight)
     if shard is None:
         if N == 0:
             empty = lambda dtype=torch.float32: hidden.new_zeros((0,), dtype=dtype)  # noqa: E731
@@ -76,12 +77,16 @@ def logps_backward(hidden, weight, bias, targets, lse, entropy, g_logps, g_entro
     g_logps = hidden.new_zeros(N, dtype=torch.float32) if g_logps is None else g_logps.reshape(N).float().contiguous()
     if g_entropy is not None:
         g_entropy = g_entropy.reshape(N).float().contiguous()
-    impl = backend_impl("logps", opts.backend)
+    impl = backend_impl("logps", opts.backend, hidden, weight)
     y = targets if shard is None else vp.backward_targets(targets, shard, opts.ignore_index)
 
-    def write_dz(rows, dz):
+    def write_dz(rows, dz, cols=None):
+        # cols: a vocabulary slice (head_backward's sliced path): its rows of W and b, targets local to it.
+        w, b, yr = weight, bias, y[rows]
+        if cols is not None:
+            w, b, yr = weight[cols], None if bias is None else bias[cols], slice_targets(yr, cols, opts.ignore_index)
         impl.logps_bwd_dz(
-            hidden[rows], weight, bias, y[rows], lse[rows],
+            hidden[rows], w, b, yr, lse[rows],
             None if g_entropy is None else entropy[rows],
             g_logps[rows], None if g_entropy is None else g_entropy[rows], dz,
             temperature=opts.temperature, softcap=opts.softcap, ignore_index=opts.ignore_index,

@@ -43,6 +43,7 @@ import triton.language as tl
 
 from . import common
 from .tiles import NEG_BIG, dot_precision, final_logits_tile, interpreting, store_dz, tile_config
+from .tma import group_blocks, grouped_item
 
 # (chunk, V) buffers the launchers hold besides the backward's dz, bytes per logit (see linear_logps_torch.py).
 BWD_BYTES_PER_LOGIT = 0
@@ -169,19 +170,23 @@ def _merge_kernel(
         tl.store(top1_ptr + offs, top1.to(tl.uint8), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["group_n"])  # group_n orders the work only: one binary for all
 def _logps_bwd_dz_kernel(
     h_ptr, w_ptr, b_ptr, y_ptr, lse_ptr, ent_ptr, g_logp_ptr, g_ent_ptr,
     dz_ptr,  # (N, V) chunk of ∂L/∂r, in the input dtype
     N, V, H, ignore_index,
     stride_h_n, stride_h_k, stride_w_v, stride_w_k, stride_dz_n,
     inv_temp, softcap,
+    group_n,  # token blocks per group of the work order (tma.grouped_item)
     HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ENT_GRAD: tl.constexpr,
     INTERPRET: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_v = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+    # One program per tile, in groups of group_n token blocks (tma.grouped_item): the tiles in flight share
+    # their h and W tiles in L2 (token block fastest over all N rows re-read every h tile from DRAM per column).
+    pid_n, pid_v = grouped_item(tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.cdiv(V, BLOCK_V), group_n)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
     mask_n = offs_n < N
     mask_v = offs_v < V
     y = tl.load(y_ptr + offs_n, mask=mask_n, other=ignore_index).to(tl.int64)
@@ -233,16 +238,21 @@ def partial_stats(hidden, weight, bias, targets, *, temperature, softcap, chunk_
 def logps_fwd(hidden, weight, bias, targets, *, temperature, softcap, ignore_index, chunk_bytes=None, extra=False):
     """hidden: (N, H), weight: (V, H), bias: (V,)|None, targets: (N,) -> (logps, entropy, lse, extras):
     (N,) fp32 each; extras = (log_sum_sq_probs, mean_logits fp32, is_top1 bool) with `extra`, else None."""
-    N = hidden.shape[0]
     stats = partial_stats(hidden, weight, bias, targets, temperature=temperature, softcap=softcap, extra=extra)
+    return merge_stats(stats, targets, ignore_index, weight.shape[0], extra)
+
+
+def merge_stats(stats, targets, ignore_index, V, extra=False):
+    """stats: (SPLITS, ROWS, N) fp32 of any split width -> (logps, entropy, lse, extras), fixed-order merge."""
+    N, dev = targets.shape[0], stats.device
     # Separate tensors, not views of one: `lse` is saved for backward while callers may edit logps in place.
-    out = [torch.empty(N, device=hidden.device, dtype=torch.float32) for _ in range(5 if extra else 3)]
-    top1 = torch.empty(N, device=hidden.device, dtype=torch.uint8) if extra else out[0]
+    out = [torch.empty(N, device=dev, dtype=torch.float32) for _ in range(5 if extra else 3)]
+    top1 = torch.empty(N, device=dev, dtype=torch.uint8) if extra else out[0]
     lssp, mean = (out[3], out[4]) if extra else (out[0], out[0])  # unused pointers without EXTRA
     block = 16 if interpreting() else 256
     _merge_kernel[(triton.cdiv(N, block),)](
         stats, targets, out[0], out[1], out[2], lssp, mean, top1,
-        N, stats.shape[0], ignore_index, 1.0 / weight.shape[0],
+        N, stats.shape[0], ignore_index, 1.0 / V,
         EXTRA=extra, BLOCK=block,
     )
     extras = (lssp, mean, top1.view(torch.bool)) if extra else None
@@ -256,7 +266,7 @@ def logps_bwd_dz(hidden, weight, bias, targets, lse, entropy, g_logps, g_entropy
     V = weight.shape[0]
     cfg = tile_config(H, V, hidden.dtype)
     has_ent = g_entropy is not None
-    _logps_bwd_dz_kernel[(triton.cdiv(N, cfg.BLOCK_N), triton.cdiv(V, cfg.BLOCK_V))](
+    _logps_bwd_dz_kernel[(triton.cdiv(N, cfg.BLOCK_N) * triton.cdiv(V, cfg.BLOCK_V),)](
         hidden, weight, bias.contiguous() if bias is not None else hidden, targets, lse,
         entropy if has_ent else lse, g_logps, g_entropy if has_ent else g_logps,
         dz,
@@ -265,6 +275,7 @@ def logps_bwd_dz(hidden, weight, bias, targets, lse, entropy, g_logps, g_entropy
         1.0 / temperature, float(softcap or 1.0),
         HAS_BIAS=bias is not None, SOFTCAP=softcap is not None, HAS_ENT_GRAD=has_ent,
         INTERPRET=interpreting(), DOT_PRECISION=dot_precision(hidden.dtype),
+        group_n=group_blocks(cfg.BLOCK_N, H, hidden.element_size()),
         BLOCK_N=cfg.BLOCK_N, BLOCK_V=cfg.BLOCK_V, BLOCK_K=cfg.BLOCK_K,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )

@@ -69,6 +69,13 @@ def tile_config(H: int, V: int, dtype: torch.dtype, heads: int = 1, extra_stats:
     return TileConfig(128, 128 // (heads * (2 if extra_stats else 1)), 64, 4096, 8, 3)
 
 
+def tile_dtype(*dtypes: torch.dtype) -> torch.dtype:
+    """The dtype whose tile configuration fits every head of a kernel: fp32 when any head is fp32 (a bf16
+    policy with an fp32 reference took the bf16 tile from the policy alone and spilled 32 bytes at 255
+    registers on sm_90, issue 30)."""
+    return torch.float32 if torch.float32 in dtypes else dtypes[0]
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     """fp32 inputs: exact IEEE products (TF32 would cost ~1e-3 relative error in the logits)."""
     return "ieee" if dtype == torch.float32 else "tf32"

@@ -7,7 +7,10 @@ linear_logps / linear_kl / linear_dpo_loss / linear_ppo_loss (forward and backwa
 entropy gradient, bias, softcap, temperature ≠ 1, both KL directions) and over the shape classes
 H ∈ {2048, 4096, 8192} × V ∈ {32000, 128256, 151936, 262144}, in bf16, fp16 and fp32. It checks:
 no register spills, wgmma (not mma.sync) for bf16/fp16 dots on sm_90, pipelined operand loads
-(cp.async or TMA) in every kernel with a dot, and shared memory within the target's limit.
+(cp.async or TMA) in every kernel with a dot, and shared memory within the target's limit. The candidates
+(kernels/candidates.py) are compiled in a second run with their per-architecture tiles: the same checks,
+TMA (UTMALDG) on sm_90 and cp.async on sm_80 for the persistent kernels, and the persistent forward's main
+loop read from the SASS equal to the bare Triton matmul's with the same tiling (kernels/bare_matmul.py).
 """
 
 import json
@@ -21,6 +24,9 @@ import pytest
 
 KERNELS = {"_logps_fwd_kernel", "_merge_kernel", "_logps_bwd_dz_kernel", "_kl_fwd_kernel", "_kl_merge_kernel",
            "_kl_bwd_dz_kernel"}
+CANDIDATE_KERNELS = {"_logps_fwd_persistent_kernel", "_kl_fwd_persistent_kernel", "_bare_matmul_kernel",
+                     "_hybrid_reduce_kernel", "_hybrid_dz_kernel"}
+PERSISTENT = {"_logps_fwd_persistent_kernel", "_kl_fwd_persistent_kernel", "_bare_matmul_kernel"}
 DOT_KERNELS = {"_logps_fwd_kernel", "_logps_bwd_dz_kernel", "_kl_fwd_kernel", "_kl_bwd_dz_kernel"}
 
 pytestmark = pytest.mark.skipif(
@@ -35,14 +41,24 @@ def _child_env(tmp_path):
     return env
 
 
-@pytest.fixture(scope="module")
-def reports(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("compile")
-    out = subprocess.run([sys.executable, "-m", "fusealign.kernels.compile_check", "--json"],
-                         capture_output=True, text=True, env=_child_env(tmp), timeout=600)
+def _compile(tmp_path_factory, scope):
+    tmp = tmp_path_factory.mktemp(f"compile-{scope}")
+    out = subprocess.run([sys.executable, "-m", "fusealign.kernels.compile_check", "--json", "--scope", scope],
+                         capture_output=True, text=True, env=_child_env(tmp), timeout=1500)
     lines = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
     assert lines, f"no report (exit {out.returncode}):\n{out.stderr[-4000:]}"
     return lines, out
+
+
+@pytest.fixture(scope="module")
+def reports(tmp_path_factory):
+    return _compile(tmp_path_factory, "default")
+
+
+@pytest.fixture(scope="module")
+def candidate_reports(tmp_path_factory):
+    """The Hopper-grade candidates (kernels/candidates.py), compiled with their per-architecture tiles."""
+    return _compile(tmp_path_factory, "candidates")
 
 
 def test_every_kernel_compiles_for_sm90_and_sm80(reports):
@@ -111,3 +127,49 @@ def test_a_plain_global_inside_jit_is_caught(tmp_path):
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=_child_env(tmp_path),
                          timeout=300)
     assert "REFUSED" in out.stdout and "_PLAIN" in out.stdout, out.stdout + out.stderr[-2000:]
+
+
+def test_candidates_compile_clean(candidate_reports):
+    lines, out = candidate_reports
+    for arch in (90, 80):
+        built = {r["kernel"] for r in lines if r["arch"] == arch and not r["error"]}
+        assert built == CANDIDATE_KERNELS, f"sm_{arch}: missing {CANDIDATE_KERNELS - built}"
+    bad = [f"sm_{r['arch']} {r['kernel']} {r['dtypes']} {r['constexprs']}: {'; '.join(r['problems'])}"
+           for r in lines if r["problems"]]
+    assert not bad, "\n".join(bad)
+    low = [r for r in lines if r["kernel"] in PERSISTENT and ("bf16" in r["dtypes"] or "fp16" in r["dtypes"])]
+    hopper = [r for r in low if r["arch"] == 90]
+    ampere = [r for r in low if r["arch"] == 80]
+    assert hopper and all(r["tma"] > 0 and r["cp_async"] == 0 and r["wgmma"] > 0 and r["mma_sync"] == 0 for r in hopper)
+    assert ampere and all(r["tma"] == 0 and r["cp_async"] > 0 and r["mma_sync"] > 0 for r in ampere)
+    # The wide tile where it fits: 128 x 256 for the plain single-head forward on sm_90.
+    plain = [r for r in hopper if r["kernel"] == "_logps_fwd_persistent_kernel" and "bf16" in r["dtypes"]
+             and not any(v is True for k, v in r["constexprs"].items() if k != "INTERPRET")]
+    assert plain and all(r["constexprs"]["BLOCK_V"] == 256 and r["num_warps"] == 8 for r in plain)
+
+
+def _main_loop(r):
+    return (r["sass"] or {}).get("main_loop") or {}
+
+
+def test_persistent_main_loop_is_the_bare_matmuls(candidate_reports):
+    """sm_90 bf16: one K-step of the fused forward issues what the bare matmul's issues — the same HGMMA shape
+    and count, TMA loads, mbarrier waits and arrives, CTA barriers and warpgroup waits — read from the SASS."""
+    lines, _ = candidate_reports
+
+    def pick(kernel):
+        hits = [r for r in lines if r["arch"] == 90 and r["kernel"] == kernel and r["dtypes"].startswith("bf16")
+                and not any(v is True for k, v in r["constexprs"].items() if k != "INTERPRET")
+                and "V" in r["div16"].split(",")]
+        assert hits, kernel
+        return hits[0]
+
+    bare, fused = pick("_bare_matmul_kernel"), pick("_logps_fwd_persistent_kernel")
+    assert bare["constexprs"]["BLOCK_V"] == fused["constexprs"]["BLOCK_V"] and bare["num_stages"] == fused["num_stages"]
+    b, f = _main_loop(bare), _main_loop(fused)
+    assert b["mma"] == f["mma"] == {"HGMMA.64x256x16.F32.BF16": 4}, (b["mma"], f["mma"])
+    for key in ("tma_loads", "cp_async", "mbarrier_waits", "mbarrier_arrives", "bar_sync", "warpgroup_waits"):
+        assert b[key] == f[key], (key, b[key], f[key])
+    assert f["tma_loads"] == 2 and f["mbarrier_waits"] == 1
+    # Address and loop bookkeeping may differ by a few instructions (register allocation), not the loop's work.
+    assert abs(b["instructions"] - f["instructions"]) <= 8, (b["instructions"], f["instructions"])
