@@ -202,6 +202,10 @@ def to_padded(flat: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 class PPOTrainer:
     """Holds the four roles (policy, reference, critic, reward) and runs iterations; `train()` loops."""
 
+    # The losses take the sampler's log-probs (TRL's importance-sampling correction) only when a separate engine
+    # samples (--rollout vllm, set in __init__); False here for a trainer built without __init__ (the loss tests).
+    sampler_correction = False
+
     def __init__(self, cfg: PPOConfig, policy, ref, tok, *, critic=None, reward_model=None,
                  reward_fn: Optional[Callable[[str, bool], float]] = None, prompts: Optional[List[List[int]]] = None,
                  info: DistInfo = DistInfo()):
