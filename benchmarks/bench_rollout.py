@@ -86,12 +86,18 @@ def main(argv=None):
                                                                  f"gpu on CUDA)")
     p.add_argument("--reps", type=int, default=3, help="timed repetitions per engine (after one warm-up each)")
     p.add_argument("--engines", default="hf,vllm", help="comma-separated: hf, vllm (default both)")
+    p.add_argument("--threads", type=int, default=0, help="torch intra-op threads on CPU, both engines (0: torch's "
+                                                          "default). 1 on a shared machine: two threads meeting "
+                                                          "at every op's barrier stall whenever another job "
+                                                          "takes one of the cores")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
     engines = [e for e in args.engines.split(",") if e]
     if not engines or set(engines) - {"hf", "vllm"}:
         p.error(f"--engines: a comma-separated list of hf and vllm, got {args.engines!r}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     presets = args.preset or (["gpu"] if device.type == "cuda" else ["tiny", "small"])
     import transformers
 
