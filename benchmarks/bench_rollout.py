@@ -111,9 +111,11 @@ def main(argv=None):
     if "vllm" in engines:
         if not vllm_installed():
             p.error(f"--engines vllm: vLLM is not installed here; install it with {INSTALL_HINT}, or pass --engines hf")
-        import vllm
-
+        # through rollout_vllm first: it imports vLLM with the process environment saved and restored (vLLM sets
+        # TORCHINDUCTOR_COMPILE_THREADS, LD_PRELOAD, … at import); a bare `import vllm` first would leak them
         from fusealign.engine.rollout_vllm import VLLMGenerate
+
+        import vllm
 
         vllm_version = getattr(vllm, "__version__", None)
     head = {**header("bench_rollout", device.type), "vllm": vllm_version, "transformers": transformers.__version__,
