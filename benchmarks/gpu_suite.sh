@@ -16,6 +16,11 @@
 # (c)  10 s  the selection table -> $OUT/tuned.json (copy to kernels/tuned.json)
 # (d)  90 s  one DPO training step on a 1B-class Llama: fused vs materialised vs TRL
 # (e)  40 s  the rest: the engine's GPU tests (packing through SDPA / flash varlen, bf16 autocast)
+# (f) 120 s  rollouts: HF generate (KV cache) on a 1B-class Llama, bf16, 128 prompts x 4 x 256 tokens, and vLLM
+#            beside it where `import vllm` works (benchmarks/bench_rollout.py --preset gpu). The device has no
+#            network and vLLM's CUDA wheel is far over what a call can carry, so on a bare device only HF is
+#            timed; with vLLM installed the step may take 300 s (engine start: compile + CUDA graphs), so give that
+#            call timeout_s 600 (the step runs last: nothing else waits on it)
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 DRY=0
@@ -72,6 +77,7 @@ if [ $DRY = 1 ]; then
   step c_select 10 $PY benchmarks/select_candidates.py "$SUITE_RECORDS" --out "$OUT/tuned.json"
   step d_train 90 $PY benchmarks/bench_train.py --device cpu --reps 1 --seq 32 --skip-trl --out "$OUT/train.json"
   step e_rest 40 $PY benchmarks/bench_kl.py --device cpu --N 64 --H 32 --V 256 --out "$OUT/kl.json"
+  step f_rollout 60 $PY benchmarks/bench_rollout.py --preset tiny --reps 1 --engines hf --out "$OUT/rollout.json"
 else
   # Warm Triton's cache while the tests run: the offline compile check builds every launch of the kernels and
   # candidates for sm_90 with the JIT's own specialisation through triton.compile, whose cache key a launch with
@@ -88,6 +94,10 @@ else
   step c_select 10 $PY benchmarks/select_candidates.py "$SUITE_RECORDS" --out "$OUT/tuned.json" --merge kernels/tuned.json
   step d_train 90 $PY benchmarks/bench_train.py --reps 3 --no-max-seq --out "$OUT/train.json"
   step e_rest 40 $PYTEST -m gpu tests/engine
+  # (f) vLLM's engine start on CUDA (torch.compile + CUDA graphs) is minutes, not seconds: a longer limit with it
+  ENGINES=hf LIMIT=120
+  if $PY -c "import vllm" >/dev/null 2>&1; then ENGINES=hf,vllm LIMIT=300; else echo "vllm not importable: rollouts timed for HF only"; fi
+  step f_rollout $LIMIT $PY benchmarks/bench_rollout.py --preset gpu --reps 3 --engines $ENGINES --out "$OUT/rollout.json"
 fi
 echo "suite done in $(( $(date +%s) - T0 ))s; records: $SUITE_RECORDS" | tee -a "$LOG"
 ls -la "$OUT"

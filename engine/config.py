@@ -22,6 +22,7 @@ from typing import ClassVar, Optional
 from fusealign.losses import DPOOptions, GRPOOptions, PPOOptions
 
 REPORT_TO = ("none", "tensorboard", "wandb", "trackio")  # TRL's names (engine/reporting.py)
+from .rollout import VLLM_IS_FIELDS, RolloutConfig
 
 
 def opt(default, help: str, **kw):
@@ -253,7 +254,7 @@ GRPO_DERIVED = ("max_completion_length", "gradient_accumulation_steps", "steps_p
 
 
 @dataclass
-class DPOConfig(SupervisedConfig, FromSFT):
+class DPOConfig(RolloutConfig, SupervisedConfig, FromSFT):
     """Direct preference optimisation and its family: every TRL 1.16 DPO loss type, f-divergences, WPO, SimPO.
 
     β: 0.5 with --model builtin (sequence log-ratios of ~10 tokens), TRL's 0.1 with a model directory.
@@ -288,6 +289,8 @@ class DPOConfig(SupervisedConfig, FromSFT):
             raise ValueError("--data onpolicy needs --reward-model (the model that labels the sampled pairs)")
         if self.ref_mode not in ("precompute", "online"):
             raise ValueError(f"--ref-mode must be precompute or online, got {self.ref_mode!r}")
+        if self.rollout != "hf" and self.data != "onpolicy":
+            raise ValueError(f"--rollout {self.rollout} samples on-policy pairs: it applies with --data onpolicy")
 
     @property
     def needs_reference(self) -> bool:
@@ -296,7 +299,7 @@ class DPOConfig(SupervisedConfig, FromSFT):
 
 
 @dataclass
-class PPOConfig(TrainConfig, FromSFT):
+class PPOConfig(RolloutConfig, TrainConfig, FromSFT):
     """PPO with a learned reward model (or a Python reward function); GRPO and RLOO advantages.
 
     With --advantage gae (a critic) the loss is PPO's clipped surrogate (--clip-eps, --dual-clip, --kl-mode);
@@ -365,7 +368,7 @@ class PPOConfig(TrainConfig, FromSFT):
             return [_flag(f.name) for f in fields(bundle)
                     if f.name not in skip and getattr(bundle, f.name) != getattr(default, f.name)]
 
-        shared = {"entropy_coef"} | set(GRPO_DERIVED)
+        shared = {"entropy_coef"} | set(GRPO_DERIVED) | set(VLLM_IS_FIELDS)  # one flag each, set in both bundles
         if self.advantage == "gae":
             wrong = changed(self.grpo, GRPOOptions(), shared)
             if wrong:

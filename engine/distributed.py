@@ -70,6 +70,11 @@ def init_distributed(device: str = "auto", fsdp: Optional[bool] = None) -> DistI
         os.environ.setdefault("RANK", "0")
         os.environ.setdefault("WORLD_SIZE", "1")
     rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if _foreign_world():
+        from .errors import UserError
+
+        raise UserError("torch.distributed's default group here belongs to a vLLM engine of an earlier run in this "
+                        "process (world 1), not to this run; close that engine first (VLLMGenerate.close())")
     cuda = torch.cuda.is_available() and device != "cpu"
     if cuda:
         torch.cuda.set_device(local)
@@ -79,11 +84,24 @@ def init_distributed(device: str = "auto", fsdp: Optional[bool] = None) -> DistI
     return DistInfo(rank, world, local, fsdp_one_rank=world <= 1)
 
 
+_FOREIGN = []  # the default group a one-process vLLM engine created for itself (rollout_vllm), if any
+
+
+def mark_foreign_world() -> None:
+    """Record that the current default group is not this job's (a one-process vLLM engine creates a world-1 group
+    of its own, and destroys it when it shuts down): `init_distributed` refuses to take it, `shutdown` leaves it."""
+    _FOREIGN[:] = [dist.group.WORLD]
+
+
+def _foreign_world() -> bool:
+    return bool(_FOREIGN) and dist.is_available() and dist.is_initialized() and dist.group.WORLD is _FOREIGN[0]
+
+
 def shutdown(clean: bool = True) -> None:
     """Leave the process group, if this process joined one. After a finished run, behind a barrier: a rank that
     exits while its peer still holds the gloo connection can make the peer abort (SIGABRT) as it tears down.
-    After an error, at once (the other ranks may be gone)."""
-    if not (dist.is_available() and dist.is_initialized()):
+    After an error, at once (the other ranks may be gone). A vLLM engine's own group is left to the engine."""
+    if not (dist.is_available() and dist.is_initialized()) or _foreign_world():
         return
     if clean:
         dist.barrier()

@@ -24,17 +24,20 @@ import torch
 
 from .data import Example, collate
 from .models import RewardModel
-from .sampling import sample
+from .sampling import HFGenerate, SamplingParams
 
 
 @torch.no_grad()
 def label_pairs(policy, reward_model, tok, prompts: List[List[int]], *, seed: int, max_new_tokens: int,
-                missing_eos_penalty: float, temperature: float = 1.0) -> List[Example]:
+                missing_eos_penalty: float, temperature: float = 1.0, engine=None) -> List[Example]:
     """Two samples of `policy` per prompt from softmax(z / temperature), ordered by the reward model's score
-    -> pair Examples (uid = index)."""
+    -> pair Examples (uid = index). `engine`: the rollout engine sampling `policy` (default HF generate; a vLLM
+    engine pushes the policy's current weights first)."""
     device = next(reward_model.parameters()).device
+    engine = engine if engine is not None else HFGenerate(policy, tok)
     doubled = [p for p in prompts for _ in range(2)]  # y, y' of one prompt are consecutive
-    outs = sample(policy, tok, doubled, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
+    params = SamplingParams(temperature=temperature, max_new_tokens=max_new_tokens, n=2, seed=seed)
+    outs = [(c.ids, c.ended) for c in engine.sample(prompts, params)]
     seqs = [(p, ids + ([tok.eos_token_id] if ended else [])) for p, (ids, ended) in zip(doubled, outs)]
     scores = []
     for i in range(0, len(seqs), 128):
@@ -61,8 +64,9 @@ class OnPolicyPairs:
     def __init__(self, policy, reward_model, tok, prompts: List[List[int]], *, batch_size: int, seed: int,
                  prompts_per_round: int, resample_every: int, grad_accum: int, max_new_tokens: int,
                  missing_eos_penalty: float, reference: Callable[[List[Example], list], torch.Tensor],
-                 temperature: float = 1.0):
+                 temperature: float = 1.0, engine=None):
         self.policy, self.reward_model, self.tok, self.prompts = policy, reward_model, tok, prompts
+        self.engine = engine  # the rollout engine (None: HF generate on `policy`)
         self.batch_size, self.seed, self.n = batch_size, seed, prompts_per_round
         self.every = resample_every * grad_accum  # in micro-batches: next_batch is called grad_accum times a step
         self.max_new_tokens, self.penalty, self.reference = max_new_tokens, missing_eos_penalty, reference
@@ -78,7 +82,8 @@ class OnPolicyPairs:
         prompts = [self.prompts[(start + i) % len(self.prompts)] for i in range(self.n)]
         self.examples = label_pairs(self.policy, self.reward_model, self.tok, prompts,
                                     seed=self.seed * 1_000_003 + 7_919 * self.round, max_new_tokens=self.max_new_tokens,
-                                    missing_eos_penalty=self.penalty, temperature=self.temperature)
+                                    missing_eos_penalty=self.penalty, temperature=self.temperature,
+                                    engine=self.engine)
         if not self.examples:
             raise RuntimeError(f"on-policy round {self.round}: every sampled pair was identical; no preferences")
         self.epoch, self.index, self._perm = 0, 0, None

@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 
 from fusealign.losses import grpo_loss, ppo_policy_loss, value_loss
+from fusealign.losses.grpo import vllm_importance_ratio
 
 from .config import PPOConfig
 from .data import collate, load_prompts
@@ -37,8 +38,9 @@ from .distributed import DistInfo, all_reduce_max, all_reduce_mean, all_reduce_s
 from .errors import UserError
 from .loop import check_finite, run_loop
 from .models import RewardModel, TokenScores, ValueHead, critic_values, disable_dropout, score_tokens
+from .rollout import rollout_engine
 from .runtime import autocast, bf16_enabled, enable_gradient_checkpointing
-from .sampling import HFGenerate, SamplingParams, sampling_logp_difference, truncation_notice
+from .sampling import SamplingParams, sampling_logp_difference, truncation_notice
 from .state import TrainState, load_modules
 
 
@@ -185,6 +187,11 @@ class RolloutBatch:
         return len(self.seqs)
 
 
+def _padded(flat: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(N_c,) in batch order -> (S_mb, T); masked_scatter: differentiable, no host sync."""
+    return torch.zeros(mask.shape, dtype=flat.dtype, device=flat.device).masked_scatter(mask, flat)
+
+
 def to_padded(flat: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """(N_c,) completion-token values in batch order -> (S, T) right-padded with zeros."""
     out = torch.zeros(mask.shape, dtype=flat.dtype, device=flat.device)
@@ -194,6 +201,10 @@ def to_padded(flat: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 class PPOTrainer:
     """Holds the four roles (policy, reference, critic, reward) and runs iterations; `train()` loops."""
+
+    # The losses take the sampler's log-probs (TRL's importance-sampling correction) only when a separate engine
+    # samples (--rollout vllm, set in __init__); False here for a trainer built without __init__ (the loss tests).
+    sampler_correction = False
 
     def __init__(self, cfg: PPOConfig, policy, ref, tok, *, critic=None, reward_model=None,
                  reward_fn: Optional[Callable[[str, bool], float]] = None, prompts: Optional[List[List[int]]] = None,
@@ -233,10 +244,13 @@ class PPOTrainer:
             raise UserError(f"--batch-size {cfg.batch_size} must split evenly over {info.world_size} ranks, and each "
                             f"rank's samples ({cfg.batch_size} / {info.world_size} × --num-generations) over "
                             f"--num-minibatches {cfg.num_minibatches}")
-        # The rollout engine and what it samples with (a vLLM engine takes the same SamplingParams).
+        # The rollout engine (--rollout: HF generate, or a colocated vLLM engine whose weights follow the policy) and
+        # what it samples with. With vLLM the losses take its own log-probs: TRL's importance-sampling correction
+        # π_old/π_sampler (--vllm-importance-sampling-*), for PPO and GRPO alike.
         self.sampling = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
                                        max_new_tokens=cfg.max_new_tokens, n=cfg.num_generations)
-        self.rollout_engine = HFGenerate(self.policy, tok)
+        self.rollout_engine = rollout_engine(cfg, self.policy, tok, info, seed=cfg.seed)
+        self.sampler_correction = cfg.rollout == "vllm"
         notice = truncation_notice(self.sampling, "ppo")
         if notice and info.rank == 0:
             print(notice, file=sys.stderr, flush=True)
@@ -326,12 +340,11 @@ class PPOTrainer:
         """TRL 1.16's GRPO loss (`fa.grpo_loss`) on one minibatch, padded to (S_mb, T); TRL's metric names plus
         the engine's own approx-KL and ratio mean (the first minibatch is scored as trained: ratio 1)."""
         m = ro.mask[idx]
-
-        def padded(flat):  # (N_c,) in batch order -> (S_mb, T); masked_scatter: differentiable, no host sync
-            return torch.zeros(m.shape, dtype=flat.dtype, device=flat.device).masked_scatter(m, flat)
+        padded = lambda flat: _padded(flat, m)  # noqa: E731
         logps, old = padded(new.logps), ro.old_logps[idx]
         loss, metrics = grpo_loss(logps, old, ro.seq_advantages[idx], self._loss_mask(ro, idx),
                                   ref_logps=ro.ref_logps[idx], entropy=padded(new.entropy),
+                                  sampling_logps=ro.sampler_logps[idx] if self.sampler_correction else None,
                                   num_items_in_batch=num_items_in_batch, options=self.grpo_options)
         with torch.no_grad():
             log_ratio = torch.where(m, logps - old, 0.0)
@@ -357,11 +370,12 @@ class PPOTrainer:
                 new = self._forward(self.policy, batch, critic=self.critic)  # (N_c,) in batch order
                 if self.grpo_options is not None:
                     loss, metrics = self._grpo_loss(new, ro, idx, num_items)  # TRL's normalisers across ranks
-                else:
-                    on = torch.ones_like(new.logps, dtype=torch.bool)
-                    loss, metrics = ppo_policy_loss(new.logps, new.entropy, ro.old_logps[idx][m],
-                                                    ro.advantages[idx][m], on, ref_logps=ro.ref_logps[idx][m],
-                                                    options=loss_options)
+                else:  # (S_mb, T) padded: the sequence-level sampler correction reads whole sequences
+                    loss, metrics = ppo_policy_loss(
+                        _padded(new.logps, m), _padded(new.entropy, m), ro.old_logps[idx], ro.advantages[idx], m,
+                        ref_logps=ro.ref_logps[idx],
+                        sampling_logps=ro.sampler_logps[idx] if self.sampler_correction else None,
+                        options=loss_options)
                     if new.values is not None:
                         v_loss, v_metrics = value_loss(new.values, ro.values[idx][m], ro.returns[idx][m],
                                                        clip_eps=cfg.cliprange_value)
@@ -426,6 +440,11 @@ class PPOTrainer:
             "train_tokens_per_s": n_tok * self.cfg.num_ppo_epochs / max(t_update, 1e-9),
             "time/rollout_s": t_roll, "time/score_s": t_score, "time/update_s": t_update,
         }
+        if self.sampler_correction:  # TRL's generation-time ratio over the whole rollout (the losses apply it)
+            _, is_metrics = vllm_importance_ratio(ro.old_logps, ro.sampler_logps, ro.mask,
+                                                  self.grpo_options or self.cfg.loss)
+            out.update({k: v.item() for k, v in is_metrics.items() if k.startswith("sampling/importance")})
+            out["time/weight_sync_s"] = getattr(self.rollout_engine, "last_sync_s", 0.0)
         if self.grpo_options is None:  # PPO with a critic: TRL's PPOTrainer names
             out.update({"policy/clipfrac_avg": upd["policy/clipfrac"], "loss/value_avg": upd.get("loss/value", 0.0),
                         "val/clipfrac_avg": upd.get("val/clipfrac", 0.0),
@@ -435,7 +454,7 @@ class PPOTrainer:
             group_std = ro.scores.view(-1, self.cfg.num_generations).std(1)
             lengths = ro.mask.sum(1).float()
             zero_std = torch.isclose(group_std, torch.zeros_like(group_std))
-            out.update({k: upd[k] for k in upd if not k.startswith(("policy/", "loss/", "first/"))})
+            out.update({k: upd[k] for k in upd if not k.startswith(("policy/", "loss/", "first/", "sampling/"))})
             out.update({"reward": ro.scores.mean().item(), "reward_std": ro.scores.std().item(),
                         "frac_reward_zero_std": zero_std.float().mean().item(),
                         "completions/mean_length": lengths.mean().item(),
@@ -451,9 +470,13 @@ class PPOTrainer:
             start = (step * cfg.batch_size) % len(self.prompts)
             prompts = [self.prompts[(start + i) % len(self.prompts)] for i in range(cfg.batch_size)]
             out = self.iteration(rank_slice(prompts, info))  # each rank: its own prompts
-            worst = all_reduce_max(out["sampling/sampling_logp_difference/max"], info)
+            # TRL: the max (min) over ranks of the maxima (minima), not their mean
+            extremes = {k: (all_reduce_max(out[k], info) if sign > 0 else -all_reduce_max(-out[k], info))
+                        for k, sign in (("sampling/sampling_logp_difference/max", 1),
+                                        ("sampling/importance_sampling_ratio/max", 1),
+                                        ("sampling/importance_sampling_ratio/min", -1)) if k in out}
             out = all_reduce_mean(out, info)  # every rank has the same number of sequences: plain means
-            out["sampling/sampling_logp_difference/max"] = worst  # TRL: the max over ranks, not their mean
+            out.update(extremes)
             for k in ("rollout_tokens_per_s", "train_tokens_per_s"):  # the job's rate: the sum over ranks
                 out[k] *= info.world_size
             # adaptive β from the whole rollout's KL (the same β on every rank)
@@ -466,3 +489,7 @@ class PPOTrainer:
 
         return run_loop(cfg, self.state, step_fn, device=self.device, desc="ppo",
                         postfix=("objective/scores", "objective/kl"), info=info)
+
+    def close(self) -> None:
+        """Free the rollout engine (a vLLM engine: after the run's last collective, see rollout_vllm)."""
+        self.rollout_engine.close()

@@ -33,6 +33,7 @@ from .models import RewardModel, disable_dropout, fingerprint, load_causal_lm, m
 from .onpolicy import OnPolicyPairs
 from .objectives import dpo_objective, dpo_sequence_logps, pair_batch, rm_objective, sft_objective
 from .ppo import PPOTrainer
+from .rollout import check_available, rollout_engine
 from .sampling import sample
 from .distributed import DistInfo, check_world_size, init_distributed, rank_slice, run, shard
 from .runtime import autocast, bf16_enabled, cpu_has_native_bf16, resolve_device, set_threads
@@ -117,9 +118,10 @@ def check_model_dir(path: str, flag: str, *, reward_model: bool = False) -> None
 
 def preflight(cfg: TrainConfig) -> None:
     """Paths first: output writable, data readable and UTF-8, model directories present, a checkpoint to resume
-    from resumable."""
+    from resumable; vLLM importable with --rollout vllm."""
     check_output_dir(cfg.output_dir)
     check_report_to(cfg.report_to)
+    check_available(cfg)
     if cfg.resume:
         check_resumable(latest_checkpoint(Path(cfg.output_dir)), trust=cfg.trust_checkpoint)
     if cfg.data == "onpolicy" and hasattr(cfg, "prompts"):  # DPO on pairs sampled from the policy
@@ -357,15 +359,16 @@ def run_dpo(cfg: DPOConfig) -> dict:
     precompute = ref_model is not None and cfg.ref_mode == "precompute"
     ref_kw = dict(pad_id=tok.pad_token_id, pack=cfg.pack, options=cfg.loss, temperature=cfg.temperature,
                   backend=cfg.backend, cfg=cfg, ref_key=ref_key, info=info)
-    lookup = None
+    lookup, engine = None, None
     if onpolicy:  # pairs sampled from the policy (again every K steps with --resample-every), labelled by an RM
         reward_model = RewardModel.from_pretrained(builtin_rm_path(cfg, init)).to(next(policy.parameters()).device)
         disable_dropout(reward_model.requires_grad_(False).eval())
         prompts = load_prompts(cfg.prompts, tok, max_prompt_tokens=cfg.max_length - cfg.max_new_tokens, seed=cfg.seed)
+        engine = rollout_engine(cfg, policy, tok, info, seed=cfg.seed)  # --rollout: HF generate or vLLM
         stream = OnPolicyPairs(policy, reward_model, tok, prompts, batch_size=cfg.batch_size, seed=cfg.seed,
                                prompts_per_round=cfg.onpolicy_prompts, resample_every=cfg.resample_every,
                                grad_accum=cfg.grad_accum, max_new_tokens=cfg.max_new_tokens,
-                               missing_eos_penalty=cfg.missing_eos_penalty, temperature=cfg.temperature,
+                               missing_eos_penalty=cfg.missing_eos_penalty, temperature=cfg.temperature, engine=engine,
                                reference=(lambda exs, batches: reference_logps(ref_model, exs, batches, cache_dir=None,
                                                                                **ref_kw))
                                if precompute else None)
@@ -386,7 +389,11 @@ def run_dpo(cfg: DPOConfig) -> dict:
                              ref_logps=lookup(ex) if lookup is not None else None, ref_model=online_ref,
                              temperature=cfg.temperature, backend=cfg.backend)
 
-    last = train(cfg, policy, loss_fn, stream, tokenizer=tok, desc="dpo", info=info)
+    try:
+        last = train(cfg, policy, loss_fn, stream, tokenizer=tok, desc="dpo", info=info)
+    finally:
+        if engine is not None:
+            engine.close()
     summary = dict(last)
     if stats is not None:
         summary.update({"data/lines": stats.lines, "data/skipped": stats.skipped, "data/truncated": stats.truncated})
@@ -433,11 +440,14 @@ def run_ppo(cfg: PPOConfig) -> dict:
     prompts = load_prompts(cfg.data, tok, max_prompt_tokens=cfg.max_length - cfg.max_new_tokens, seed=cfg.seed)
     trainer = PPOTrainer(cfg, policy, ref, tok, critic=critic, reward_model=reward_model, reward_fn=reward_fn,
                          prompts=prompts, info=info)
-    before = gt_reward(trainer.policy, tok, seed=cfg.seed) if task.is_builtin_data(cfg.data) else None
-    summary = dict(trainer.train())
-    if before is not None:
-        summary["eval/gt_reward_init"] = before
-        summary["eval/gt_reward"] = gt_reward(trainer.policy, tok, seed=cfg.seed)
+    try:  # evaluation samples with HF generate whatever --rollout: the same measurement for every engine
+        before = gt_reward(trainer.policy, tok, seed=cfg.seed) if task.is_builtin_data(cfg.data) else None
+        summary = dict(trainer.train())
+        if before is not None:
+            summary["eval/gt_reward_init"] = before
+            summary["eval/gt_reward"] = gt_reward(trainer.policy, tok, seed=cfg.seed)
+    finally:
+        trainer.close()
     return finish(cfg, summary)
 
 

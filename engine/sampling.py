@@ -75,7 +75,11 @@ class Completion:
 
 class RolloutEngine(Protocol):
     def sample(self, prompts: List[List[int]], params: SamplingParams) -> List[Completion]:
-        """prompts: token ids (with bos) -> len(prompts) · params.n completions, the n of a prompt consecutive."""
+        """prompts: token ids (with bos) -> len(prompts) · params.n completions, the n of a prompt consecutive,
+        sampled from the policy's current weights."""
+
+    def close(self) -> None:
+        """Free what the engine holds (end of the run)."""
 
 
 # --- Hugging Face generate --------------------------------------------------------------------------------
@@ -162,6 +166,9 @@ class HFGenerate:
 
     def __init__(self, model, tok, *, batch_size: int = 64, processors: Sequence = ()):
         self.model, self.tok, self.batch_size, self.processors = model, tok, batch_size, tuple(processors)
+
+    def close(self) -> None:
+        """Nothing to free: generate runs the trainer's own model (always its current weights)."""
 
     @torch.no_grad()
     def sample(self, prompts: List[List[int]], params: SamplingParams) -> List[Completion]:

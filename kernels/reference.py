@@ -321,8 +321,11 @@ def sequence_rewards_reference(hidden, value_weight, mask, value_bias=None):
 @_accepts_options
 def ppo_policy_loss_reference(logps, entropy, old_logps, advantages, mask, *, ref_logps=None, clip_eps=0.2,
                               clip_eps_high=None, dual_clip=None, kl_coef=0.0, kl_estimator="k3", entropy_coef=0.0,
-                              loss_agg="token-mean"):
-    """Reference PPO/GRPO clipped loss on per-token log-probs (B, T), written token by token."""
+                              loss_agg="token-mean", sampling_logps=None, vllm_importance_sampling_correction=True,
+                              vllm_importance_sampling_mode="sequence_mask", vllm_importance_sampling_clip_min=None,
+                              vllm_importance_sampling_clip_max=3.0):
+    """Reference PPO/GRPO clipped loss on per-token log-probs (B, T), written token by token; with `sampling_logps`
+    the policy term times the sampler-mismatch ratio (TRL 1.16's definitions, one Python float per token)."""
     dtype = logps.dtype
     mask = mask.to(dtype)
     if advantages.dim() == 1 and logps.dim() == 2:
@@ -333,6 +336,25 @@ def ppo_policy_loss_reference(logps, entropy, old_logps, advantages, mask, *, re
     loss = torch.max(-A * ratio, -A * torch.clamp(ratio, 1 - clip_eps, 1 + high))
     if dual_clip is not None:
         loss = torch.where(A < 0, torch.min(loss, -A * dual_clip), loss)
+    if sampling_logps is not None and vllm_importance_sampling_correction:
+        rows = (lambda x: x) if logps.dim() == 2 else (lambda x: x[None])  # (N,) tokens: one row (token modes)
+        old2, smp2, m2 = rows(old_logps), rows(sampling_logps), rows(mask)
+        lo, hi = vllm_importance_sampling_clip_min, vllm_importance_sampling_clip_max
+        r = torch.ones(old2.shape, dtype=dtype)
+        for i in range(old2.shape[0]):
+            logs = [float(old2[i, t] - smp2[i, t]) if m2[i, t] else 0.0 for t in range(old2.shape[1])]
+            logs = [0.0 if math.isnan(x) else x for x in logs]  # a NaN sampler log-prob: no correction
+            if vllm_importance_sampling_mode.startswith("sequence"):
+                logs = [sum(logs)] * len(logs)
+            for t, lr in enumerate(logs):
+                x = math.exp(lr)
+                if vllm_importance_sampling_mode.endswith("truncate"):
+                    x = min(x, hi) if hi is not None else x
+                    x = max(x, lo) if lo is not None else x
+                elif (lo is not None and x < lo) or (hi is not None and x > hi):
+                    x = 0.0
+                r[i, t] = x
+        loss = loss * r.view(loss.shape).to(loss.device)
     if ref_logps is not None and kl_coef:
         d = logps - ref_logps.to(dtype)
         kl = {"k1": d, "k2": 0.5 * d ** 2, "k3": torch.exp(-d) + d - 1}[kl_estimator]

@@ -20,6 +20,14 @@ import pytest  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):
+    from fusealign.engine.rollout import vllm_installed
+
+    if not vllm_installed():  # tests/vllm_rollout: the CI's own step, in .venv-vllm
+        skip_vllm = pytest.mark.skip(reason="needs vLLM: bash scripts/venv-vllm.sh, then "
+                                            ".venv-vllm/bin/python -m pytest tests/vllm_rollout")
+        for item in items:
+            if "vllm" in item.keywords:
+                item.add_marker(skip_vllm)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs CUDA")

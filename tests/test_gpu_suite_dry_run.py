@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ["setup", "a1_gpu_tests", "a2_kernel_tests", "b_candidates", "c_select", "d_train", "e_rest"]
+STAGES = ["setup", "a1_gpu_tests", "a2_kernel_tests", "b_candidates", "c_select", "d_train", "e_rest",
+          "f_rollout"]
 
 
 @pytest.mark.ci_step  # 60–130 s: its own step of .ci/run, beside the README's test command
@@ -40,5 +41,7 @@ def test_gpu_suite_dry_run(tmp_path):
     assert all(r.get("ok") and r.get("invariant") for r in bench if r["impl"].startswith("fa:")), bench
     assert {r["impl"] for r in bench if r.get("op") == "kl"} >= {"fa_kl:fused", "fa_kl:persistent"}
     assert any(r.get("op") == "dpo_step" and r.get("tokens_per_s") for r in bench)
+    (roll,) = [r for r in bench if r.get("op") == "rollout"]  # HF generate alone: no vLLM in the dry run
+    assert roll["engines"] == ["hf"] and roll["hf_tokens_per_s_median"] > 0 and roll["hf_first_batch_s"] > 0
     table = json.loads((out / "tuned.json").read_text())
     assert table["version"] == 1 and table["entries"] == {}  # a CPU run never makes an entry

@@ -30,7 +30,7 @@ import os
 import random
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Optional
 
@@ -47,6 +47,7 @@ from ..data import collate
 from ..errors import UserError
 from ..models import completion_inputs, load_causal_lm
 from ..recipes import check_output_dir, load_tokenizer, run_dpo, run_ppo, run_rm, run_sft
+from ..rollout import RolloutConfig, check_available
 from ..runtime import resolve_device, set_threads
 from ..sampling import sample
 from . import task
@@ -162,8 +163,12 @@ def policy_stages(cfg: CompareConfig, p: dict, seed: int, dirs: dict) -> list:
     common = dict(seed=seed, device=cfg.device, backend=cfg.backend, threads=cfg.threads, resume=True)
     dpo_data = [x for x in cfg.dpo_data.split(",") if x]
     stages = [Stage(seed, "SFT", "in", None, "sft", None)]
+    # --rollout and its --vllm-* options: for every stage that samples while it trains (PPO, GRPO, on-policy and
+    # iterative DPO); evaluation samples with HF generate whatever the engine (one measurement for every row)
+    rollout = {f.name: getattr(cfg, f.name) for f in fields(RolloutConfig)}
     for setting, data in SETTINGS[: 2 if cfg.ood else 1]:
-        rl = dict(sft_model=dirs["sft"], reward_model=dirs[f"rm-{setting}"], max_steps=p["ppo_steps"], **common)
+        rl = dict(sft_model=dirs["sft"], reward_model=dirs[f"rm-{setting}"], max_steps=p["ppo_steps"], **common,
+                  **rollout)
         kl_coefs = _floats(cfg.kl_coefs, p["ppo_kl_coefs"]["in"]) if setting == "in" else p["ppo_kl_coefs"][setting]
         for kc in kl_coefs:
             name = f"ppo-{setting}-kl{kc:g}"
@@ -188,7 +193,7 @@ def policy_stages(cfg: CompareConfig, p: dict, seed: int, dirs: dict) -> list:
                 stages.append(Stage(seed, f"DPO-{kind}", setting, b, name, "dpo", DPOConfig(
                     output_dir=str(out / name), data="onpolicy", reward_model=dirs[f"rm-{setting}"],
                     loss=DPOOptions(beta=b),
-                    onpolicy_prompts=n, resample_every=every, **dpo)))
+                    onpolicy_prompts=n, resample_every=every, **dpo, **rollout)))
     return stages
 
 
@@ -274,6 +279,7 @@ def run_compare(cfg: CompareConfig) -> dict:
         raise UserError("fusealign compare runs in one process (its stages run in worker processes of their own); "
                         "launch it without torchrun")
     check_output_dir(cfg.output_dir)
+    check_available(cfg)  # --rollout vllm: before any stage runs
     out = Path(cfg.output_dir)
     seeds = seeds_of(cfg)
     jobs = cfg.jobs or len(os.sched_getaffinity(0))

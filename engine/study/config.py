@@ -7,6 +7,7 @@ import re
 from dataclasses import dataclass
 
 from ..config import RunConfig, opt
+from ..rollout import RolloutConfig
 from .presets import DPO_DATA, PRESETS
 
 MAX_SEEDS = 1000
@@ -49,7 +50,7 @@ def parse_seeds(text: str) -> tuple:
 
 
 @dataclass
-class CompareConfig(RunConfig):
+class CompareConfig(RolloutConfig, RunConfig):
     """Reward-based PPO and GRPO versus reward-free DPO (offline and on-policy pairs) on the built-in task, over
     several seeds (table with 95 % intervals, compare.json, frontier plot, report.md)."""
 

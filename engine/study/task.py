@@ -13,7 +13,8 @@ programmatic "human" scores completions, and preferences are drawn from it by Br
 - Preference pairs, in-distribution: two base completions per prompt (what the SFT policy samples);
   out-of-distribution: two completions from a different policy (8–14 words, mostly neutral, other
   neutral words). Labels: y₁ ≻ y₂ with probability σ(β_h (r₁ − r₂)), β_h = 5.
-- Model: a 2-layer Llama (hidden 64), ~0.1 M parameters.
+- Model: a 2-layer Llama (hidden 64; 2 query heads and 1 key/value head of 32: vLLM's CPU attention runs head
+  sizes 32, 64, 80, … only), ~0.1 M parameters.
 Everything is generated from a seed: no file or network access.
 """
 
@@ -53,11 +54,12 @@ def tokenizer():
 
 
 def model_config(**overrides):
-    """The tiny Llama of the built-in task."""
+    """The tiny Llama of the built-in task. Head size 32 (2 query heads, 1 key/value head; q/k/v/o as large as 4 × 16
+    with 2 kv heads): vLLM's CPU attention refuses head sizes below 32, and `--rollout vllm` must run on it."""
     from transformers import LlamaConfig
 
     kw = dict(vocab_size=len(VOCAB), hidden_size=64, intermediate_size=176, num_hidden_layers=2,
-              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-5,
+              num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64, rms_norm_eps=1e-5,
               bos_token_id=VOCAB.index("<bos>"), eos_token_id=VOCAB.index("<eos>"),
               pad_token_id=VOCAB.index("<pad>"), tie_word_embeddings=False)
     kw.update(overrides)

@@ -79,7 +79,7 @@ class LinearDPOLoss(_Options):
 
 class LinearPPOLoss(_Options):
     """`fa.linear_ppo_loss` as a module; `forward(hidden, weight, targets, old_logps, advantages, ref_logps=None,
-    bias=None, **vocab_parallel)` returns (loss, metrics) (vocab_parallel: vocab_start=, vocab_size=, group=).
+    bias=None, sampling_logps=None, **vocab_parallel)` returns (loss, metrics) (vocab_parallel: vocab_start=, vocab_size=, group=).
     The loss options are one `fa.PPOOptions` (`options=`) or its fields as keywords."""
 
     def __init__(self, *, options: Optional[PPOOptions] = None, temperature: float = 1.0, ignore_index: int = -100,
@@ -89,9 +89,10 @@ class LinearPPOLoss(_Options):
                          temperature=temperature, ignore_index=ignore_index, backend=backend, softcap=softcap,
                          chunk_bytes=chunk_bytes)
 
-    def forward(self, hidden, weight, targets, old_logps, advantages, ref_logps=None, bias=None, **vocab_parallel):
+    def forward(self, hidden, weight, targets, old_logps, advantages, ref_logps=None, bias=None, sampling_logps=None,
+                **vocab_parallel):
         return linear_ppo_loss(hidden, weight, targets, old_logps, advantages, ref_logps=ref_logps, bias=bias,
-                               **vocab_parallel, **self.options)
+                               sampling_logps=sampling_logps, **vocab_parallel, **self.options)
 
 
 class LinearGRPOLoss(_Options):

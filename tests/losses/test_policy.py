@@ -185,3 +185,85 @@ def test_linear_ppo_loss_is_linear_logps_plus_the_twin():
     logps, entropy = fa.linear_logps(hidden, weight, targets, return_entropy=True, backend="torch")
     twin, tm = fa.ppo_policy_loss(logps, entropy, old, adv, targets != -100, **kw)
     assert torch.equal(fused, twin) and fm.keys() == tm.keys()
+
+
+# --- the sampler-mismatch correction (TRL 1.16's vllm_importance_sampling_*, here for PPO) -------------------------
+IS_CASES = [("token_truncate", None, 1.5), ("token_truncate", 0.8, 1.2), ("token_mask", 0.7, 1.4),
+            ("sequence_truncate", 0.5, 2.0), ("sequence_mask", None, 3.0), ("sequence_mask", 0.3, 3.0)]
+
+
+def _is_rollout(seed=11):
+    g = torch.Generator().manual_seed(seed)
+    logps = (-torch.rand(4, 6, generator=g, dtype=torch.float64) * 3).requires_grad_()
+    old = logps.detach() + 0.3 * torch.randn(4, 6, generator=g, dtype=torch.float64)
+    sampling = old + 0.4 * torch.randn(4, 6, generator=g, dtype=torch.float64)  # the sampler's own log-probs
+    adv = torch.randn(4, 6, generator=g, dtype=torch.float64)
+    mask = torch.rand(4, 6, generator=g) > 0.2
+    mask[:, 0] = True
+    return logps, old, sampling, adv, mask
+
+
+@pytest.mark.parametrize("mode,lo,hi", IS_CASES, ids=lambda x: str(x))
+def test_ppo_sampler_correction_matches_reference(mode, lo, hi):
+    """ppo_policy_loss with sampling_logps: loss and gradient against the token-by-token reference, every TRL mode;
+    the metrics against a hand computation; some ratios hit the bounds (else the case tests nothing)."""
+    logps, old, sampling, adv, mask = _is_rollout()
+    kw = dict(vllm_importance_sampling_mode=mode, vllm_importance_sampling_clip_min=lo,
+              vllm_importance_sampling_clip_max=hi, kl_coef=0.05, dual_clip=3.0)
+    ref = old - 0.1
+    loss, metrics = fa.ppo_policy_loss(logps, None, old, adv, mask, ref_logps=ref, sampling_logps=sampling, **kw)
+    lp2 = logps.detach().clone().requires_grad_()
+    expected = ppo_policy_loss_reference(lp2, None, old, adv, mask, ref_logps=ref, sampling_logps=sampling, **kw)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-12, abs=1e-12)
+    loss.backward()
+    expected.backward()
+    assert torch.allclose(logps.grad, lp2.grad, atol=1e-12)
+    # by hand: log r per token (or its sum per sequence), clamped or zeroed outside [lo, hi]
+    log_r = torch.where(mask, old - sampling, 0.0)
+    raw = log_r.sum(1).exp() if mode.startswith("sequence") else log_r.exp()[mask]
+    lo_, hi_ = (-math.inf if lo is None else lo), (math.inf if hi is None else hi)
+    r = raw.clamp(lo_, hi_) if mode.endswith("truncate") else torch.where((raw < lo_) | (raw > hi_), 0.0, raw)
+    assert ((raw < lo_) | (raw > hi_)).any(), "no ratio reaches a bound: the case does not test the clipping"
+    diff = (old - sampling).abs()[mask]
+    assert metrics["sampling/sampling_logp_difference/mean"].item() == pytest.approx(diff.mean().item(), rel=1e-12)
+    assert metrics["sampling/sampling_logp_difference/max"].item() == pytest.approx(diff.max().item(), rel=1e-12)
+    assert metrics["sampling/importance_sampling_ratio/min"].item() == pytest.approx(r.min().item(), rel=1e-12)
+    assert metrics["sampling/importance_sampling_ratio/mean"].item() == pytest.approx(r.mean().item(), rel=1e-12)
+    assert metrics["sampling/importance_sampling_ratio/max"].item() == pytest.approx(r.max().item(), rel=1e-12)
+
+
+def test_ppo_sampler_correction_identities():
+    """A sampler that agrees with the scorer gives ratio exactly 1 (the loss without correction, bit for bit); the
+    correction off ignores sampling_logps; token modes on (N,) tokens equal (B, T); sequence modes need (B, T);
+    linear_ppo_loss passes sampling_logps through."""
+    logps, old, sampling, adv, mask = _is_rollout(3)
+    plain, pm = fa.ppo_policy_loss(logps, None, old, adv, mask)
+    same, sm = fa.ppo_policy_loss(logps, None, old, adv, mask, sampling_logps=old.clone())
+    assert torch.equal(plain, same)
+    assert sm["sampling/importance_sampling_ratio/min"].item() == 1.0 == sm["sampling/importance_sampling_ratio/max"]
+    assert sm["sampling/sampling_logp_difference/max"].item() == 0.0
+    off, om = fa.ppo_policy_loss(logps, None, old, adv, mask, sampling_logps=sampling,
+                                 vllm_importance_sampling_correction=False)
+    assert torch.equal(plain, off) and om.keys() == pm.keys()
+    tok = dict(vllm_importance_sampling_mode="token_truncate", vllm_importance_sampling_clip_max=1.3)
+    padded, _ = fa.ppo_policy_loss(logps, None, old, adv, mask, sampling_logps=sampling, **tok)
+    flat, _ = fa.ppo_policy_loss(logps[mask], None, old[mask], adv[mask], torch.ones(int(mask.sum()), dtype=torch.bool),
+                                 sampling_logps=sampling[mask], **tok)
+    assert flat.item() == pytest.approx(padded.item(), rel=1e-12)
+    assert not torch.equal(padded, plain)
+    with pytest.raises(ValueError, match="one ratio per sequence: pass \\(B, T\\) tensors"):
+        fa.ppo_policy_loss(logps[mask], None, old[mask], adv[mask], torch.ones(int(mask.sum()), dtype=torch.bool),
+                           sampling_logps=sampling[mask])
+    with pytest.raises(ValueError, match="sampling_logps shape"):
+        fa.ppo_policy_loss(logps, None, old, adv, mask, sampling_logps=sampling[:, :3])
+    with pytest.raises(ValueError, match="vllm_importance_sampling_mode must be one of"):
+        fa.PPOOptions(vllm_importance_sampling_mode="token")
+    with pytest.raises(ValueError, match="needs vllm_importance_sampling_clip_min or vllm_importance_sampling_clip_max"):
+        fa.PPOOptions(vllm_importance_sampling_mode="token_truncate", vllm_importance_sampling_clip_max=None)
+    hidden, weight, targets, old_t, adv_t, _ = make_rollout()
+    with torch.no_grad():
+        smp = old_t + 0.3
+    fused, fm = fa.linear_ppo_loss(hidden, weight, targets, old_t, adv_t, sampling_logps=smp, backend="torch", **tok)
+    lp, en = fa.linear_logps(hidden, weight, targets, return_entropy=True, backend="torch")
+    twin, _ = fa.ppo_policy_loss(lp, en, old_t, adv_t, targets != -100, sampling_logps=smp, **tok)
+    assert torch.equal(fused, twin) and "sampling/importance_sampling_ratio/mean" in fm

@@ -54,6 +54,24 @@ def _finite(name, value, *, low=None, low_open=False, none_ok=False):
         raise ValueError(f"{name} must be {'>' if low_open else '>='} {low}, got {value}")
 
 
+def check_vllm_is_options(o) -> None:
+    """The four vllm_importance_sampling_* fields of an options bundle (GRPOOptions, PPOOptions: same names, same
+    defaults, TRL 1.16's), validated once for both."""
+    if o.vllm_importance_sampling_mode not in VLLM_IS_MODES:
+        raise ValueError(f"vllm_importance_sampling_mode must be one of {VLLM_IS_MODES}, "
+                         f"got {o.vllm_importance_sampling_mode!r}")
+    lo, hi = o.vllm_importance_sampling_clip_min, o.vllm_importance_sampling_clip_max
+    _finite("vllm_importance_sampling_clip_min", lo, none_ok=True)
+    _finite("vllm_importance_sampling_clip_max", hi, none_ok=True)
+    if lo is not None and hi is not None and lo >= hi:
+        raise ValueError(f"vllm_importance_sampling_clip_min ({lo}) must be less than "
+                         f"vllm_importance_sampling_clip_max ({hi})")
+    if (o.vllm_importance_sampling_correction and o.vllm_importance_sampling_mode.endswith("_truncate")
+            and lo is None and hi is None):
+        raise ValueError("a *_truncate vllm_importance_sampling_mode needs vllm_importance_sampling_clip_min "
+                         "or vllm_importance_sampling_clip_max")
+
+
 @dataclass(frozen=True)
 class GRPOOptions:
     """Every option of `grpo_loss` / `linear_grpo_loss`: TRL 1.16 `GRPOConfig`'s names, defaults and meanings."""
@@ -126,19 +144,7 @@ class GRPOOptions:
             v = getattr(self, name)
             if not (v is None and name == "steps_per_generation") and not (isinstance(v, int) and v >= 1):
                 raise ValueError(f"{name} must be an int >= 1, got {v!r}")
-        if self.vllm_importance_sampling_mode not in VLLM_IS_MODES:
-            raise ValueError(f"vllm_importance_sampling_mode must be one of {VLLM_IS_MODES}, "
-                             f"got {self.vllm_importance_sampling_mode!r}")
-        lo, hi = self.vllm_importance_sampling_clip_min, self.vllm_importance_sampling_clip_max
-        _finite("vllm_importance_sampling_clip_min", lo, none_ok=True)
-        _finite("vllm_importance_sampling_clip_max", hi, none_ok=True)
-        if lo is not None and hi is not None and lo >= hi:
-            raise ValueError(f"vllm_importance_sampling_clip_min ({lo}) must be less than "
-                             f"vllm_importance_sampling_clip_max ({hi})")
-        if (self.vllm_importance_sampling_correction and self.vllm_importance_sampling_mode.endswith("_truncate")
-                and lo is None and hi is None):
-            raise ValueError("a *_truncate vllm_importance_sampling_mode needs vllm_importance_sampling_clip_min "
-                             "or vllm_importance_sampling_clip_max")
+        check_vllm_is_options(self)
 
     @property
     def eps_high(self) -> float:
@@ -319,10 +325,12 @@ def off_policy_mask(advantages, logps, sampling_logps, mask, threshold: float) -
 
 
 @torch.no_grad()
-def vllm_importance_ratio(old_logps, sampling_logps, mask, o: GRPOOptions):
+def vllm_importance_ratio(old_logps, sampling_logps, mask, o):
     """The sampler-mismatch ratio r^IS = π_old / π_sampler (TRL computes it at generation time) and TRL's
     `sampling/*` metrics. (B, T) for token_* modes, (B, 1) for sequence_* modes; a NaN sampler log-prob
-    (vLLM could not score the token) gives no correction (log r = 0) and is left out of the difference metrics."""
+    (vLLM could not score the token) gives no correction (log r = 0) and is left out of the difference metrics.
+    `o`: any bundle with the vllm_importance_sampling_* fields (GRPOOptions, PPOOptions). Token modes also take
+    flat (N,) tokens."""
     mf = mask.to(old_logps.dtype)
     log_r = torch.nan_to_num((old_logps - sampling_logps) * mf, nan=0.0)
     mode, lo, hi = o.vllm_importance_sampling_mode, o.vllm_importance_sampling_clip_min, \

@@ -16,6 +16,7 @@ import torch
 from fusealign.kernels import DEFAULT_CHUNK_BYTES, linear_logps
 from fusealign.kernels.checks import check_positive
 
+from .grpo import check_vllm_is_options, vllm_importance_ratio
 from .options import option_field, resolve_options
 
 
@@ -84,6 +85,17 @@ class PPOOptions:
     kl_estimator: str = option_field("k3", "k1, k2 or k3 (Schulman 2020) for the KL term")
     entropy_coef: float = option_field(0.0, "entropy bonus")
     loss_agg: str = option_field("token-mean", "token-mean, seq-mean-token-sum or seq-mean-token-mean")
+    # The rollout-mismatch correction, as GRPOOptions' (TRL 1.16's names, defaults and definitions), for the PPO loss.
+    vllm_importance_sampling_correction: bool = option_field(
+        True, "when the sampler's own log-probs are given (--rollout vllm), multiply the policy term by the "
+              "sampler-mismatch ratio π_old/π_sampler (TRL's; PPO and GRPO alike)")
+    vllm_importance_sampling_mode: str = option_field(
+        "sequence_mask", "token_truncate, token_mask, sequence_truncate or sequence_mask: the ratio per token or "
+                         "per sequence (the product over its tokens), clamped to [C_min, C_max] or zeroed outside")
+    vllm_importance_sampling_clip_min: Optional[float] = option_field(
+        None, "C_min of the sampler-mismatch ratio (truncate: clamp from below; mask: zero below)")
+    vllm_importance_sampling_clip_max: Optional[float] = option_field(
+        3.0, "C_max of the sampler-mismatch ratio (truncate: clamp from above; mask: zero above)")
 
     def __post_init__(self):
         check_positive("clip_eps", self.clip_eps)
@@ -96,6 +108,7 @@ class PPOOptions:
             raise ValueError(f"loss_agg must be one of {LOSS_AGGS}, got {self.loss_agg!r}")
         if self.kl_coef < 0 or self.entropy_coef < 0:
             raise ValueError(f"kl_coef and entropy_coef must be >= 0, got {self.kl_coef} and {self.entropy_coef}")
+        check_vllm_is_options(self)
 
 
 def _broadcast_advantages(advantages: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -115,21 +128,27 @@ def ppo_policy_loss(
     mask: torch.Tensor,
     *,
     ref_logps: Optional[torch.Tensor] = None,
+    sampling_logps: Optional[torch.Tensor] = None,
     options: Optional[PPOOptions] = None,
     **loss_options,
 ):
     """PPO / GRPO clipped policy loss on per-token log-probs: the tensor-level twin of `linear_ppo_loss`.
 
-    logps, entropy (or None when entropy_coef = 0), old_logps, mask (bool), ref_logps: (B, T) or (N,);
-    advantages: like logps, or (B,) per sequence, broadcast over T. Per token, with the ratio
+    logps, entropy (or None when entropy_coef = 0), old_logps, mask (bool), ref_logps, sampling_logps: (B, T) or
+    (N,); advantages: like logps, or (B,) per sequence, broadcast over T. Per token, with the ratio
     r = exp(logp − old_logp) and advantage A (Schulman et al. 2017, Eq. 7):
         pg = max(−A·r, −A·clip(r, 1 − ε, 1 + ε_high))
         dual clip c > 1 (Ye et al. 2020), for A < 0 only: pg = min(pg, −A·c)
+        with the sampler's own log-probs ℓ_s (`sampling_logps`, e.g. vLLM's) and the correction on:
+            pg ← pg · r^IS,  log r^IS = m · (ℓ_old − ℓ_s) per token (token_*) or summed per sequence (sequence_*,
+            (B, T) inputs only); *_truncate clamps r^IS to [C_min, C_max], *_mask zeroes it outside (TRL 1.16's
+            GRPOTrainer correction, `fa.grpo_loss`'s, here for PPO)
         loss_t = pg + kl_coef · KL_est(logp, ref) − entropy_coef · entropy
     aggregated by `loss_agg` over the tokens where `mask` holds. The options (ε = `clip_eps`, ε_high =
-    `clip_eps_high`, c = `dual_clip`, `kl_coef`, `kl_estimator`, `entropy_coef`, `loss_agg`) are one `PPOOptions`
-    (`options=`) or its fields as keywords.
-    Returns (loss: 0-d, metrics: dict of detached 0-d tensors, TRL's names).
+    `clip_eps_high`, c = `dual_clip`, `kl_coef`, `kl_estimator`, `entropy_coef`, `loss_agg`, the four
+    `vllm_importance_sampling_*`) are one `PPOOptions` (`options=`) or its fields as keywords.
+    Returns (loss: 0-d, metrics: dict of detached 0-d tensors, TRL's names; with the correction also
+    sampling/{sampling_logp_difference/{mean, max}, importance_sampling_ratio/{min, mean, max}}).
     """
     o = resolve_options(PPOOptions, options, loss_options, caller="ppo_policy_loss")
     clip_eps, dual_clip, kl_coef, entropy_coef = o.clip_eps, o.dual_clip, o.kl_coef, o.entropy_coef
@@ -137,11 +156,20 @@ def ppo_policy_loss(
         raise ValueError("kl_coef > 0 needs ref_logps (the reference policy's log-probs of the same tokens)")
     if entropy_coef > 0 and entropy is None:
         raise ValueError("entropy_coef > 0 needs the per-token entropy")
-    for name, t in (("entropy", entropy), ("old_logps", old_logps), ("mask", mask), ("ref_logps", ref_logps)):
+    for name, t in (("entropy", entropy), ("old_logps", old_logps), ("mask", mask), ("ref_logps", ref_logps),
+                    ("sampling_logps", sampling_logps)):
         if t is not None and t.shape != logps.shape:
             raise ValueError(f"{name} shape {tuple(t.shape)} must equal logps shape {tuple(logps.shape)}")
+    correct = sampling_logps is not None and o.vllm_importance_sampling_correction
+    if correct and o.vllm_importance_sampling_mode.startswith("sequence") and logps.dim() != 2:
+        raise ValueError(f"vllm_importance_sampling_mode={o.vllm_importance_sampling_mode!r} takes one ratio per "
+                         f"sequence: pass (B, T) tensors (got shape {tuple(logps.shape)}), or a token_* mode")
     A = _broadcast_advantages(advantages, logps).to(logps.dtype)
     mask = mask.bool()
+    is_metrics = {}
+    if correct:  # a constant per token (or per sequence): π_old / π_sampler
+        is_ratio, is_metrics = vllm_importance_ratio(old_logps.detach().to(logps.dtype),
+                                                     sampling_logps.detach().to(logps.dtype), mask, o)
     eps_high = clip_eps if o.clip_eps_high is None else o.clip_eps_high
     log_ratio = torch.where(mask, logps - old_logps.detach().to(logps.dtype), 0.0)  # 0 off the mask: no inf · 0 there
     ratio = log_ratio.exp()
@@ -150,6 +178,8 @@ def ppo_policy_loss(
     pg = torch.maximum(pg_unclipped, pg_clipped)
     if dual_clip is not None:
         pg = torch.where(A < 0, torch.minimum(pg, -A * dual_clip), pg)
+    if correct:
+        pg = pg * is_ratio
     per_token = pg
     kl = None
     if ref_logps is not None:
@@ -171,6 +201,7 @@ def ppo_policy_loss(
             metrics["policy/entropy"] = masked_mean(entropy, mask)
         if kl is not None:
             metrics["objective/kl"] = masked_mean(kl, mask)
+        metrics.update(is_metrics)
     return loss, metrics
 
 
@@ -182,6 +213,7 @@ def linear_ppo_loss(
     advantages: torch.Tensor,
     *,
     ref_logps: Optional[torch.Tensor] = None,
+    sampling_logps: Optional[torch.Tensor] = None,
     bias: Optional[torch.Tensor] = None,
     options: Optional[PPOOptions] = None,
     temperature: float = 1.0,
@@ -196,7 +228,7 @@ def linear_ppo_loss(
 ):
     """Fused PPO / GRPO clipped policy loss from hidden states: `linear_logps` + `ppo_policy_loss`.
 
-    hidden: (B, T, H) or (N, H); targets, old_logps (and ref_logps): (B, T) or (N,);
+    hidden: (B, T, H) or (N, H); targets, old_logps (and ref_logps, sampling_logps): (B, T) or (N,);
     advantages: like targets, or (B,) per sequence (GRPO/RLOO), broadcast over T.
     The loss and metrics are `ppo_policy_loss`'s (see there for the formula; options: one `PPOOptions` or its
     fields as keywords) over the tokens whose target is not ignore_index, with log-probs and entropy from the
@@ -206,7 +238,7 @@ def linear_ppo_loss(
     Returns (loss: 0-d, metrics: dict of detached 0-d tensors).
     """
     o = resolve_options(PPOOptions, options, loss_options, caller="linear_ppo_loss")
-    for name, t in (("old_logps", old_logps), ("ref_logps", ref_logps)):
+    for name, t in (("old_logps", old_logps), ("ref_logps", ref_logps), ("sampling_logps", sampling_logps)):
         if t is not None and t.shape != targets.shape:
             raise ValueError(f"{name} shape {tuple(t.shape)} must equal targets shape {tuple(targets.shape)}")
     advantages = _broadcast_advantages(advantages, targets)
@@ -217,7 +249,7 @@ def linear_ppo_loss(
                                   chunk_bytes=chunk_bytes, vocab_start=vocab_start, vocab_size=vocab_size,
                                   group=group)
     return ppo_policy_loss(logps, entropy, old_logps, advantages, targets != ignore_index, ref_logps=ref_logps,
-                           options=o)
+                           sampling_logps=sampling_logps, options=o)
 
 
 def value_loss(
