@@ -12,6 +12,7 @@ merge — so the numbers live here, once.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 from dataclasses import dataclass
 from typing import Optional
@@ -126,9 +127,23 @@ def on_device(t: torch.Tensor):
     Triton launches on `torch.cuda.current_device()` and its current stream, not the tensors' device: a head on
     cuda:1 (`device_map="auto"` puts lm_head on the last GPU) called while cuda:0 is current would run on
     device 0's stream — an illegal address, or with peer access wrong values with no ordering (issue 30).
-    Every public op enters this once, around its whole forward or backward (linear_logps.py, linear_kl.py,
-    vocab_parallel.shard_stats); tests/kernels/test_device_guard.py checks every launch runs inside it."""
-    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+    Every public op enters it once, around its whole forward or backward, through `launched_on_device`;
+    tests/kernels/test_gpu_hazards.py checks that every launch runs inside it."""
+    # (not a tensor: the op's own argument checks, inside, name it)
+    on_cuda = isinstance(t, torch.Tensor) and t.device.type == "cuda"
+    return torch.cuda.device(t.device) if on_cuda else contextlib.nullcontext()
+
+
+def launched_on_device(fn):
+    """Decorator: run `fn(hidden, …)` inside `on_device(hidden)` (looked up at call time, so tests can record it).
+    On an op's forward and backward entry points (linear_logps.py, linear_kl.py, vocab_parallel.shard_stats)."""
+
+    @functools.wraps(fn)
+    def wrapped(hidden, *args, **kwargs):
+        with on_device(hidden):
+            return fn(hidden, *args, **kwargs)
+
+    return wrapped
 
 
 def needs_grad(*tensors) -> bool:

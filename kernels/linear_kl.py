@@ -27,23 +27,16 @@ import torch.distributed as dist
 from . import vocab_parallel as vp
 from .checks import check_linear_head
 from .chunked import head_weight
-from .common import DEFAULT_CHUNK_BYTES, KL_ROWS, HeadOptions, backend_impl, needs_grad, on_device
+from .common import DEFAULT_CHUNK_BYTES, KL_ROWS, HeadOptions, backend_impl, launched_on_device, needs_grad
 from .head_backward import head_backward, keeps_tile
 from .linear_kl_torch import kl_combine_stats
 
 DIRECTIONS = ("forward", "reverse")
 
 
+@launched_on_device
 def _forward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, valid, reverse, opts: HeadOptions,
              shard: Optional[vp.VocabShard] = None, keep: bool = False):
-    """As `_forward_here`, launched on the tensors' device (common.on_device)."""
-    with on_device(hidden):
-        return _forward_here(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, valid, reverse, opts, shard,
-                             keep)
-
-
-def _forward_here(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, valid, reverse, opts: HeadOptions,
-                  shard: Optional[vp.VocabShard] = None, keep: bool = False):
     """-> kl, lse (policy), lse_ref: (N,) fp32 (with `shard`: the whole vocabulary's, from this rank's rows).
     With `keep` (torch backend only, see `keeps_tile`) a 4th element: the kept (policy, reference) final-logit
     tiles of these rows when both fitted one chunk, else None."""
@@ -102,14 +95,14 @@ class LinearKLFunction(torch.autograd.Function):
         g = g.reshape(-1).float().contiguous()
         kept, ctx.kept = ctx.kept, None  # ∂r overwrites the policy's kept tile: a second backward recomputes
         want_h = needs[0] or shard is not None  # the all-reduce below needs every rank's part
-        with on_device(hidden):
-            dh, dW, db = kl_backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, valid, lse, lse_ref, kl,
-                                     g, ctx.reverse, ctx.opts, (want_h, needs[1], needs[2]), kept)
+        dh, dW, db = kl_backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, valid, lse, lse_ref, kl, g,
+                                 ctx.reverse, ctx.opts, (want_h, needs[1], needs[2]), kept)
         if shard is not None:
             dist.all_reduce(dh, group=shard.group)  # ∂h sums over the whole vocabulary
         return (dh if needs[0] else None), dW, db, None, None, None, None, None, None, None
 
 
+@launched_on_device
 def kl_backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, valid, lse, lse_ref, kl, g, reverse,
                 opts: HeadOptions, needs, kept=None):
     """(dh, dW, db) of Σ g·KL through head_backward (this rank's rows; no collective).

@@ -44,20 +44,14 @@ from .blocked import slice_targets
 from .checks import check_linear_head, check_target_range
 from .chunked import head_weight
 from .common import (DEFAULT_CHUNK_BYTES, OUTPUTS, STAT_OUTPUTS, HeadOptions, backend_impl, check_outputs,  # noqa: F401
-                     needs_grad, on_device, stat_rows)
+                     launched_on_device, needs_grad, stat_rows)
 from .head_backward import head_backward, keeps_tile
 from .linear_logps_torch import combine_stats
 
 
+@launched_on_device
 def logps_forward(hidden, weight, bias, targets, opts: HeadOptions, extra: bool = False,
                   shard: Optional[vp.VocabShard] = None, entropy: bool = True, keep: bool = False):
-    """As `_logps_forward`, launched on the tensors' device (common.on_device)."""
-    with on_device(hidden):
-        return _logps_forward(hidden, weight, bias, targets, opts, extra, shard, entropy, keep)
-
-
-def _logps_forward(hidden, weight, bias, targets, opts: HeadOptions, extra: bool = False,
-                   shard: Optional[vp.VocabShard] = None, entropy: bool = True, keep: bool = False):
     """hidden: (N, H), targets: (N,) -> (logps, entropy, lse, extras): (N,) fp32 each, and with `extra`
     extras = (log_sum_sq_probs, mean_logits: (N,) fp32, is_top1: (N,) bool), else None. No autograd.
     With `shard`, `weight`/`bias` are this rank's vocabulary rows and the results are the whole head's.
@@ -97,16 +91,9 @@ def _logps_forward(hidden, weight, bias, targets, opts: HeadOptions, extra: bool
     return out + ((kept,) if keep else ())
 
 
+@launched_on_device
 def logps_backward(hidden, weight, bias, targets, lse, entropy, g_logps, g_entropy, opts: HeadOptions,
                    needs=(True, True, True), shard: Optional[vp.VocabShard] = None, kept=None):
-    """As `_logps_backward`, launched on the tensors' device (common.on_device)."""
-    with on_device(hidden):
-        return _logps_backward(hidden, weight, bias, targets, lse, entropy, g_logps, g_entropy, opts, needs, shard,
-                               kept)
-
-
-def _logps_backward(hidden, weight, bias, targets, lse, entropy, g_logps, g_entropy, opts: HeadOptions,
-                    needs=(True, True, True), shard: Optional[vp.VocabShard] = None, kept=None):
     """Gradients (dh (N, H), dW (V, H), db (V,)) for upstream g_logps / g_entropy: (N,) fp32 or None.
     With `shard`: this rank's dW, db, and dh summed over the group (a collective: every rank calls it).
     `kept`: the torch backend's Kept tile from the forward (the (N, V) fp32 final logits, or their exponentials

@@ -31,10 +31,11 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from .blocked import slice_targets
 from .checks import check_linear_head
 from .common import (DEFAULT_CHUNK_BYTES, EXTRA_STAT_ROWS, KL_ROW_C, KL_ROW_MA, KL_ROW_MB, KL_ROW_SA, KL_ROW_SB,
-                     KL_ROWS, ROW_A, ROW_M, ROW_MB, ROW_Q, ROW_S, ROW_ZS, ROW_ZY, HeadOptions, backend_impl, on_device,
-                     stat_rows)
+                     KL_ROWS, ROW_A, ROW_M, ROW_MB, ROW_Q, ROW_S, ROW_ZS, ROW_ZY, HeadOptions, backend_impl,
+                     launched_on_device, stat_rows)
 from .linear_logps_torch import combine_stats  # noqa: F401  (the merge of shards' statistics; re-exported)
 
 
@@ -179,6 +180,7 @@ def gather_ranks(row: torch.Tensor, group) -> torch.Tensor:
     return torch.cat(parts)
 
 
+@launched_on_device
 def shard_stats(hidden, weight_shard, targets, *, vocab_start: int, bias_shard=None, temperature: float = 1.0,
                 softcap: Optional[float] = None, backend: str = "auto", chunk_bytes: int = DEFAULT_CHUNK_BYTES,
                 extra: bool = False) -> torch.Tensor:
@@ -196,7 +198,7 @@ def shard_stats(hidden, weight_shard, targets, *, vocab_start: int, bias_shard=N
     bias_shard = None if bias_shard is None else bias_shard.contiguous()
     if weight_shard.shape[0] == 0:
         return empty_stats(stat_rows(extra), h2.shape[0], h2.device)
-    with torch.no_grad(), on_device(h2):
+    with torch.no_grad():
         return backend_impl("logps", opts.backend).partial_stats(
             h2, weight_shard, bias_shard, local, temperature=opts.temperature, softcap=opts.softcap,
             chunk_bytes=opts.chunk_bytes, extra=extra)
@@ -204,8 +206,6 @@ def shard_stats(hidden, weight_shard, targets, *, vocab_start: int, bias_shard=N
 
 def backward_targets(targets, shard: VocabShard, ignore_index: int):
     """Targets for this shard's ∂z kernel: local ids where owned, ignore_index where ignored, and an id no
-    column has (−1, or −2 when ignore_index is −1) where another rank owns the target: valid, no one-hot."""
-    other = -2 if ignore_index == -1 else -1
-    local = targets - shard.start
-    owned = (local >= 0) & (local < shard.size)
-    return torch.where(targets == ignore_index, ignore_index, torch.where(owned, local, other)).contiguous()
+    column has (−1, or −2 when ignore_index is −1) where another rank owns the target: valid, no one-hot —
+    a shard is a vocabulary slice (blocked.slice_targets)."""
+    return slice_targets(targets, slice(shard.start, shard.start + shard.size), ignore_index)

@@ -8,7 +8,6 @@ runs them in its first stage).
 """
 
 import contextlib
-import importlib
 import os
 import tempfile
 from datetime import timedelta
@@ -21,7 +20,7 @@ from helpers import HAS_CUDA, rel_err
 from triton.runtime.interpreter import InterpretedFunction
 
 import fusealign as fa
-from fusealign.kernels import vocab_parallel
+from fusealign.kernels import common, vocab_parallel
 from fusealign.kernels.head_backward import dz_dtype_of, head_backward
 from fusealign.kernels.reference import linear_kl_reference, linear_logps_reference
 
@@ -30,8 +29,9 @@ from fusealign.kernels.reference import linear_kl_reference, linear_logps_refere
 
 @contextlib.contextmanager
 def _recorded_guards(monkeypatch):
-    """Replace the ops' `on_device` with one that records the device it enters, and every Triton launch with one
-    that records the innermost entered device beside its first tensor argument's device."""
+    """Replace `common.on_device` (entered by every op through `launched_on_device`) with one that records the
+    device it enters, and every Triton launch with one that records the innermost entered device beside its first
+    tensor argument's device."""
     stack, launches = [], []
 
     def guard(t):
@@ -44,10 +44,7 @@ def _recorded_guards(monkeypatch):
                 stack.pop()
         return cm()
 
-    # (the package re-exports the functions under the modules' names: import the modules themselves)
-    for mod in (importlib.import_module("fusealign.kernels.linear_logps"),
-                importlib.import_module("fusealign.kernels.linear_kl"), vocab_parallel):
-        monkeypatch.setattr(mod, "on_device", guard)
+    monkeypatch.setattr(common, "on_device", guard)
     real_run = InterpretedFunction.run
 
     def run(self, *args, **kwargs):
