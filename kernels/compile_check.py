@@ -389,9 +389,10 @@ def _run_mixed_kl(dtypes, H: int = 4096, V: int = 128256, N: int = 256):
 
 
 def collect_launches(dtypes=("bfloat16", "float16", "float32"), shapes=None, arches=(90, 80),
-                     scope: str = "all") -> list[Launch]:
+                     scope: str = "all", quick: bool = False) -> list[Launch]:
     """Distinct launches (one per compile key). scope "default": the public ops and the default kernels'
-    launchers over `shapes` (and every mixed-dtype KL pair); "candidates": the candidates' launchers, captured
+    launchers over `shapes` (and every mixed-dtype KL pair; `quick`: over QUICK_SHAPE_CLASSES, the public ops in
+    the first dtype only); "candidates": the candidates' launchers, captured
     once per architecture in `arches` (their tiles depend on it) and tagged with it; "all": both."""
     import torch
 
@@ -399,12 +400,12 @@ def collect_launches(dtypes=("bfloat16", "float16", "float32"), shapes=None, arc
 
     if scope not in ("all", "default", "candidates"):
         raise ValueError(f"scope must be 'all', 'default' or 'candidates', got {scope!r}")
-    shapes = SHAPE_CLASSES if shapes is None else shapes
+    shapes = (QUICK_SHAPE_CLASSES if quick else SHAPE_CLASSES) if shapes is None else shapes
     with capture_launches() as launches:
         if scope in ("all", "default"):
             for i, name in enumerate(dtypes):
                 dtype = getattr(torch, name)
-                if shapes is not QUICK_SHAPE_CLASSES or i == 0:  # quick: the ops' flag variants in one dtype
+                if not quick or i == 0:  # quick: the ops' flag variants in one dtype
                     _run_public_ops(64, 300, dtype)
                 for H, V in shapes:
                     _run_launchers(H, V, dtype)
@@ -453,12 +454,12 @@ def _compile_nth(i: int) -> KernelReport:
     return compile_or_report(launch, arch)
 
 
-def check_all(arches=(90, 80), dtypes=("bfloat16", "float16", "float32"), shapes=None,
+def check_all(arches=(90, 80), dtypes=("bfloat16", "float16", "float32"), shapes=None, quick: bool = False,
               workers: Optional[int] = None, scope: str = "all") -> list[KernelReport]:
     """Compile every distinct launch for every arch; `workers` processes (default: one per CPU)."""
     import multiprocessing
 
-    work = [(launch, arch) for launch in collect_launches(dtypes, shapes, arches, scope) for arch in arches
+    work = [(launch, arch) for launch in collect_launches(dtypes, shapes, arches, scope, quick) for arch in arches
             if launch.arch in (None, arch)]
     workers = workers or os.cpu_count() or 1
     if workers <= 1 or "fork" not in multiprocessing.get_all_start_methods():
@@ -486,8 +487,7 @@ def main(argv=None) -> int:
                    help="the default kernels' launchers at every shape class (H x V), or at one "
                         "(QUICK_SHAPE_CLASSES: every kernel and variant still compiled, per architecture and dtype)")
     args = p.parse_args(argv)
-    shapes = QUICK_SHAPE_CLASSES if args.shapes == "quick" else None
-    reports = check_all(tuple(args.arch), tuple(args.dtype), shapes=shapes, scope=args.scope)
+    reports = check_all(tuple(args.arch), tuple(args.dtype), scope=args.scope, quick=args.shapes == "quick")
     bad = 0
     for r in reports:
         problems = r.problems()
