@@ -19,6 +19,17 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 
+@pytest.fixture(autouse=True)
+def _one_intra_op_thread():
+    """Keep the one-thread rule after every test: an in-process run sets torch's threads to its `--threads`
+    (engine/runtime.set_threads) and a later test that forks ranks (torch.multiprocessing, start_method="fork")
+    would copy an OpenMP pool whose threads do not exist in the child — which then waits in libgomp's barrier
+    forever (found as a hung xdist worker)."""
+    yield
+    if torch.get_num_threads() != 1:
+        torch.set_num_threads(1)
+
+
 def pytest_collection_modifyitems(config, items):
     from fusealign.engine.rollout import vllm_installed
 
