@@ -132,7 +132,7 @@ FUNCTIONS = {
     LinearDPOLoss: (linear_dpo_loss, {"ref_chosen_logps", "ref_rejected_logps", "ref_hidden", "ref_weight",
                                       "sequence_ids", "num_sequences", "bias", "ref_bias", "vocab_start",
                                       "vocab_size", "group"}),
-    LinearPPOLoss: (linear_ppo_loss, {"ref_logps", "bias", "vocab_start", "vocab_size", "group"}),
+    LinearPPOLoss: (linear_ppo_loss, {"ref_logps", "sampling_logps", "bias", "vocab_start", "vocab_size", "group"}),
     LinearGRPOLoss: (linear_grpo_loss, {"ref_logps", "sampling_logps", "num_items_in_batch", "bias", "vocab_start",
                                         "vocab_size", "group"}),
     BradleyTerryLoss: (bradley_terry_loss, {"margin"}),
