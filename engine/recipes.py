@@ -33,7 +33,7 @@ from .models import RewardModel, disable_dropout, fingerprint, load_causal_lm, m
 from .onpolicy import OnPolicyPairs
 from .objectives import dpo_objective, dpo_sequence_logps, pair_batch, rm_objective, sft_objective
 from .ppo import PPOTrainer
-from .rollout import check_available, rollout_engine
+from .rollout import check_available, check_rollout_device, rollout_engine
 from .sampling import sample
 from .distributed import DistInfo, check_world_size, init_distributed, rank_slice, run, shard
 from .runtime import autocast, bf16_enabled, cpu_has_native_bf16, resolve_device, set_threads
@@ -46,6 +46,7 @@ def _defaults(cfg: TrainConfig, kind: str) -> TrainConfig:
     cfg = replace(cfg, output_dir=cfg.output_dir or f"runs/{kind}")
     preflight(cfg)
     device = resolve_device(cfg.device)
+    check_rollout_device(cfg, device)
     bf16 = bf16_enabled(cfg, device)
     note(f"{kind}: " + resolved_hparams(cfg, device.type, bf16))
     if bf16 and device.type == "cpu" and not cpu_has_native_bf16():

@@ -95,6 +95,14 @@ def check_available(cfg) -> None:
         raise UserError(f"--rollout vllm: vLLM is not installed in this environment; install it with {INSTALL_HINT}")
 
 
+def check_rollout_device(cfg, device) -> None:
+    """The rollout options that depend on the device, checked before the resolved hyper-parameters are printed and
+    before any model loads (VLLMGenerate checks them again for callers that build it directly)."""
+    sleep = getattr(cfg, "vllm_enable_sleep_mode", False)
+    if getattr(cfg, "rollout", "hf") == "vllm" and device.type == "cpu" and sleep:
+        raise UserError("--vllm-enable-sleep-mode: vLLM has no sleep mode on CPU; drop the flag")
+
+
 def rollout_engine(cfg: RolloutConfig, model, tok, info: DistInfo = DistInfo(), *, seed: int = 0):
     """The run's rollout engine for `model` (the policy, FSDP2-wrapped or not): `HFGenerate`, or a `VLLMGenerate`
     whose weights follow `model` (pushed in memory before every rollout)."""
