@@ -348,7 +348,8 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     wanted = args.impls.split(",")
     head = header("benchmarks/bench_cpu.py", "cpu")
-    head.update(machine(args.threads), load_before=os.getloadavg(), reps=args.reps)
+    head.update(machine(args.threads), load_before=os.getloadavg(), reps=args.reps,
+                command=" ".join(["bench_cpu.py", *(sys.argv[1:] if argv is None else argv)]))
     records, memory = [], []
     for op, shapes in (("logps", args.shapes), ("kl", args.kl_shapes)):
         fns = logps_impls() if op == "logps" else kl_impls()

@@ -60,6 +60,8 @@ def cpu_table(data: dict) -> str:
              + ", ".join(f"{k} {v}" for k, v in sorted(h.get("versions", {}).items())) + ".", ""]
     if h.get("note"):
         lines[-1:] = ["", f"Note: {h['note']}", ""]
+    if h.get("command") and not h.get("parts"):  # one invocation: its command line
+        lines.insert(-1, f"Command: `{h['command']}`.")
     for part in h.get("parts", []):  # a run made of several invocations: each one's command, commit and load
         lines.insert(-1, f"- `{part.get('command')}`: commit `{(part.get('commit') or '')[:10]}`, {part.get('date')}, "
                          f"load {', '.join(f'{x:.1f}' for x in part.get('load_before') or [])} before"
