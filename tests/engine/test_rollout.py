@@ -12,9 +12,10 @@ import fusealign as fa
 from fusealign.cli import build_config, build_parser, main
 from fusealign.engine import ppo as ppo_module
 from fusealign.engine.config import DPOConfig, PPOConfig
+from fusealign.engine.errors import UserError
 from fusealign.engine.models import model_from_config
 from fusealign.engine.ppo import PPOTrainer
-from fusealign.engine.rollout import rollout_engine, vllm_installed
+from fusealign.engine.rollout import check_rollout_device, rollout_engine, vllm_installed
 from fusealign.engine.sampling import Completion, HFGenerate
 from fusealign.engine.study import task
 from fusealign.engine.study.compare import policy_stages
@@ -43,6 +44,17 @@ def test_rollout_flags_and_their_checks():
     with pytest.raises(ValueError, match="--rollout vllm samples on-policy pairs: it applies with --data onpolicy"):
         DPOConfig(rollout="vllm")
     DPOConfig(rollout="vllm", data="onpolicy", reward_model="rm")
+
+
+def test_sleep_mode_on_cpu_is_refused_before_the_run_starts():
+    """Device-dependent rollout options: checked once the device is resolved, before the resolved
+    hyper-parameters are printed (so the error is the run's one line) — sleep mode exists on GPU only."""
+    cfg = PPOConfig(rollout="vllm", vllm_enable_sleep_mode=True)
+    with pytest.raises(UserError, match="^--vllm-enable-sleep-mode: vLLM has no sleep mode on CPU; drop the flag$"):
+        check_rollout_device(cfg, torch.device("cpu"))
+    check_rollout_device(cfg, torch.device("cuda"))  # a GPU run keeps it
+    check_rollout_device(PPOConfig(rollout="vllm"), torch.device("cpu"))
+    check_rollout_device(PPOConfig(), torch.device("cpu"))
 
 
 def test_importance_sampling_flags_set_both_loss_bundles():
