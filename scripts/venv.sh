@@ -10,11 +10,8 @@ stamp="$venv/.fusealign-stamp"
 want=$(cat "$root/requirements.txt" "$root/requirements-nodeps.txt" "$root/setup.py" "$root/pyproject.toml" | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   "$venv/bin/python" -m pip install -q --upgrade pip setuptools wheel 2>&1 | grep -v '^WARNING: Location' || true
-  # --no-compile: pip would byte-compile every module of torch, transformers, trl, … (37 of the 61 s a fresh install
-  # took on the 2-core machine); Python compiles what is imported, once, on first import (+2 s for torch+transformers).
-  "$venv/bin/python" -m pip install -q --no-compile -r "$root/requirements.txt" 2>&1 | grep -v '^WARNING: Location' || true
-  "$venv/bin/python" -m pip install -q --no-compile --no-deps -r "$root/requirements-nodeps.txt" 2>&1 \
-    | grep -v '^WARNING: Location' || true
+  "$venv/bin/python" -m pip install -q -r "$root/requirements.txt" 2>&1 | grep -v '^WARNING: Location' || true
+  "$venv/bin/python" -m pip install -q --no-deps -r "$root/requirements-nodeps.txt" 2>&1 | grep -v '^WARNING: Location' || true
   "$venv/bin/python" -m pip install -q --no-build-isolation --no-deps -e "$root" 2>&1 | grep -v '^WARNING: Location' || true
   "$venv/bin/python" -c "import fusealign, triton, torch" # fail loudly if the install did not take
   echo "$want" > "$stamp"
