@@ -95,12 +95,17 @@ def check_available(cfg) -> None:
         raise UserError(f"--rollout vllm: vLLM is not installed in this environment; install it with {INSTALL_HINT}")
 
 
+def check_sleep_mode(enable_sleep_mode: bool, device) -> None:
+    """vLLM's sleep mode exists on GPU only: refused on the CPU (the one place that says so)."""
+    if enable_sleep_mode and device.type == "cpu":
+        raise UserError("--vllm-enable-sleep-mode: vLLM has no sleep mode on CPU; drop the flag")
+
+
 def check_rollout_device(cfg, device) -> None:
     """The rollout options that depend on the device, checked before the resolved hyper-parameters are printed and
-    before any model loads (VLLMGenerate checks them again for callers that build it directly)."""
-    sleep = getattr(cfg, "vllm_enable_sleep_mode", False)
-    if getattr(cfg, "rollout", "hf") == "vllm" and device.type == "cpu" and sleep:
-        raise UserError("--vllm-enable-sleep-mode: vLLM has no sleep mode on CPU; drop the flag")
+    before any model loads (VLLMGenerate applies the same check for callers that build it directly)."""
+    if getattr(cfg, "rollout", "hf") == "vllm":
+        check_sleep_mode(cfg.vllm_enable_sleep_mode, device)
 
 
 def rollout_engine(cfg: RolloutConfig, model, tok, info: DistInfo = DistInfo(), *, seed: int = 0):

@@ -81,6 +81,7 @@ with warnings.catch_warnings():
 
 from .distributed import DistInfo, mark_foreign_world, unwrap  # noqa: E402
 from .errors import UserError  # noqa: E402
+from .rollout import check_sleep_mode  # noqa: E402
 from .sampling import Completion, SamplingParams  # noqa: E402
 
 CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)  # vLLM 0.32's CPU attention (CPU_ATTN)
@@ -170,8 +171,7 @@ class VLLMGenerate:
         self.device = torch.device(device)
         cpu = self.device.type == "cpu"
         config = unwrap(model).config
-        if cpu and enable_sleep_mode:
-            raise UserError("--vllm-enable-sleep-mode: vLLM has no sleep mode on CPU; drop the flag")
+        check_sleep_mode(enable_sleep_mode, self.device)
         if cpu and _head_dim(config) not in CPU_HEAD_SIZES:
             raise UserError(f"--rollout vllm on CPU: the model's head_dim is {_head_dim(config)}, and vLLM's CPU "
                             f"attention runs head sizes {', '.join(map(str, CPU_HEAD_SIZES))} only; use --rollout hf")
