@@ -9,9 +9,12 @@ import torch
 
 # One intra-op thread in the test process: its models and CPU kernels are small, and on a 2-core machine shared
 # with other work torch's 2-thread pool stalls — tests/engine/test_ppo.py took 62 s with 2 threads and 12.5 s
-# with 1 (load average 2.5). Subprocesses keep torch's default (the memory tests measure it; `fusealign compare`
-# fixes its own, --threads 1).
+# with 1 (load average 2.5). The processes the tests start (CLI runs, torchrun ranks, the memory tests' children)
+# inherit the rule through OMP_NUM_THREADS, which sets torch's default: with the other xdist worker busy, a child's
+# 2-thread pool spun in OpenMP's barrier — the peak-memory child at (8192, 65536) took 35 s in the suite and 13.5 s
+# on one thread (its peaks are the same at 1 and 2 threads, within 3 MB). An OMP_NUM_THREADS already set is kept.
 torch.set_num_threads(1)
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"

@@ -29,7 +29,7 @@ SCRIPT = textwrap.dedent(
             if line.startswith(field):
                 return int(line.split()[1]) * 1024
 
-    op, N, H, V, chunk_bytes, softcap = sys.argv[1], *map(int, sys.argv[2:6]), sys.argv[6]
+    N, H, V, chunk_bytes, softcap = *map(int, sys.argv[1:5]), sys.argv[5]
     softcap = None if softcap == "none" else float(softcap)
     torch.manual_seed(0)
     hidden = torch.randn(N, H, requires_grad=True)
@@ -37,7 +37,7 @@ SCRIPT = textwrap.dedent(
     ref_hidden, ref_weight = torch.randn(N, H), torch.randn(V, H) / 4
     targets = torch.randint(0, V, (N,))
 
-    def run(n):
+    def run(op, n):
         kw = dict(backend="torch", chunk_bytes=chunk_bytes, softcap=softcap, temperature=0.7)
         if op == "logps":
             logps, entropy = fa.linear_logps(hidden[:n], weight, targets[:n], return_entropy=True, **kw)
@@ -45,36 +45,57 @@ SCRIPT = textwrap.dedent(
         else:
             fa.linear_kl(hidden[:n], weight, ref_hidden[:n], ref_weight, **kw).sum().backward()
 
-    run(4)  # warm up the allocator and libraries
-    hidden.grad = weight.grad = None
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset the peak (VmHWM) to the current resident set
-    before = rss("VmRSS")
-    run(N)
-    print(rss("VmHWM") - before)
+    for op in ("logps", "kl"):  # one after the other, each from the resident set the other left behind
+        run(op, 4)  # warm up the allocator and libraries
+        hidden.grad = weight.grad = None
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset the peak (VmHWM) to the current resident set
+        before = rss("VmRSS")
+        run(op, N)
+        print(op, rss("VmHWM") - before)
+        hidden.grad = weight.grad = None
     """
 )
 
 MiB = 2**20
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
-@pytest.mark.parametrize("op", ["logps", "kl"])
-@pytest.mark.parametrize("N,H,V,chunk_bytes,softcap", [
+SHAPES = [
     (8192, 32, 65536, 256 * MiB, "none"),  # the issue's shape, default budget
     (1024, 16, 262144, 32 * MiB, "30"),  # small budget (32 rows a chunk), wide vocabulary, softcap
     (512, 32, 65536, 128 * MiB, "none"),  # log-probs: the whole (N, V) tile fits the budget and is kept
     (256, 32, 65536, 128 * MiB, "30"),  # both KL tiles fit and are kept (2 · N · V · 4 = budget)
-])
-def test_peak_extra_memory_within_chunk_bytes(op, N, H, V, chunk_bytes, softcap):
-    # A fixed mmap threshold: glibc otherwise raises it after each free (up to 32 MiB), and freed buffers below
-    # it stay resident in per-thread heaps — noise of ±30 MiB that says nothing about the op's own buffers.
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
-    out = subprocess.run([sys.executable, "-c", SCRIPT, op, str(N), str(H), str(V), str(chunk_bytes), softcap],
-                         capture_output=True, text=True, timeout=600, env=env)
-    assert out.returncode == 0, out.stderr
-    peak_extra = int(out.stdout.split()[-1])
+]
+
+
+@pytest.fixture(scope="module")
+def peaks():
+    """(shape) -> {op: peak extra bytes}: one child process per shape measures both ops in turn (a Python with
+    torch starts once per shape, not once per op), each peak read from a reset VmHWM."""
+    cache = {}
+
+    def measure(N, H, V, chunk_bytes, softcap):
+        key = (N, H, V, chunk_bytes, softcap)
+        if key not in cache:
+            # A fixed mmap threshold: glibc otherwise raises it after each free (up to 32 MiB), and freed buffers
+            # below it stay resident in per-thread heaps — noise of ±30 MiB that says nothing about the op's own
+            # buffers (and the first op's freed buffers stay out of the second op's peak).
+            env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
+            out = subprocess.run([sys.executable, "-c", SCRIPT, str(N), str(H), str(V), str(chunk_bytes), softcap],
+                                 capture_output=True, text=True, timeout=600, env=env)
+            assert out.returncode == 0, out.stderr
+            cache[key] = {op: int(v) for op, v in (line.split() for line in out.stdout.splitlines()[-2:])}
+        return cache[key]
+
+    return measure
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+@pytest.mark.parametrize("op", ["logps", "kl"])
+@pytest.mark.parametrize("N,H,V,chunk_bytes,softcap", SHAPES)
+def test_peak_extra_memory_within_chunk_bytes(peaks, op, N, H, V, chunk_bytes, softcap):
+    peak_extra = peaks(N, H, V, chunk_bytes, softcap)[op]
     # Returned ∂h, ∂W and the fp32 ∂W accumulator of a multi-chunk backward: O(N·H + V·H).
     grads = 4 * (N * H + 2 * V * H)
     bound = 1.25 * chunk_bytes + grads
