@@ -23,7 +23,8 @@ from fusealign.engine.recipes import run_dpo, run_sft
 
 WRITER = textwrap.dedent(
     """
-    import sys, torch
+    import os, sys, torch
+    torch.set_num_threads(1)  # no OpenMP pool: the process forks below
     from fusealign.engine.study import task
     from fusealign.engine.checkpoint import latest_checkpoint, load_trainer_state, rng_state, save_checkpoint
     from fusealign.engine.models import model_from_config
@@ -33,18 +34,26 @@ WRITER = textwrap.dedent(
     opt = torch.optim.AdamW(model.parameters())
     model(torch.ones(1, 4, dtype=torch.long)).logits.sum().backward()
     opt.step()
-    last = latest_checkpoint(run_dir)
-    step = load_trainer_state(last)["step"] if last else 0
-    print("ready", flush=True)
-    while True:  # save forever: a kill lands somewhere inside a write
-        step += 1
-        save_checkpoint(run_dir, step, model, tok, {"step": step, "optimizer": opt.state_dict(), "rng": rng_state()},
-                        keep=2)
+    while sys.stdin.readline():  # one line per attempt: a forked writer, which the test kills
+        pid = os.fork()
+        if pid == 0:
+            last = latest_checkpoint(run_dir)
+            step = load_trainer_state(last)["step"] if last else 0
+            print("ready", os.getpid(), flush=True)
+            while True:  # save forever: a kill lands somewhere inside a write
+                step += 1
+                save_checkpoint(run_dir, step, model, tok, {"step": step, "optimizer": opt.state_dict(),
+                                                            "rng": rng_state()}, keep=2)
+        os.waitpid(pid, 0)
+        print("dead", flush=True)
     """
 )
 
 
 def test_sigkill_during_checkpoint_writes_leaves_the_last_one_loadable(tmp_path):
+    """Six writers SIGKILLed at a random moment of their endless saves; after each, the latest checkpoint loads.
+    Each writer is a fork of one Python that imported torch and built the model once (a fresh Python per attempt
+    cost about 4 s of the 2-core machine each); the kill and what it leaves on disk are the same."""
     from transformers import AutoModelForCausalLM
 
     script = tmp_path / "writer.py"
@@ -52,20 +61,35 @@ def test_sigkill_during_checkpoint_writes_leaves_the_last_one_loadable(tmp_path)
     run_dir = tmp_path / "run"
     rng = random.Random(0)
     steps = []
-    for attempt in range(6):
-        p = subprocess.Popen([sys.executable, str(script), str(run_dir)], stdout=subprocess.PIPE, text=True)
-        assert p.stdout.readline().strip() == "ready"
-        while latest_checkpoint(run_dir) is None or (steps and load_trainer_state(latest_checkpoint(run_dir))["step"]
-                                                     <= steps[-1]):
-            time.sleep(0.01)  # at least one new save in this attempt
-        time.sleep(rng.uniform(0.0, 0.3))
-        p.send_signal(signal.SIGKILL)
-        p.wait()
-        ckpt = latest_checkpoint(run_dir)
-        state = load_trainer_state(ckpt)
-        AutoModelForCausalLM.from_pretrained(str(ckpt))  # weights complete
-        assert state["step"] == int(ckpt.name.split("-")[1])
-        steps.append(state["step"])
+    p = subprocess.Popen([sys.executable, str(script), str(run_dir)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                         text=True)
+    pid = None
+    try:
+        for attempt in range(6):
+            p.stdin.write("go\n")
+            p.stdin.flush()
+            word, pid = p.stdout.readline().split()
+            assert word == "ready"
+            while latest_checkpoint(run_dir) is None or (steps and load_trainer_state(latest_checkpoint(run_dir))
+                                                         ["step"] <= steps[-1]):
+                time.sleep(0.01)  # at least one new save in this attempt
+            time.sleep(rng.uniform(0.0, 0.3))
+            os.kill(int(pid), signal.SIGKILL)
+            assert p.stdout.readline().strip() == "dead"
+            pid = None
+            ckpt = latest_checkpoint(run_dir)
+            state = load_trainer_state(ckpt)
+            AutoModelForCausalLM.from_pretrained(str(ckpt))  # weights complete
+            assert state["step"] == int(ckpt.name.split("-")[1])
+            steps.append(state["step"])
+    finally:
+        if pid is not None:  # a failed assertion must not leave a writer saving forever
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        p.stdin.close()
+        p.wait(timeout=60)
     assert steps == sorted(steps) and len(set(steps)) == len(steps)
 
 
