@@ -2,8 +2,10 @@
 
 Each rank reads its slice of the same global batch and losses are token-weighted across ranks, so N processes
 must follow the single-process curve up to float reassociation (measured: ≤ 6e-7 for SFT, ≤ 4e-7 for DPO; the
-bound here is the issue's 1e-4). Runs are real `torchrun` launches of the CLI (`python -m torch.distributed.run`),
-four steps on the built-in task; the whole module takes about a minute on 2 cores.
+bound here is the issue's 1e-4). Runs on 2 ranks are real `torchrun` launches of the CLI (`python -m
+torch.distributed.run`), four steps on the built-in task; the one-process runs they are compared with call
+`cli.main` in the test process (the same code from argument parsing on; a fresh Python with torch and transformers
+costs about 4 s of the 2-core machine), except `--fsdp`, which joins a process group and so runs in its own.
 """
 
 import json
@@ -24,6 +26,7 @@ STEPS = ["--max-steps", "4", "--save-every", "2", "--batch-size", "8"]
 
 
 def launch(nproc: int, *args, cwd: Path, timeout: int = 240) -> subprocess.CompletedProcess:
+    """`fusealign ARGS` on `nproc` ranks under torchrun (nproc 1: one plain process), in `cwd`."""
     cmd = [sys.executable, "-m", "fusealign", *args, *COMMON] if nproc == 1 else \
         [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
          "-m", "fusealign", *args, *COMMON]
@@ -32,6 +35,18 @@ def launch(nproc: int, *args, cwd: Path, timeout: int = 240) -> subprocess.Compl
         why = [ln for ln in r.stderr.splitlines() if "Loading weights" not in ln and "Warning" not in ln]
         pytest.fail(f"{' '.join(args)} (rc {r.returncode}):\n" + "\n".join(why[-80:]))
     return r
+
+
+def run_here(*args, cwd: Path) -> None:
+    """`fusealign ARGS` in this process, in `cwd` (what `launch(1, ...)` runs, without starting a Python)."""
+    from fusealign import cli
+
+    before = os.getcwd()
+    os.chdir(cwd)
+    try:
+        assert cli.main([*args, *COMMON]) == 0, args
+    finally:
+        os.chdir(before)
 
 
 def rows(run_dir: Path) -> list:
@@ -48,11 +63,11 @@ def assert_same_curve(a: list, b: list, keys, tol: float):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     d = tmp_path_factory.mktemp("dist")
-    launch(1, "sft", *STEPS, "--output-dir", "sft1", cwd=d)
+    run_here("sft", *STEPS, "--output-dir", "sft1", cwd=d)
     launch(2, "sft", *STEPS, "--output-dir", "sft2", cwd=d)
     launch(1, "sft", *STEPS, "--output-dir", "sft1-fsdp", "--fsdp", cwd=d)
     sft = str(latest_checkpoint(d / "sft1"))
-    launch(1, "dpo", *STEPS, "--sft-model", sft, "--eval-samples", "8", "--output-dir", "dpo1", cwd=d)
+    run_here("dpo", *STEPS, "--sft-model", sft, "--eval-samples", "8", "--output-dir", "dpo1", cwd=d)
     launch(2, "dpo", *STEPS, "--sft-model", sft, "--eval-samples", "8", "--output-dir", "dpo2", cwd=d)
     return d, sft
 
@@ -91,7 +106,7 @@ def test_fewer_examples_than_ranks(runs):
     FSDP's collectives still meet, and the curve is the one-process curve."""
     d, _ = runs
     args = ["sft", "--max-steps", "2", "--batch-size", "1", "--save-every", "2"]
-    launch(1, *args, "--output-dir", "sft-b1-1", cwd=d)
+    run_here(*args, "--output-dir", "sft-b1-1", cwd=d)
     launch(2, *args, "--output-dir", "sft-b1-2", cwd=d)
     assert_same_curve(rows(d / "sft-b1-1"), rows(d / "sft-b1-2"), ["loss", "grad_norm"], 1e-4)
 
@@ -105,8 +120,8 @@ def test_resume_reproduces_the_uninterrupted_run(runs, nproc):
     shutil.copytree(d / "dpo2", cut)
     shutil.rmtree(cut / "checkpoint-000004")
     (cut / "latest").write_text("checkpoint-000002")
-    launch(nproc, "dpo", *STEPS, "--sft-model", sft, "--eval-samples", "8", "--output-dir", cut.name, "--resume",
-           cwd=d)
+    run = launch if nproc > 1 else lambda _, *a, cwd: run_here(*a, cwd=cwd)
+    run(nproc, "dpo", *STEPS, "--sft-model", sft, "--eval-samples", "8", "--output-dir", cut.name, "--resume", cwd=d)
     full, resumed = rows(d / "dpo2"), rows(cut)
     assert [r["world_size"] for r in resumed] == [2, 2, nproc, nproc]
     assert_same_curve(full, resumed, ["loss", "grad_norm", "rewards/margins"], 1e-6 if nproc == 2 else 1e-4)
@@ -143,7 +158,7 @@ def test_reward_model_and_ppo_iteration_on_two_ranks(runs):
     assert row["world_size"] == 2 and all(v == v for v in row.values() if isinstance(v, float))
     assert (latest_checkpoint(d / "ppo2") / "model.safetensors").is_file()
     # … and continues in one process (the value head's optimizer state is keyed as one process keys it).
-    launch(1, "ppo", "--max-steps", "2", "--batch-size", "4", "--max-new-tokens", "6", "--sft-model", sft,
+    run_here("ppo", "--max-steps", "2", "--batch-size", "4", "--max-new-tokens", "6", "--sft-model", sft,
            "--reward-model", str(latest_checkpoint(d / "rm2")), "--output-dir", "ppo2", "--target-kl", "0.01",
            "--early-stop-kl", "1e-4", "--num-ppo-epochs", "3", "--resume", cwd=d)
     assert [r["world_size"] for r in rows(d / "ppo2")] == [2, 1]
@@ -154,11 +169,20 @@ def test_reward_model_and_ppo_iteration_on_two_ranks(runs):
     (["sft", "--no-fsdp"], "--no-fsdp with WORLD_SIZE=2"),
     (["dpo", "--loss-type", "sigmoid", "aot", "--nll-coef", "0.5"], "dpo with aot, --nll-coef runs in one process"),
 ], ids=["compare", "no-fsdp", "batch-wide-dpo-losses"])
-def test_what_cannot_run_on_two_ranks_says_so(runs, args, fragment):
+def test_what_cannot_run_on_two_ranks_says_so(runs, args, fragment, monkeypatch, capsys):
     d, _ = runs
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-                        "-m", "fusealign", *args, *COMMON, "--output-dir", "refused"], cwd=d, capture_output=True,
-                       text=True, timeout=120, env=ENV)
+    if args == ["sft", "--no-fsdp"]:  # refused from torchrun's environment before any process group: one rank's view
+        from fusealign import cli
+
+        for k, v in {"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1"}.items():
+            monkeypatch.setenv(k, v)
+        monkeypatch.chdir(d)
+        code = cli.main([*args, *COMMON, "--output-dir", "refused"])
+        r = subprocess.CompletedProcess(args, code, "", capsys.readouterr().err)
+    else:
+        r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                            "-m", "fusealign", *args, *COMMON, "--output-dir", "refused"], cwd=d, capture_output=True,
+                           text=True, timeout=120, env=ENV)
     # each rank's own one-line error (torchrun then adds its ChildFailedError report)
     assert r.returncode != 0 and any(ln.startswith(f"fusealign {args[0]}: error: ") and fragment in ln
                                      for ln in r.stderr.splitlines()), r.stderr[-2000:]

@@ -113,15 +113,21 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path):
     assert (latest_checkpoint(tmp_path) / "w.pt").is_file()
 
 
-def test_cli_help_and_validation(tmp_path):
-    run = lambda *a: subprocess.run([sys.executable, "-m", "fusealign", *a], capture_output=True, text=True)  # noqa
-    h = run("dpo", "--help")
-    assert h.returncode == 0
+def test_cli_help_and_validation(tmp_path, capsys):
+    """--help and a refused value through `cli.main` in this process (the same parsing and exit codes); the run
+    itself as a real `python -m fusealign`, its summary on stdout."""
+    from fusealign import cli
+
+    with pytest.raises(SystemExit) as e:
+        cli.main(["dpo", "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
     for flag in ("--max-steps", "--output-dir", "--resume", "--model", "--data", "--beta", "--loss-type", "--ref-mode"):
-        assert flag in h.stdout, flag
-    bad = run("dpo", "--beta", "-1", "--output-dir", str(tmp_path))
-    assert bad.returncode == 2 and "--beta must be a finite number > 0" in bad.stderr
-    ok = run("sft", "--max-steps", "2", "--output-dir", str(tmp_path / "s"), "--device", "cpu")
+        assert flag in out, flag
+    assert cli.main(["dpo", "--beta", "-1", "--output-dir", str(tmp_path)]) == 2
+    assert "--beta must be a finite number > 0" in capsys.readouterr().err
+    ok = subprocess.run([sys.executable, "-m", "fusealign", "sft", "--max-steps", "2", "--output-dir",
+                         str(tmp_path / "s"), "--device", "cpu"], capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr
     assert json.loads(ok.stdout)["step"] == 2
 
