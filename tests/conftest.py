@@ -33,8 +33,22 @@ def _one_intra_op_thread():
         torch.set_num_threads(1)
 
 
+# The files that take a minute or more of one worker (`--durations`, 2-core machine) start first: pytest-xdist
+# hands out whole files (`--dist loadfile`) in collection order, and one of them starting last kept one worker
+# busy while the other idled. The rest keep their order behind them.
+HEAVY_FIRST = ("engine/test_compare.py", "engine/test_distributed.py", "kernels/test_cuda_compile.py",
+               "kernels/test_properties.py", "test_cli.py")
+
+
+def _start_rank(item) -> int:
+    path = item.nodeid.split("::")[0]
+    return next((i for i, name in enumerate(HEAVY_FIRST) if path == f"tests/{name}"), len(HEAVY_FIRST))
+
+
 def pytest_collection_modifyitems(config, items):
     from fusealign.engine.rollout import vllm_installed
+
+    items.sort(key=_start_rank)  # stable: each file's tests stay together and in order
 
     if not vllm_installed():  # tests/vllm_rollout: the CI's own step, in .venv-vllm
         skip_vllm = pytest.mark.skip(reason="needs vLLM: bash scripts/venv-vllm.sh, then "
