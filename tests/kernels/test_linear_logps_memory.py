@@ -3,7 +3,8 @@
 The bound (docstrings of `linear_logps` / `linear_kl`): peak extra memory ≤ 1.25 × chunk_bytes + the
 O(N·H + V·H) gradients (and fp32 ∂W accumulator) — also when the forward keeps its logit tile(s) for the
 backward because they fit the budget (the last two shapes). Measured on the CPU (torch backend) in a fresh process
-whose peak resident set (VmHWM, reset through /proc/self/clear_refs once the inputs exist) is read
+per shape, on the suite's one thread (tests/conftest.py; the peaks at 2 threads are the same within 3 MB), whose
+peak resident set (VmHWM, reset through /proc/self/clear_refs once the inputs exist, before each op) is read
 after forward + backward with an entropy gradient. N = 8,192 × V = 65,536 is 2 GiB of fp32 logits.
 """
 
