@@ -67,7 +67,7 @@ def plot_run(run_dir, out: Optional[Path] = None) -> Path:
     fig.suptitle(str(run_dir), fontsize=9)
     # Fixed margins for the fixed 3.6 × 3.0 in panels, not tight_layout(): it measured every tick label twice and
     # took 0.1 s of a 0.24 s plot, which every run pays at its end.
-    fig.subplots_adjust(left=0.65 / fig.get_figwidth(), right=1 - 0.15 / fig.get_figwidth(), bottom=0.16, top=0.8,
+    fig.subplots_adjust(left=0.85 / fig.get_figwidth(), right=1 - 0.15 / fig.get_figwidth(), bottom=0.16, top=0.8,
                         wspace=0.32)
     out = Path(out) if out is not None else run_dir / "metrics.png"
     tmp = out.with_name(f".{out.name}.tmp.png")

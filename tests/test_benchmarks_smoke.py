@@ -16,7 +16,7 @@ KEYS = {"op", "impl", "mode", "N", "H", "V", "dtype", "median_ms", "p20_ms", "p8
 def test_benchmark_smoke(script, tmp_path, monkeypatch):
     out = tmp_path / "r.json"
     # bench_cpu: its default is the full CPU grid, on 2 threads; the smoke check runs on the suite's one thread (a
-    # 2-thread pool beside the other xdist worker spins in OpenMP's barrier: 25 s instead of about 10)
+    # 2-thread pool beside the other xdist worker spins in OpenMP's barrier)
     smoke = ["--smoke", "--threads", "1"] if script == "bench_cpu.py" else []
     monkeypatch.setattr(sys, "argv", [script, "--device", "cpu", "--out", str(out)] + smoke)
     runpy.run_path(str(BENCH / script), run_name="__main__")

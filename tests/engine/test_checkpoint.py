@@ -37,13 +37,16 @@ WRITER = textwrap.dedent(
     while sys.stdin.readline():  # one line per attempt: a forked writer, which the test kills
         pid = os.fork()
         if pid == 0:
-            last = latest_checkpoint(run_dir)
-            step = load_trainer_state(last)["step"] if last else 0
-            print("ready", os.getpid(), flush=True)
-            while True:  # save forever: a kill lands somewhere inside a write
-                step += 1
-                save_checkpoint(run_dir, step, model, tok, {"step": step, "optimizer": opt.state_dict(),
-                                                            "rng": rng_state()}, keep=2)
+            try:  # the writer never returns into the parent's loop: it is killed, or exits on an error
+                last = latest_checkpoint(run_dir)
+                step = load_trainer_state(last)["step"] if last else 0
+                print("ready", os.getpid(), flush=True)
+                while True:  # save forever: a kill lands somewhere inside a write
+                    step += 1
+                    save_checkpoint(run_dir, step, model, tok, {"step": step, "optimizer": opt.state_dict(),
+                                                                "rng": rng_state()}, keep=2)
+            finally:
+                os._exit(1)
         os.waitpid(pid, 0)
         print("dead", flush=True)
     """
@@ -70,9 +73,12 @@ def test_sigkill_during_checkpoint_writes_leaves_the_last_one_loadable(tmp_path)
             p.stdin.flush()
             word, pid = p.stdout.readline().split()
             assert word == "ready"
+            deadline = time.monotonic() + 120
             while latest_checkpoint(run_dir) is None or (steps and load_trainer_state(latest_checkpoint(run_dir))
                                                          ["step"] <= steps[-1]):
                 time.sleep(0.01)  # at least one new save in this attempt
+                os.kill(int(pid), 0)  # ProcessLookupError: the writer died before saving
+                assert time.monotonic() < deadline, "the writer saved nothing in 120 s"
             time.sleep(rng.uniform(0.0, 0.3))
             os.kill(int(pid), signal.SIGKILL)
             assert p.stdout.readline().strip() == "dead"
@@ -89,7 +95,11 @@ def test_sigkill_during_checkpoint_writes_leaves_the_last_one_loadable(tmp_path)
             except ProcessLookupError:
                 pass
         p.stdin.close()
-        p.wait(timeout=60)
+        try:
+            p.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
     assert steps == sorted(steps) and len(set(steps)) == len(steps)
 
 

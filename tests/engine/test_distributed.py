@@ -174,7 +174,7 @@ def test_what_cannot_run_on_two_ranks_says_so(runs, args, fragment, monkeypatch,
     if args == ["sft", "--no-fsdp"]:  # refused from torchrun's environment before any process group: one rank's view
         from fusealign import cli
 
-        for k, v in {"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1"}.items():
+        for k, v in {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"}.items():  # rank 0: the one that would log
             monkeypatch.setenv(k, v)
         monkeypatch.chdir(d)
         code = cli.main([*args, *COMMON, "--output-dir", "refused"])
@@ -183,7 +183,7 @@ def test_what_cannot_run_on_two_ranks_says_so(runs, args, fragment, monkeypatch,
         r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
                             "-m", "fusealign", *args, *COMMON, "--output-dir", "refused"], cwd=d, capture_output=True,
                            text=True, timeout=120, env=ENV)
-    # each rank's own one-line error (torchrun then adds its ChildFailedError report)
+    # each rank's own one-line error (under torchrun, which then adds its ChildFailedError report)
     assert r.returncode != 0 and any(ln.startswith(f"fusealign {args[0]}: error: ") and fragment in ln
                                      for ln in r.stderr.splitlines()), r.stderr[-2000:]
     assert not (d / "refused" / "metrics.jsonl").exists()
