@@ -33,9 +33,10 @@ def _one_intra_op_thread():
         torch.set_num_threads(1)
 
 
-# The files that take a minute or more of one worker (`--durations`, 2-core machine) start first: pytest-xdist
-# hands out whole files (`--dist loadfile`) in collection order, and one of them starting last kept one worker
-# busy while the other idled. The rest keep their order behind them.
+# The files that take a minute or more of one worker (`--durations`, 2-core machine) start first: scripts/test.sh
+# has pytest-xdist hand out whole files (`--dist loadfile`) in collection order (`--no-loadscope-reorder`; by
+# default xdist sorts files by test count, which started the compile check and the property tests, 3 and 6 tests,
+# near the end). The rest keep their order behind them.
 HEAVY_FIRST = ("engine/test_compare.py", "engine/test_distributed.py", "kernels/test_cuda_compile.py",
                "kernels/test_properties.py", "test_cli.py")
 
