@@ -120,8 +120,11 @@ def test_resume_reproduces_the_uninterrupted_run(runs, nproc):
     shutil.copytree(d / "dpo2", cut)
     shutil.rmtree(cut / "checkpoint-000004")
     (cut / "latest").write_text("checkpoint-000002")
-    run = launch if nproc > 1 else lambda _, *a, cwd: run_here(*a, cwd=cwd)
-    run(nproc, "dpo", *STEPS, "--sft-model", sft, "--eval-samples", "8", "--output-dir", cut.name, "--resume", cwd=d)
+    args = ["dpo", *STEPS, "--sft-model", sft, "--eval-samples", "8", "--output-dir", cut.name, "--resume"]
+    if nproc > 1:
+        launch(nproc, *args, cwd=d)
+    else:
+        run_here(*args, cwd=d)
     full, resumed = rows(d / "dpo2"), rows(cut)
     assert [r["world_size"] for r in resumed] == [2, 2, nproc, nproc]
     assert_same_curve(full, resumed, ["loss", "grad_norm", "rewards/margins"], 1e-6 if nproc == 2 else 1e-4)

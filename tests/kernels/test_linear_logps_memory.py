@@ -8,6 +8,7 @@ peak resident set (VmHWM, reset through /proc/self/clear_refs once the inputs ex
 after forward + backward with an entropy gradient. N = 8,192 × V = 65,536 is 2 GiB of fp32 logits.
 """
 
+import functools
 import os
 import subprocess
 import sys
@@ -69,33 +70,25 @@ SHAPES = [
 ]
 
 
-@pytest.fixture(scope="module")
-def peaks():
-    """(shape) -> {op: peak extra bytes}: one child process per shape measures both ops in turn (a Python with
-    torch starts once per shape, not once per op), each peak read from a reset VmHWM."""
-    cache = {}
-
-    def measure(N, H, V, chunk_bytes, softcap):
-        key = (N, H, V, chunk_bytes, softcap)
-        if key not in cache:
-            # A fixed mmap threshold: glibc otherwise raises it after each free (up to 32 MiB), and freed buffers
-            # below it stay resident in per-thread heaps — noise of ±30 MiB that says nothing about the op's own
-            # buffers (and the first op's freed buffers stay out of the second op's peak).
-            env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
-            out = subprocess.run([sys.executable, "-c", SCRIPT, str(N), str(H), str(V), str(chunk_bytes), softcap],
-                                 capture_output=True, text=True, timeout=600, env=env)
-            assert out.returncode == 0, out.stderr
-            cache[key] = {op: int(v) for op, v in (line.split() for line in out.stdout.splitlines()[-2:])}
-        return cache[key]
-
-    return measure
+@functools.cache
+def peaks(N, H, V, chunk_bytes, softcap) -> dict:
+    """{op: peak extra bytes} at one shape: one child process measures both ops in turn (a Python with torch starts
+    once per shape, not once per op), each peak read from a reset VmHWM."""
+    # A fixed mmap threshold: glibc otherwise raises it after each free (up to 32 MiB), and freed buffers below it
+    # stay resident in per-thread heaps — noise of ±30 MiB that says nothing about the op's own buffers (and the
+    # first op's freed buffers stay out of the second op's peak).
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
+    out = subprocess.run([sys.executable, "-c", SCRIPT, str(N), str(H), str(V), str(chunk_bytes), softcap],
+                         capture_output=True, text=True, timeout=600, env=env)
+    assert out.returncode == 0, out.stderr
+    return {op: int(v) for op, v in (line.split() for line in out.stdout.splitlines()[-2:])}
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 @pytest.mark.parametrize("op", ["logps", "kl"])
 @pytest.mark.parametrize("N,H,V,chunk_bytes,softcap", SHAPES)
-def test_peak_extra_memory_within_chunk_bytes(peaks, op, N, H, V, chunk_bytes, softcap):
+def test_peak_extra_memory_within_chunk_bytes(op, N, H, V, chunk_bytes, softcap):
     peak_extra = peaks(N, H, V, chunk_bytes, softcap)[op]
     # Returned ∂h, ∂W and the fp32 ∂W accumulator of a multi-chunk backward: O(N·H + V·H).
     grads = 4 * (N * H + 2 * V * H)
